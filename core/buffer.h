@@ -1,0 +1,50 @@
+// Owned device memory and the arena that carves tensor views out of it.
+#pragma once
+#include <cstddef>
+#include <memory>
+
+#include "core/backend.h"
+
+namespace sdmoe {
+
+// One allocation on one backend, freed when the Buffer dies.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend& backend, size_t bytes);
+  ~Buffer();
+  Buffer(Buffer&& other) noexcept;
+  Buffer& operator=(Buffer&& other) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Bump allocator over one Buffer. Used in two passes: a planning pass with no buffer
+// measures the bytes the same sequence of take() calls needs, then a real pass hands out
+// views. The layout code is written once and cannot drift from the size computation.
+class Arena {
+ public:
+  static constexpr size_t kAlignment = 256;
+  explicit Arena(Device device) : device_(device) {}  // planning mode
+  Arena(Device device, Buffer& buffer) : device_(device), base_(static_cast<char*>(buffer.data())), capacity_(buffer.bytes()) {}
+
+  Tensor take(DType dtype, std::initializer_list<int64_t> dims);
+  size_t used() const { return used_; }
+  bool planning() const { return base_ == nullptr; }
+
+ private:
+  Device device_;
+  char* base_ = nullptr;
+  size_t capacity_ = 0;
+  size_t used_ = 0;
+};
+
+}  // namespace sdmoe

@@ -1,0 +1,280 @@
+// CPU backend: memory, elementwise ops, GEMM, optimizer and LAPACK. Layer kernels are in
+// cpu_kernels.cc.
+#include "core/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <lapacke.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "core/cpu/cpu_dispatch.h"
+#include "core/rng.h"
+
+extern "C" {
+void openblas_set_num_threads(int);
+char* openblas_get_corename(void);
+}
+
+namespace sdmoe {
+using cpu::dispatch_float;
+using cpu::expect_same;
+
+namespace {
+
+std::vector<float> to_float(const Tensor& t) {
+  std::vector<float> out(t.numel());
+  if (t.dtype == DType::F32) {
+    std::memcpy(out.data(), t.data, t.bytes());
+  } else if (t.dtype == DType::BF16) {
+    const bf16* p = t.ptr<bf16>();
+    for (int64_t i = 0; i < t.numel(); ++i) out[i] = bf16_to_float(p[i]);
+  } else {
+    SDMOE_FATAL("cpu", "to_float: unsupported dtype");
+  }
+  return out;
+}
+
+template <typename T>
+void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b, T beta, T* c) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : beta * c[i];
+    return;
+  }
+  const int lda = static_cast<int>(ta ? m : k), ldb = static_cast<int>(tb ? k : n), ldc = static_cast<int>(n);
+  auto opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
+  if constexpr (std::is_same_v<T, float>) {
+    cblas_sgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    cblas_dgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+}  // namespace
+
+int cpu_cores_available() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return 1;
+}
+
+CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : cpu_cores_available()) {
+  omp_set_num_threads(threads_);
+  openblas_set_num_threads(threads_);
+}
+
+std::string CpuBackend::name() const {
+  return fmt::format("cpu ({} threads, OpenBLAS {})", threads_, openblas_core_name());
+}
+
+double CpuBackend::peak_flops() {
+  if (peak_flops_ == 0.0) peak_flops_ = measure_cpu_fma_peak(threads_);
+  return peak_flops_;
+}
+
+std::string openblas_core_name() { return openblas_get_corename(); }
+
+void* CpuBackend::allocate(size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!p) SDMOE_FATAL("cpu", fmt::format("out of host memory allocating {} bytes", bytes));
+  return p;
+}
+void CpuBackend::deallocate(void* ptr) { std::free(ptr); }
+void CpuBackend::copy_to_host(const Tensor& src, void* dst) { std::memcpy(dst, src.data, src.bytes()); }
+void CpuBackend::copy_from_host(const void* src, const Tensor& dst) { std::memcpy(dst.data, src, dst.bytes()); }
+void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
+  SDMOE_ASSERT(src.bytes() == dst.bytes(), "copy size mismatch");
+  std::memcpy(dst.data, src.data, src.bytes());
+}
+
+void CpuBackend::fill(const Tensor& x, double value) {
+  if (x.dtype == DType::I32) {
+    std::fill_n(x.ptr<int32_t>(), x.numel(), static_cast<int32_t>(value));
+    return;
+  }
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    std::fill_n(x.ptr<T>(), x.numel(), static_cast<T>(value));
+  });
+}
+
+void CpuBackend::scale(const Tensor& x, double alpha) {
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    T* p = x.ptr<T>();
+    const int64_t n = x.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) p[i] *= static_cast<T>(alpha);
+  });
+}
+
+void CpuBackend::axpy(double alpha, const Tensor& x, const Tensor& y) {
+  expect_same(x, y, "axpy");
+  SDMOE_ASSERT(x.numel() == y.numel(), "axpy size mismatch");
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    const T* px = x.ptr<T>();
+    T* py = y.ptr<T>();
+    const int64_t n = x.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) py[i] += static_cast<T>(alpha) * px[i];
+  });
+}
+
+double CpuBackend::sum_squares(const Tensor& x) {
+  double total = 0.0;
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    const T* p = x.ptr<T>();
+    const int64_t n = x.numel();
+    // Fixed chunking so that the result does not depend on the thread count.
+    constexpr int64_t kChunk = 4096;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<double> partial(chunks, 0.0);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      double s = 0.0;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(p[i]) * double(p[i]);
+      partial[c] = s;
+    }
+    for (double s : partial) total += s;
+  });
+  return total;
+}
+
+std::vector<double> CpuBackend::column_sums(const Tensor& x) {
+  const int64_t rows = x.rows(), cols = x.cols();
+  std::vector<double> out(cols, 0.0);
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    const T* p = x.ptr<T>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[c] += double(p[r * cols + c]);
+  });
+  return out;
+}
+
+void CpuBackend::cast(const Tensor& src, const Tensor& dst) {
+  SDMOE_ASSERT(src.numel() == dst.numel(), "cast size mismatch");
+  const int64_t n = src.numel();
+  auto load = [&](int64_t i) -> double {
+    switch (src.dtype) {
+      case DType::F32: return src.ptr<float>()[i];
+      case DType::F64: return src.ptr<double>()[i];
+      case DType::BF16: return bf16_to_float(src.ptr<bf16>()[i]);
+      default: SDMOE_FATAL("cpu", "cast: unsupported source dtype");
+    }
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    double v = load(i);
+    switch (dst.dtype) {
+      case DType::F32: dst.ptr<float>()[i] = static_cast<float>(v); break;
+      case DType::F64: dst.ptr<double>()[i] = v; break;
+      case DType::BF16: dst.ptr<bf16>()[i] = float_to_bf16(static_cast<float>(v)); break;
+      default: SDMOE_FATAL("cpu", "cast: unsupported destination dtype");
+    }
+  }
+}
+
+void CpuBackend::init_normal(const Tensor& x, uint64_t seed, uint64_t stream, double std, int64_t index_offset) {
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    T* p = x.ptr<T>();
+    const int64_t n = x.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(std * random_normal(seed, stream, index_offset + i));
+  });
+}
+
+void CpuBackend::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const Tensor& a,
+                      const Tensor& b, double beta, const Tensor& c, const GemmBatch& batch) {
+  if (a.dtype == DType::BF16 || b.dtype == DType::BF16) {
+    // bf16 inputs, fp32 accumulation: widen once, then the fp32 path.
+    SDMOE_ASSERT(c.dtype == DType::F32, "bf16 gemm needs an f32 output");
+    std::vector<float> af = to_float(a), bf = to_float(b);
+    for (int64_t i = 0; i < batch.count; ++i)
+      gemm_typed<float>(ta, tb, m, n, k, float(alpha), af.data() + i * batch.stride_a,
+                        bf.data() + i * batch.stride_b, float(beta), c.ptr<float>() + i * batch.stride_c);
+    return;
+  }
+  expect_same(a, b, "gemm");
+  expect_same(a, c, "gemm");
+  dispatch_float(c.dtype, [&](auto z) {
+    using T = decltype(z);
+    for (int64_t i = 0; i < batch.count; ++i)
+      gemm_typed<T>(ta, tb, m, n, k, T(alpha), a.ptr<T>() + i * batch.stride_a, b.ptr<T>() + i * batch.stride_b,
+                    T(beta), c.ptr<T>() + i * batch.stride_c);
+  });
+}
+
+void CpuBackend::grouped_gemm(bool ta, bool tb, DType dtype, double alpha, std::span<const GemmGroup> groups,
+                              double beta) {
+  dispatch_float(dtype, [&](auto z) {
+    using T = decltype(z);
+    for (const GemmGroup& g : groups)
+      gemm_typed<T>(ta, tb, g.m, g.n, g.k, T(alpha), static_cast<const T*>(g.a), static_cast<const T*>(g.b), T(beta),
+                    static_cast<T*>(g.c));
+  });
+}
+
+void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                              const AdamWStep& s) {
+  expect_same(param, grad, "adamw");
+  dispatch_float(param.dtype, [&](auto z) {
+    using T = decltype(z);
+    T *p = param.ptr<T>(), *pm = m.ptr<T>(), *pv = v.ptr<T>();
+    const T* g = grad.ptr<T>();
+    const int64_t n = param.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      double gi = double(g[i]) * s.grad_scale;
+      double mi = s.beta1 * double(pm[i]) + (1.0 - s.beta1) * gi;
+      double vi = s.beta2 * double(pv[i]) + (1.0 - s.beta2) * gi * gi;
+      pm[i] = T(mi);
+      pv[i] = T(vi);
+      double update = (mi / s.bias_correction1) / (std::sqrt(vi / s.bias_correction2) + s.eps);
+      p[i] = T(double(p[i]) - s.lr * (update + s.weight_decay * double(p[i])));
+    }
+  });
+}
+
+void CpuBackend::svd(const Tensor& a, const Tensor& u, const Tensor& s, const Tensor& vt) {
+  const int64_t m = a.dim(0), n = a.dim(1), r = std::min(m, n);
+  SDMOE_ASSERT(u.numel() == m * r && s.numel() == r && vt.numel() == r * n, "svd output shapes");
+  dispatch_float(a.dtype, [&](auto z) {
+    using T = decltype(z);
+    std::vector<T> work(a.ptr<T>(), a.ptr<T>() + m * n);  // gesdd destroys its input
+    if constexpr (std::is_same_v<T, float>) {
+      SDMOE_CHECK_LAPACK(LAPACKE_sgesdd(LAPACK_ROW_MAJOR, 'S', (int)m, (int)n, work.data(), (int)n, s.ptr<T>(),
+                                        u.ptr<T>(), (int)r, vt.ptr<T>(), (int)n));
+    } else {
+      SDMOE_CHECK_LAPACK(LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', (int)m, (int)n, work.data(), (int)n, s.ptr<T>(),
+                                        u.ptr<T>(), (int)r, vt.ptr<T>(), (int)n));
+    }
+  });
+}
+
+void CpuBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) {
+  const int64_t n = a.dim(0);
+  dispatch_float(a.dtype, [&](auto z) {
+    using T = decltype(z);
+    // Row-major symmetric input read as column-major is the same matrix; the eigenvectors
+    // come back as columns in column-major, i.e. as rows in row-major.
+    std::copy(a.ptr<T>(), a.ptr<T>() + n * n, vecs.ptr<T>());
+    if constexpr (std::is_same_v<T, float>) {
+      SDMOE_CHECK_LAPACK(LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, vecs.ptr<T>(), (int)n, w.ptr<T>()));
+    } else {
+      SDMOE_CHECK_LAPACK(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, vecs.ptr<T>(), (int)n, w.ptr<T>()));
+    }
+  });
+}
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+}  // namespace sdmoe

@@ -1,0 +1,272 @@
+// CPU layer kernels: plain loops parallelised with OpenMP over independent rows. They are
+// the oracle that the CUDA kernels are tested against, so clarity comes before speed;
+// the GEMMs, where the time goes, are OpenBLAS.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/cpu/cpu_backend.h"
+#include "core/cpu/cpu_dispatch.h"
+
+namespace sdmoe {
+using cpu::dispatch_float;
+using cpu::expect_same;
+
+void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
+  const int64_t tokens = ids.numel(), dim = table.cols(), vocab = table.rows();
+  const int32_t* id = ids.ptr<int32_t>();
+  dispatch_float(table.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      SDMOE_ASSERT(id[t] >= 0 && id[t] < vocab, "token id {} outside vocabulary {}", id[t], vocab);
+      std::copy_n(table.ptr<T>() + int64_t(id[t]) * dim, dim, out.ptr<T>() + t * dim);
+    }
+  });
+}
+
+void CpuBackend::embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) {
+  const int64_t tokens = ids.numel(), dim = dtable.cols();
+  const int32_t* id = ids.ptr<int32_t>();
+  dispatch_float(dtable.dtype, [&](auto z) {
+    using T = decltype(z);
+    // Sequential over tokens: repeated ids must accumulate in a fixed order.
+    for (int64_t t = 0; t < tokens; ++t) {
+      T* row = dtable.ptr<T>() + int64_t(id[t]) * dim;
+      const T* g = dout.ptr<T>() + t * dim;
+      for (int64_t d = 0; d < dim; ++d) row[d] += g[d];
+    }
+  });
+}
+
+void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y,
+                                 const Tensor& rstd) {
+  const int64_t rows = x.rows(), dim = x.cols();
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x.ptr<T>() + r * dim;
+      double ss = 0.0;
+      for (int64_t d = 0; d < dim; ++d) ss += double(xr[d]) * double(xr[d]);
+      const double inv = 1.0 / std::sqrt(ss / double(dim) + eps);
+      rstd.ptr<T>()[r] = T(inv);
+      T* yr = y.ptr<T>() + r * dim;
+      for (int64_t d = 0; d < dim; ++d) yr[d] = T(double(xr[d]) * inv * double(weight.ptr<T>()[d]));
+    }
+  });
+}
+
+void CpuBackend::rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy,
+                                  const Tensor& dx, const Tensor& dweight) {
+  const int64_t rows = x.rows(), dim = x.cols();
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+    const T* w = weight.ptr<T>();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T *xr = x.ptr<T>() + r * dim, *gr = dy.ptr<T>() + r * dim;
+      const double inv = double(rstd.ptr<T>()[r]);
+      // y = x * inv * w  =>  dx = inv * (g*w) - x * inv^3 * mean(g*w*x)
+      double dot = 0.0;
+      for (int64_t d = 0; d < dim; ++d) dot += double(gr[d]) * double(w[d]) * double(xr[d]);
+      const double coef = dot * inv * inv * inv / double(dim);
+      T* dxr = dx.ptr<T>() + r * dim;
+      for (int64_t d = 0; d < dim; ++d) dxr[d] = T(double(gr[d]) * double(w[d]) * inv - double(xr[d]) * coef);
+    }
+    // Weight gradient reduced over rows in row order (deterministic).
+    T* dw = dweight.ptr<T>();
+#pragma omp parallel for schedule(static)
+    for (int64_t d = 0; d < dim; ++d) {
+      double acc = 0.0;
+      for (int64_t r = 0; r < rows; ++r)
+        acc += double(dy.ptr<T>()[r * dim + d]) * double(x.ptr<T>()[r * dim + d]) * double(rstd.ptr<T>()[r]);
+      dw[d] += T(acc);
+    }
+  });
+}
+
+void CpuBackend::swiglu_forward(const Tensor& gate_up, const Tensor& out) {
+  const int64_t rows = out.rows(), f = out.cols();
+  SDMOE_ASSERT(gate_up.cols() == 2 * f, "swiglu: gate_up must be [T,2F]");
+  dispatch_float(out.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* g = gate_up.ptr<T>() + r * 2 * f;
+      T* o = out.ptr<T>() + r * f;
+      for (int64_t i = 0; i < f; ++i) {
+        const double a = double(g[i]);
+        o[i] = T(a / (1.0 + std::exp(-a)) * double(g[f + i]));
+      }
+    }
+  });
+}
+
+void CpuBackend::swiglu_backward(const Tensor& gate_up, const Tensor& dout, const Tensor& dgate_up) {
+  const int64_t rows = dout.rows(), f = dout.cols();
+  dispatch_float(dout.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* g = gate_up.ptr<T>() + r * 2 * f;
+      const T* d = dout.ptr<T>() + r * f;
+      T* dg = dgate_up.ptr<T>() + r * 2 * f;
+      for (int64_t i = 0; i < f; ++i) {
+        const double a = double(g[i]), u = double(g[f + i]), s = 1.0 / (1.0 + std::exp(-a));
+        dg[i] = T(double(d[i]) * u * s * (1.0 + a * (1.0 - s)));
+        dg[f + i] = T(double(d[i]) * a * s);
+      }
+    }
+  });
+}
+
+namespace {
+// Copies between [B,S,P,H,Dh] (P packed projections, p-th selected) and [B,H,S,Dh].
+template <typename T>
+void heads_copy(const T* packed, T* heads, int64_t b, int64_t s, int64_t parts, int64_t part, int64_t h,
+                int64_t dh, bool to_heads) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t si = 0; si < s; ++si)
+      for (int64_t hi = 0; hi < h; ++hi) {
+        T* hp = heads + ((bi * h + hi) * s + si) * dh;
+        T* pp = const_cast<T*>(packed) + (((bi * s + si) * parts + part) * h + hi) * dh;
+        if (to_heads) std::copy_n(pp, dh, hp);
+        else std::copy_n(hp, dh, pp);
+      }
+}
+}  // namespace
+
+void CpuBackend::split_qkv(const Tensor& qkv, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const int64_t b = q.dim(0), h = q.dim(1), s = q.dim(2), dh = q.dim(3);
+  dispatch_float(q.dtype, [&](auto z) {
+    using T = decltype(z);
+    heads_copy<T>(qkv.ptr<T>(), q.ptr<T>(), b, s, 3, 0, h, dh, true);
+    heads_copy<T>(qkv.ptr<T>(), k.ptr<T>(), b, s, 3, 1, h, dh, true);
+    heads_copy<T>(qkv.ptr<T>(), v.ptr<T>(), b, s, 3, 2, h, dh, true);
+  });
+}
+
+void CpuBackend::join_qkv(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dqkv) {
+  const int64_t b = dq.dim(0), h = dq.dim(1), s = dq.dim(2), dh = dq.dim(3);
+  dispatch_float(dq.dtype, [&](auto z) {
+    using T = decltype(z);
+    heads_copy<T>(dqkv.ptr<T>(), dq.ptr<T>(), b, s, 3, 0, h, dh, false);
+    heads_copy<T>(dqkv.ptr<T>(), dk.ptr<T>(), b, s, 3, 1, h, dh, false);
+    heads_copy<T>(dqkv.ptr<T>(), dv.ptr<T>(), b, s, 3, 2, h, dh, false);
+  });
+}
+
+void CpuBackend::merge_heads(const Tensor& x_bhsd, const Tensor& y_bshd) {
+  const int64_t b = x_bhsd.dim(0), h = x_bhsd.dim(1), s = x_bhsd.dim(2), dh = x_bhsd.dim(3);
+  dispatch_float(x_bhsd.dtype, [&](auto z) {
+    using T = decltype(z);
+    heads_copy<T>(y_bshd.ptr<T>(), x_bhsd.ptr<T>(), b, s, 1, 0, h, dh, false);
+  });
+}
+
+void CpuBackend::split_heads(const Tensor& y_bshd, const Tensor& x_bhsd) {
+  const int64_t b = x_bhsd.dim(0), h = x_bhsd.dim(1), s = x_bhsd.dim(2), dh = x_bhsd.dim(3);
+  dispatch_float(x_bhsd.dtype, [&](auto z) {
+    using T = decltype(z);
+    heads_copy<T>(y_bshd.ptr<T>(), x_bhsd.ptr<T>(), b, s, 1, 0, h, dh, true);
+  });
+}
+
+void CpuBackend::rope(const Tensor& x, double theta, int direction) {
+  const int64_t bh = x.dim(0) * x.dim(1), s = x.dim(2), dh = x.dim(3), half = dh / 2;
+  dispatch_float(x.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n = 0; n < bh; ++n)
+      for (int64_t pos = 0; pos < s; ++pos) {
+        T* row = x.ptr<T>() + (n * s + pos) * dh;
+        for (int64_t i = 0; i < half; ++i) {
+          const double angle = double(pos) * std::pow(theta, -2.0 * double(i) / double(dh));
+          const double c = std::cos(angle), sn = direction * std::sin(angle);
+          const double a = double(row[i]), b = double(row[i + half]);
+          row[i] = T(a * c - b * sn);
+          row[i + half] = T(a * sn + b * c);
+        }
+      }
+  });
+}
+
+void CpuBackend::causal_softmax_forward(const Tensor& scores, double scale) {
+  const int64_t n = scores.dim(0), s = scores.dim(1);
+  dispatch_float(scores.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t i = 0; i < s; ++i) {
+        T* row = scores.ptr<T>() + (b * s + i) * s;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, scale * double(row[j]));
+        double sum = 0.0;
+        for (int64_t j = 0; j <= i; ++j) sum += std::exp(scale * double(row[j]) - mx);
+        for (int64_t j = 0; j <= i; ++j) row[j] = T(std::exp(scale * double(row[j]) - mx) / sum);
+        for (int64_t j = i + 1; j < s; ++j) row[j] = T(0);
+      }
+  });
+}
+
+void CpuBackend::causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) {
+  const int64_t n = probs.dim(0), s = probs.dim(1);
+  dispatch_float(probs.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t i = 0; i < s; ++i) {
+        const T* p = probs.ptr<T>() + (b * s + i) * s;
+        T* g = grad.ptr<T>() + (b * s + i) * s;
+        double dot = 0.0;
+        for (int64_t j = 0; j <= i; ++j) dot += double(p[j]) * double(g[j]);
+        for (int64_t j = 0; j <= i; ++j) g[j] = T(scale * double(p[j]) * (double(g[j]) - dot));
+        for (int64_t j = i + 1; j < s; ++j) g[j] = T(0);
+      }
+  });
+}
+
+void CpuBackend::cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,
+                                       const Tensor& lse) {
+  const int64_t rows = logits.rows(), vocab = logits.cols();
+  const int32_t* tgt = targets.ptr<int32_t>();
+  dispatch_float(logits.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = logits.ptr<T>() + r * vocab;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t v = 0; v < vocab; ++v) mx = std::max(mx, double(row[v]));
+      double sum = 0.0;
+      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(row[v]) - mx);
+      const double l = mx + std::log(sum);
+      lse.ptr<T>()[r] = T(l);
+      losses.ptr<T>()[r] = tgt[r] < 0 ? T(0) : T(l - double(row[tgt[r]]));
+    }
+  });
+}
+
+void CpuBackend::cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                        double scale) {
+  const int64_t rows = logits.rows(), vocab = logits.cols();
+  const int32_t* tgt = targets.ptr<int32_t>();
+  dispatch_float(logits.dtype, [&](auto z) {
+    using T = decltype(z);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = logits.ptr<T>() + r * vocab;
+      if (tgt[r] < 0) {
+        std::fill_n(row, vocab, T(0));
+        continue;
+      }
+      const double l = double(lse.ptr<T>()[r]);
+      for (int64_t v = 0; v < vocab; ++v) row[v] = T(scale * std::exp(double(row[v]) - l));
+      row[tgt[r]] -= T(scale);
+    }
+  });
+}
+
+}  // namespace sdmoe

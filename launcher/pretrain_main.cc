@@ -1,0 +1,66 @@
+// sdmoe_pretrain --config FILE.textproto [--set field.path=value ...]
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "launcher/config.h"
+#include "launcher/trainer.h"
+
+namespace {
+constexpr const char* kUsage =
+    "usage: sdmoe_pretrain --config FILE.textproto [--set field.path=value ...]\n"
+    "       mpirun -np N sdmoe_pretrain --config FILE.textproto\n"
+    "\n"
+    "Pretrains a GPT-style mixture-of-experts model. N ranks train data-parallel replicas\n"
+    "with the same results as one rank with the same global batch. The config is protobuf\n"
+    "text (schema: launcher/config.proto); --set overrides one field, e.g.\n"
+    "--set training.steps=10 --set model.moe.top_k=1.\n\nconfig fields:\n";
+}
+
+int main(int argc, char** argv) {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string usage_error;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::printf("%s%s", kUsage, sdmoe::config_reference().c_str());
+      return 0;
+    }
+    if ((arg == "--config" || arg == "--set") && i + 1 < argc) {
+      (arg == "--config" ? config_path = argv[++i] : (overrides.emplace_back(argv[++i]), config_path));
+    } else if (arg.rfind("--config=", 0) == 0) {
+      config_path = arg.substr(9);
+    } else if (arg.rfind("--set=", 0) == 0) {
+      overrides.push_back(arg.substr(6));
+    } else {
+      usage_error = "unknown argument '" + arg + "' (see --help)";
+    }
+  }
+  if (usage_error.empty() && config_path.empty()) usage_error = "--config FILE is required (see --help)";
+
+  sdmoe::MpiRuntime mpi(&argc, &argv);
+  // Argument and config errors are the same on every rank: each rank reports and exits
+  // without any collective.
+  if (!usage_error.empty()) {
+    std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", usage_error.c_str());
+    return 2;
+  }
+  sdmoe::config::Run run;
+  try {
+    run = sdmoe::load_config(config_path, overrides);
+  } catch (const sdmoe::Error& e) {
+    std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", e.what());
+    return 2;
+  }
+  try {
+    return sdmoe::run_pretrain(run, mpi);
+  } catch (const sdmoe::Error& e) {
+    // Found after training started (a bad token id, say): end the whole job, never hang.
+    std::fprintf(stderr, "sdmoe_pretrain: error on %s: %s\n", sdmoe::where_am_i().c_str(), e.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  return 2;
+}

@@ -1,0 +1,202 @@
+#include "launcher/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "core/cpu/cpu_backend.h"
+#include "data/bpe_tokenizer.h"
+#include "data/sequence_loader.h"
+#include "data/token_dataset.h"
+#include "model/gpt.h"
+#include "model/optimizer.h"
+
+namespace sdmoe {
+namespace {
+
+struct Job {
+  ModelSpec model;
+  OptimizerSpec optimizer;
+  int micro_batch = 0, accumulation = 0;
+  std::shared_ptr<const data::TokenDataset> train, validation;
+};
+
+// Everything that can be wrong with the input, checked on this rank without any
+// collective. Throws sdmoe::Error.
+Job check_job(const config::Run& run, int dp) {
+  Job job;
+  job.model = model_spec_from(run.model());
+  job.model.validate();
+  const config::Training& t = run.training();
+  if (t.steps() < 0) fail("training.steps must be >= 0");
+  if (t.micro_batch_size() <= 0) fail("training.micro_batch_size must be positive");
+  if (t.global_batch_size() % (t.micro_batch_size() * dp) != 0)
+    fail("training.global_batch_size ({}) must be a multiple of micro_batch_size ({}) x data-parallel ranks ({})",
+         t.global_batch_size(), t.micro_batch_size(), dp);
+  if (t.global_batch_size() <= 0) fail("training.global_batch_size must be positive");
+  if (t.log_interval() <= 0) fail("training.log_interval must be positive");
+  job.micro_batch = t.micro_batch_size();
+  job.accumulation = t.global_batch_size() / (t.micro_batch_size() * dp);
+  job.optimizer = optimizer_spec_from(run.optimizer(), t.steps());
+
+  const std::string& path = run.data().path();
+  if (path.empty()) fail("data.path is not set");
+  job.train = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "train"));
+  job.validation = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "validation"));
+  if (job.train->vocab_size() > job.model.vocab_size)
+    fail("{}: dataset vocabulary ({}) is larger than model.vocab_size ({})", path, job.train->vocab_size(),
+         job.model.vocab_size);
+  if (!run.data().tokenizer_dir().empty()) {
+    data::BpeTokenizer tok = data::BpeTokenizer::load(run.data().tokenizer_dir());
+    if (tok.fingerprint() != job.train->tokenizer_fingerprint() || tok.vocab_size() != job.train->vocab_size())
+      fail("{}: dataset was tokenized with a different vocabulary than {} (fingerprint {:016x} vs {:016x})", path,
+           run.data().tokenizer_dir(), job.train->tokenizer_fingerprint(), tok.fingerprint());
+  }
+  const int64_t window = int64_t(job.model.seq_len) + 1;
+  if (job.train->num_tokens() < window || job.validation->num_tokens() < window)
+    fail("{}: fewer than seq_len + 1 = {} tokens in a split", path, window);
+  return job;
+}
+
+std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& mpi) {
+  const bool want_cuda = run.device() == config::CUDA || (run.device() == config::AUTO && cuda_device_count() > 0);
+  if (want_cuda) {
+    const int count = cuda_device_count();
+    if (count == 0) fail("device: CUDA requested but no CUDA device is visible");
+    return make_cuda_backend(mpi.local_rank() % count);
+  }
+  int threads = run.threads();
+  if (threads <= 0) {
+    const int cores = cpu_cores_available();
+    threads = std::max(1, cores / std::max(1, mpi.local_size()));
+  }
+  return make_cpu_backend(threads);
+}
+
+std::string load_summary(const StepRecord& r) {
+  std::string s;
+  for (size_t l = 0; l < r.min_load.size(); ++l) s += fmt::format(" {:.2f}-{:.2f}", r.min_load[l], r.max_load[l]);
+  return s;
+}
+
+}  // namespace
+
+int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
+  const bool root = mpi.world_rank() == 0;
+  const ParallelDims dims = ParallelDims::data_parallel(mpi.world_size());
+
+  // Input checks on every rank, then one agreement so that no rank is left waiting.
+  Job job;
+  std::unique_ptr<Backend> backend;
+  std::string error;
+  try {
+    job = check_job(run, dims.dp);
+    backend = make_backend(run, mpi);
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  std::vector<double> failed{error.empty() ? 0.0 : 1.0};
+  MPI_Allreduce(MPI_IN_PLACE, failed.data(), 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if (failed[0] != 0.0) {
+    if (!error.empty()) std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", error.c_str());
+    return 2;
+  }
+
+  Backend& be = *backend;
+  ProcessGroups groups = make_process_groups(dims, be);
+  GptModel model(job.model, be, DType::F32, job.micro_batch);
+  model.init_parameters(run.training().seed());
+  AdamW optimizer(model, job.optimizer);
+  data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
+  data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
+
+  const double peak = be.peak_flops() * dims.world;
+  const int64_t tokens_per_step = int64_t(run.training().global_batch_size()) * job.model.seq_len;
+  const double micro_batches = double(job.accumulation) * dims.dp;
+  if (root) {
+    std::printf("sdmoe_pretrain: %d rank(s), data parallel %d, backend %s\n", dims.world, dims.dp, be.name().c_str());
+    std::printf("model: %s, %.2fM parameters, %.1f MFLOP per token\n", job.model.summary().c_str(),
+                model.registry().total_elements() / 1e6, job.model.train_flops_per_token() / 1e6);
+    std::printf("data: %s (%ld train / %ld validation tokens), %d micro-batch(es) of %d per rank per step\n",
+                run.data().path().c_str(), (long)job.train->num_tokens(), (long)job.validation->num_tokens(),
+                job.accumulation, job.micro_batch);
+    std::printf("peak fp32 %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s", peak / 1e9,
+                resolved_config_text(run).c_str());
+    std::fflush(stdout);
+  }
+
+  auto validate = [&]() {
+    val_loader.set_position(0);  // the same held-out batches every time
+    std::vector<int32_t> tokens;
+    std::vector<double> sums{0.0, 0.0};
+    for (int i = 0; i < run.training().eval_batches(); ++i) {
+      val_loader.next(job.micro_batch, tokens);
+      MicroBatchStats s = model.forward_only(tokens.data());
+      sums[0] += s.loss_sum;
+      sums[1] += double(s.tokens);
+    }
+    groups.dp->all_reduce_host(sums, ReduceOp::SUM);
+    return sums[0] / sums[1];
+  };
+
+  std::vector<int32_t> tokens;
+  const int moe_layers = job.model.moe_layer_count();
+  for (int64_t step = 0; step < run.training().steps(); ++step) {
+    const auto start = std::chrono::steady_clock::now();
+    model.zero_grads();
+    // [loss_sum, tokens, aux, z, then min/max load per MoE layer summed over micro-batches]
+    std::vector<double> sums(4 + 2 * moe_layers, 0.0);
+    for (int micro = 0; micro < job.accumulation; ++micro) {
+      train_loader.next(job.micro_batch, tokens);
+      MicroBatchStats s = model.forward_backward(tokens.data(), 1.0 / micro_batches);
+      sums[0] += s.loss_sum;
+      sums[1] += double(s.tokens);
+      sums[2] += s.aux_loss;
+      sums[3] += s.z_loss;
+      for (int l = 0; l < moe_layers; ++l) {
+        sums[4 + 2 * l] += s.moe[l].min_load;
+        sums[5 + 2 * l] += s.moe[l].max_load;
+      }
+    }
+    groups.dp->all_reduce(model.grads(), ReduceOp::SUM);
+    groups.dp->all_reduce_host(sums, ReduceOp::SUM);
+    const OptimizerStepResult opt = optimizer.step(step);
+    be.synchronize();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+    StepRecord r;
+    r.step = step + 1;
+    r.loss = sums[0] / sums[1];
+    r.lr = opt.lr;
+    r.grad_norm = opt.grad_norm;
+    r.aux_loss = sums[2] / micro_batches;
+    r.z_loss = sums[3] / micro_batches;
+    for (int l = 0; l < moe_layers; ++l) {
+      r.min_load.push_back(sums[4 + 2 * l] / micro_batches);
+      r.max_load.push_back(sums[5 + 2 * l] / micro_batches);
+    }
+    r.tokens_per_second = double(tokens_per_step) / seconds;
+    r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
+    r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
+    const int eval_interval = run.training().eval_interval();
+    if ((eval_interval > 0 && r.step % eval_interval == 0) || r.step == run.training().steps()) r.val_loss = validate();
+    if (!std::isfinite(r.loss)) {
+      if (root) std::fprintf(stderr, "sdmoe_pretrain: error: loss became %f at step %ld\n", r.loss, (long)r.step);
+      return 3;
+    }
+    if (root && (r.step % run.training().log_interval() == 0 || r.val_loss >= 0)) {
+      std::printf("step %ld/%d | loss %.6f | lr %.3e | gnorm %.4f | %.0f tok/s | %.2f GFLOP/s (%.1f%% of peak) | aux %.5f z %.5f | load%s",
+                  (long)r.step, run.training().steps(), r.loss, r.lr, r.grad_norm, r.tokens_per_second,
+                  r.model_flops / 1e9, 100.0 * r.peak_fraction, r.aux_loss, r.z_loss, load_summary(r).c_str());
+      if (r.val_loss >= 0) std::printf(" | val_loss %.6f", r.val_loss);
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    if (on_step) on_step(r);
+  }
+  return 0;
+}
+
+}  // namespace sdmoe

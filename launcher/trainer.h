@@ -1,0 +1,28 @@
+// The training loop of sdmoe_pretrain.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "launcher/config.h"
+#include "parallel/communicator.h"
+
+namespace sdmoe {
+
+// What one optimizer step produced, as logged on rank 0.
+struct StepRecord {
+  int64_t step = 0;
+  double loss = 0.0;        // mean cross-entropy over the global batch
+  double lr = 0.0, grad_norm = 0.0;
+  double aux_loss = 0.0, z_loss = 0.0;  // per micro-batch mean, summed over MoE layers
+  double tokens_per_second = 0.0, model_flops = 0.0, peak_fraction = 0.0;
+  std::vector<double> min_load, max_load;  // per MoE layer
+  double val_loss = -1.0;   // < 0 when no validation ran this step
+};
+
+// Runs the configured job on this rank. Returns the process exit code. Every rank checks
+// the configuration and data and agrees on any error before the first collective; a
+// failing rank prints one line and all ranks return 2.
+int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step = {});
+
+}  // namespace sdmoe

@@ -1,0 +1,207 @@
+// Feed-forward sublayers: the dense SwiGLU MLP and the MoE layer (router, local token
+// dispatcher, experts as one grouped GEMM, weighted combine).
+#include <algorithm>
+#include <cmath>
+
+#include "model/layers.h"
+
+namespace sdmoe {
+
+namespace {
+Param bind_param(const ParamRegistry& r, int id, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
+  return Param{id, r.view(params, id, dtype, dev), r.view(grads, id, dtype, dev)};
+}
+char* at(const Tensor& t, int64_t elements) { return static_cast<char*>(t.data) + elements * dtype_size(t.dtype); }
+}  // namespace
+
+// ---- dense SwiGLU MLP -------------------------------------------------------------------
+
+void SwigluMlp::declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std,
+                        double out_std) {
+  dim_ = dim;
+  ffn_ = ffn;
+  gate_up_.id = registry.add(prefix + ".gate_up", {2 * ffn, dim}, ParamRole::DENSE, std);
+  down_.id = registry.add(prefix + ".down", {dim, ffn}, ParamRole::DENSE, out_std);
+}
+
+void SwigluMlp::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
+  gate_up_ = bind_param(r, gate_up_.id, params, grads, dtype, dev);
+  down_ = bind_param(r, down_.id, params, grads, dtype, dev);
+}
+
+void SwigluMlp::plan(Arena& arena, int64_t tokens) {
+  hidden_ = arena.take(gate_up_.value.dtype, {tokens, 2 * ffn_});
+  act_ = arena.take(gate_up_.value.dtype, {tokens, ffn_});
+}
+
+void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
+  const int64_t t = h.rows();
+  be.gemm(false, true, t, 2 * ffn_, dim_, 1.0, h, gate_up_.value, 0.0, hidden_);
+  be.swiglu_forward(hidden_, act_);
+  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 1.0, out);
+}
+
+void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta,
+                         Scratch& sc) {
+  const int64_t t = h.rows();
+  Tensor d_act = sc.d_act.prefix({t, ffn_}), d_hidden = sc.d_hidden.prefix({t, 2 * ffn_});
+  be.gemm(false, false, t, ffn_, dim_, 1.0, d_out, down_.value, 0.0, d_act);
+  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out, act_, 1.0, down_.grad);
+  be.swiglu_backward(hidden_, d_act, d_hidden);
+  be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, beta, d_h);
+  be.gemm(true, false, 2 * ffn_, dim_, t, 1.0, d_hidden, h, 1.0, gate_up_.grad);
+}
+
+// ---- routing plan -----------------------------------------------------------------------
+
+void RoutingPlan::build(const std::vector<int32_t>& topk_index, int64_t tokens, int top_k, int experts) {
+  expert_offset.assign(experts + 1, 0);
+  for (int32_t e : topk_index) {
+    SDMOE_ASSERT(e >= 0 && e < experts, "router chose expert {}", e);
+    ++expert_offset[e + 1];
+  }
+  for (int e = 0; e < experts; ++e) expert_offset[e + 1] += expert_offset[e];
+  std::vector<int64_t> cursor(expert_offset.begin(), expert_offset.end() - 1);
+  row_token.resize(tokens * top_k);
+  slot_row.resize(tokens * top_k);
+  // Stable: rows of one expert keep token order, so every backend sees the same layout.
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t row = cursor[topk_index[t * top_k + j]]++;
+      row_token[row] = static_cast<int32_t>(t);
+      slot_row[t * top_k + j] = static_cast<int32_t>(row);
+    }
+}
+
+// ---- MoE --------------------------------------------------------------------------------
+
+void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec) {
+  moe_ = spec.moe;
+  dim_ = spec.dim;
+  const int64_t e = moe_.num_experts, f = moe_.expert_ffn_dim, d = spec.dim;
+  const double out_std = spec.init_std / std::sqrt(2.0 * spec.layers);
+  router_.id = registry.add(prefix + ".moe.router", {e, d}, ParamRole::ROUTER, spec.init_std);
+  gate_up_.id = registry.add(prefix + ".moe.experts.gate_up", {e, 2 * f, d}, ParamRole::EXPERT, spec.init_std);
+  down_.id = registry.add(prefix + ".moe.experts.down", {e, d, f}, ParamRole::EXPERT, out_std);
+  has_shared_ = moe_.shared_expert_ffn_dim > 0;
+  if (has_shared_) shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std);
+}
+
+void MoeFeedForward::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
+  dtype_ = dtype;
+  router_ = bind_param(r, router_.id, params, grads, dtype, dev);
+  gate_up_ = bind_param(r, gate_up_.id, params, grads, dtype, dev);
+  down_ = bind_param(r, down_.id, params, grads, dtype, dev);
+  if (has_shared_) shared_.bind(r, params, grads, dtype, dev);
+}
+
+void MoeFeedForward::plan(Arena& arena, int64_t tokens) {
+  tokens_ = tokens;
+  const int64_t e = moe_.num_experts, k = moe_.top_k, f = moe_.expert_ffn_dim, n = tokens * k, d = dim_;
+  logits_ = arena.take(dtype_, {tokens, e});
+  topk_index_ = arena.take(DType::I32, {tokens, k});
+  topk_weight_ = arena.take(dtype_, {tokens, k});
+  aux_probs_ = arena.take(dtype_, {tokens, e});
+  lse_ = arena.take(dtype_, {tokens});
+  row_token_ = arena.take(DType::I32, {n});
+  slot_row_ = arena.take(DType::I32, {tokens, k});
+  routed_in_ = arena.take(dtype_, {n, d});
+  hidden_ = arena.take(dtype_, {n, 2 * f});
+  act_ = arena.take(dtype_, {n, f});
+  routed_out_ = arena.take(dtype_, {n, d});
+  d_routed_ = arena.take(dtype_, {n, d});
+  d_hidden_ = arena.take(dtype_, {n, 2 * f});
+  d_act_ = arena.take(dtype_, {n, f});
+  d_weight_ = arena.take(dtype_, {tokens, k});
+  d_logits_ = arena.take(dtype_, {tokens, e});
+  aux_grad_ = arena.take(dtype_, {e});
+  if (has_shared_) shared_.plan(arena, tokens);
+}
+
+template <typename MakeGroup>
+void MoeFeedForward::run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make) {
+  std::vector<GemmGroup> groups;
+  groups.reserve(moe_.num_experts);
+  for (int e = 0; e < moe_.num_experts; ++e)
+    groups.push_back(make(e, plan_.expert_offset[e], plan_.expert_offset[e + 1] - plan_.expert_offset[e]));
+  be.grouped_gemm(trans_a, trans_b, dtype_, 1.0, groups, beta);
+}
+
+MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out) {
+  const int64_t t = tokens_, e = moe_.num_experts, k = moe_.top_k, f = moe_.expert_ffn_dim, d = dim_;
+  // Route.
+  be.gemm(false, true, t, e, d, 1.0, h, router_.value, 0.0, logits_);
+  be.router_forward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, aux_probs_, lse_);
+  std::vector<int32_t> topk(t * k);
+  be.copy_to_host(topk_index_, topk.data());
+  plan_.build(topk, t, static_cast<int>(k), static_cast<int>(e));
+  be.copy_from_host(plan_.row_token.data(), row_token_);
+  be.copy_from_host(plan_.slot_row.data(), slot_row_);
+  // Permute tokens by expert, run the experts, combine with the router weights.
+  be.gather_rows(h, row_token_, routed_in_);
+  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(routed_in_, row * d), at(gate_up_.value, x * 2 * f * d), at(hidden_, row * 2 * f), rows, 2 * f, d};
+  });
+  be.swiglu_forward(hidden_, act_);
+  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(act_, row * f), at(down_.value, x * d * f), at(routed_out_, row * d), rows, d, f};
+  });
+  be.combine_rows(routed_out_, slot_row_, &topk_weight_, 1.0, out);
+  if (has_shared_) shared_.forward(be, h, out);
+
+  // Load-balancing loss E * sum_e f_e P_e (f_e: share of routed rows, P_e: mean
+  // probability) and z-loss mean(lse^2), both over this micro-batch's tokens.
+  MoeStats stats;
+  std::vector<double> prob_sum = be.column_sums(aux_probs_);
+  expert_load_.assign(e, 0.0);
+  stats.min_load = 1.0;
+  for (int x = 0; x < e; ++x) {
+    expert_load_[x] = double(plan_.expert_offset[x + 1] - plan_.expert_offset[x]) / double(t * k);
+    stats.aux_loss += expert_load_[x] * prob_sum[x] / double(t);
+    stats.min_load = std::min(stats.min_load, expert_load_[x]);
+    stats.max_load = std::max(stats.max_load, expert_load_[x]);
+  }
+  stats.aux_loss *= moe_.aux_loss_coef * double(e);
+  stats.z_loss = moe_.z_loss_coef * be.sum_squares(lse_) / double(t);
+  return stats;
+}
+
+void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
+                              Scratch& sc) {
+  const int64_t t = tokens_, e = moe_.num_experts, f = moe_.expert_ffn_dim, d = dim_;
+  be.combine_rows_backward(d_out, routed_out_, slot_row_, topk_weight_, d_routed_, d_weight_);
+  run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(d_routed_, row * d), at(down_.value, x * d * f), at(d_act_, row * f), rows, f, d};
+  });
+  run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(d_routed_, row * d), at(act_, row * f), at(down_.grad, x * d * f), d, f, rows};
+  });
+  be.swiglu_backward(hidden_, d_act_, d_hidden_);
+  run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(d_hidden_, row * 2 * f), at(gate_up_.value, x * 2 * f * d), at(d_routed_, row * d), rows, d, 2 * f};
+  });
+  run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(d_hidden_, row * 2 * f), at(routed_in_, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
+  });
+  // Un-permute: each token sums the input gradients of its K rows.
+  be.combine_rows(d_routed_, slot_row_, nullptr, 0.0, d_h);
+
+  // Router: top-k weights, load-balancing and z-loss gradients.
+  std::vector<double> aux_grad(e);
+  for (int x = 0; x < e; ++x) aux_grad[x] = moe_.aux_loss_coef * double(e) * expert_load_[x] / double(t) * loss_scale;
+  Tensor aux_host_view = aux_grad_;
+  if (dtype_ == DType::F32) {
+    std::vector<float> g(aux_grad.begin(), aux_grad.end());
+    be.copy_from_host(g.data(), aux_host_view);
+  } else {
+    be.copy_from_host(aux_grad.data(), aux_host_view);
+  }
+  const double z_grad_scale = moe_.z_loss_coef * 2.0 / double(t) * loss_scale;
+  be.router_backward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, d_weight_, aux_grad_,
+                     lse_, z_grad_scale, d_logits_);
+  be.gemm(false, false, t, d, e, 1.0, d_logits_, router_.value, 1.0, d_h);
+  be.gemm(true, false, e, d, t, 1.0, d_logits_, h, 1.0, router_.grad);
+  if (has_shared_) shared_.backward(be, h, d_out, d_h, 1.0, sc);
+}
+
+}  // namespace sdmoe

@@ -1,0 +1,170 @@
+#include "model/gpt.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.h"
+
+namespace sdmoe {
+
+struct GptModel::Block {
+  Attention attention;
+  Param ffn_norm;
+  bool is_moe = false;
+  SwigluMlp mlp;
+  MoeFeedForward moe;
+  Tensor ffn_normed, ffn_rstd;  // [T,D], [T]
+};
+
+GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch)
+    : spec_(spec), be_(backend), dtype_(dtype), batch_(micro_batch) {
+  spec_.validate();
+  tokens_ = int64_t(batch_) * spec_.seq_len;
+  head_chunk_ = std::clamp<int64_t>((int64_t(1) << 24) / spec_.vocab_size, 64, tokens_);
+  const int64_t d = spec_.dim;
+  embedding_.id = registry_.add("embedding", {spec_.vocab_size, d}, ParamRole::EMBEDDING, spec_.init_std);
+  for (int l = 0; l < spec_.layers; ++l) {
+    auto block = std::make_unique<Block>();
+    const std::string prefix = fmt::format("layers.{}", l);
+    block->attention.declare(registry_, prefix, spec_);
+    block->ffn_norm.id = registry_.add(prefix + ".ffn_norm", {d}, ParamRole::NORM, 0.0);
+    block->is_moe = spec_.moe.is_moe_layer(l);
+    const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
+    if (block->is_moe) block->moe.declare(registry_, prefix, spec_);
+    else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std);
+    blocks_.push_back(std::move(block));
+  }
+  final_norm_.id = registry_.add("final_norm", {d}, ParamRole::NORM, 0.0);
+  output_.id = spec_.tie_embeddings ? embedding_.id
+                                    : registry_.add("output", {spec_.vocab_size, d}, ParamRole::OUTPUT, spec_.init_std);
+
+  const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
+  params_ = Buffer(be_, bytes);
+  grads_ = Buffer(be_, bytes);
+  auto bind = [&](Param& p) { p = Param{p.id, param(p.id), grad(p.id)}; };
+  bind(embedding_);
+  bind(final_norm_);
+  bind(output_);
+  for (auto& b : blocks_) {
+    b->attention.bind(registry_, params_, grads_, dtype_, be_.device());
+    bind(b->ffn_norm);
+    if (b->is_moe) b->moe.bind(registry_, params_, grads_, dtype_, be_.device());
+    else b->mlp.bind(registry_, params_, grads_, dtype_, be_.device());
+  }
+  Arena planner(be_.device());
+  plan_activations(planner);
+  activations_ = Buffer(be_, planner.used());
+  Arena arena(be_.device(), activations_);
+  plan_activations(arena);
+  zero_grads();
+}
+
+GptModel::~GptModel() = default;
+
+void GptModel::plan_activations(Arena& arena) {
+  const int64_t t = tokens_, d = spec_.dim;
+  const LayerDims dims{batch_, spec_.seq_len, d, spec_.heads, spec_.head_dim()};
+  ids_ = arena.take(DType::I32, {t});
+  targets_ = arena.take(DType::I32, {t});
+  stream_.clear();
+  for (int i = 0; i < 2 * spec_.layers + 1; ++i) stream_.push_back(arena.take(dtype_, {t, d}));
+  for (auto& b : blocks_) {
+    b->attention.plan(arena, dims);
+    b->ffn_normed = arena.take(dtype_, {t, d});
+    b->ffn_rstd = arena.take(dtype_, {t});
+    if (b->is_moe) b->moe.plan(arena, t);
+    else b->mlp.plan(arena, t);
+  }
+  final_normed_ = arena.take(dtype_, {t, d});
+  final_rstd_ = arena.take(dtype_, {t});
+  logits_ = arena.take(dtype_, {head_chunk_, spec_.vocab_size});
+  losses_ = arena.take(dtype_, {head_chunk_, 1});
+  lse_ = arena.take(dtype_, {head_chunk_});
+  d_final_ = arena.take(dtype_, {t, d});
+  d_stream_ = arena.take(dtype_, {t, d});
+  scratch_.plan(arena, spec_, batch_, dtype_);
+}
+
+void GptModel::init_parameters(uint64_t seed) {
+  for (size_t id = 0; id < registry_.specs().size(); ++id) {
+    const ParamSpec& s = registry_.spec(static_cast<int>(id));
+    Tensor p = param(static_cast<int>(id));
+    if (s.init_std == 0.0) be_.fill(p, 1.0);
+    else be_.init_normal(p, seed, stream_of(s.name), s.init_std, 0);
+  }
+}
+
+void GptModel::zero_grads() { be_.fill(grads(), 0.0); }
+
+MicroBatchStats GptModel::forward_backward(const int32_t* tokens, double loss_scale) {
+  return run(tokens, true, loss_scale);
+}
+
+MicroBatchStats GptModel::forward_only(const int32_t* tokens) { return run(tokens, false, 0.0); }
+
+MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_scale) {
+  const int64_t t = tokens_, d = spec_.dim, s = spec_.seq_len, v = spec_.vocab_size;
+  std::vector<int32_t> ids(t), targets(t);
+  for (int b = 0; b < batch_; ++b)
+    for (int64_t i = 0; i < s; ++i) {
+      ids[b * s + i] = tokens[b * (s + 1) + i];
+      targets[b * s + i] = tokens[b * (s + 1) + i + 1];
+    }
+  for (int64_t i = 0; i < t; ++i)
+    if (ids[i] < 0 || ids[i] >= v || targets[i] >= v)
+      fail("token id {} is outside the model vocabulary of {}", std::max(ids[i], targets[i]), v);
+  be_.copy_from_host(ids.data(), ids_);
+  be_.copy_from_host(targets.data(), targets_);
+
+  MicroBatchStats stats;
+  stats.tokens = t;
+  be_.embedding_forward(ids_, embedding_.value, stream_[0]);
+  for (int l = 0; l < spec_.layers; ++l) {
+    Block& b = *blocks_[l];
+    const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
+    b.attention.forward(be_, in, mid);
+    be_.rmsnorm_forward(mid, b.ffn_norm.value, spec_.norm_eps, b.ffn_normed, b.ffn_rstd);
+    be_.copy(mid, out);
+    if (b.is_moe) {
+      MoeStats m = b.moe.forward(be_, b.ffn_normed, out);
+      stats.aux_loss += m.aux_loss;
+      stats.z_loss += m.z_loss;
+      stats.moe.push_back(m);
+    } else {
+      b.mlp.forward(be_, b.ffn_normed, out);
+    }
+  }
+  be_.rmsnorm_forward(stream_[2 * spec_.layers], final_norm_.value, spec_.norm_eps, final_normed_, final_rstd_);
+
+  // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
+  // once. In training each chunk's backward runs right away.
+  for (int64_t row = 0; row < t; row += head_chunk_) {
+    const int64_t rows = std::min(head_chunk_, t - row);
+    Tensor h = final_normed_.slice_rows(row, rows), logits = logits_.prefix({rows, v});
+    Tensor losses = losses_.prefix({rows, 1}), lse = lse_.prefix({rows}), tgt = targets_.slice_rows(row, rows);
+    be_.gemm(false, true, rows, v, d, 1.0, h, output_.value, 0.0, logits);
+    be_.cross_entropy_forward(logits, tgt, losses, lse);
+    stats.loss_sum += be_.column_sums(losses)[0];
+    if (!train) continue;
+    be_.cross_entropy_backward(logits, tgt, lse, loss_scale / double(t));
+    be_.gemm(false, false, rows, d, v, 1.0, logits, output_.value, 0.0, d_final_.slice_rows(row, rows));
+    be_.gemm(true, false, v, d, rows, 1.0, logits, h, 1.0, output_.grad);
+  }
+  if (!train) return stats;
+
+  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.value, final_rstd_, d_final_, d_stream_,
+                       final_norm_.grad);
+  for (int l = spec_.layers - 1; l >= 0; --l) {
+    Block& b = *blocks_[l];
+    const Tensor& mid = stream_[2 * l + 1];
+    if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, scratch_.d_normed, loss_scale, scratch_);
+    else b.mlp.backward(be_, b.ffn_normed, d_stream_, scratch_.d_normed, 0.0, scratch_);
+    be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, scratch_.d_normed, scratch_.d_x, b.ffn_norm.grad);
+    be_.axpy(1.0, scratch_.d_x, d_stream_);
+    b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
+  }
+  be_.embedding_backward(ids_, d_stream_, embedding_.grad);
+  return stats;
+}
+
+}  // namespace sdmoe

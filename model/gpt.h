@@ -1,0 +1,68 @@
+// The GPT/MoE model: embedding, pre-norm blocks (attention, then dense MLP or MoE), final
+// norm and output projection with cross-entropy. The model describes the full,
+// unsharded network and knows nothing of ranks or communicators.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "model/layers.h"
+
+namespace sdmoe {
+
+struct MicroBatchStats {
+  double loss_sum = 0.0;       // cross-entropy summed over the micro-batch's tokens
+  int64_t tokens = 0;
+  double aux_loss = 0.0;       // summed over MoE layers
+  double z_loss = 0.0;
+  std::vector<MoeStats> moe;   // per MoE layer
+};
+
+class GptModel {
+ public:
+  // micro_batch sequences of spec.seq_len tokens per forward/backward.
+  GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch);
+  ~GptModel();
+
+  const ModelSpec& spec() const { return spec_; }
+  const ParamRegistry& registry() const { return registry_; }
+  Backend& backend() { return be_; }
+  DType dtype() const { return dtype_; }
+  int micro_batch() const { return batch_; }
+  Tensor params() const { return registry_.flat(params_, dtype_, be_.device()); }
+  Tensor grads() const { return registry_.flat(grads_, dtype_, be_.device()); }
+  Tensor param(int id) const { return registry_.view(params_, id, dtype_, be_.device()); }
+  Tensor grad(int id) const { return registry_.view(grads_, id, dtype_, be_.device()); }
+
+  void init_parameters(uint64_t seed);
+  void zero_grads();
+  // tokens: host, [micro_batch, seq_len + 1]; inputs are the first seq_len, targets the
+  // last seq_len. Accumulates loss_scale * d(mean cross-entropy + aux + z)/d(params)
+  // into the gradients.
+  MicroBatchStats forward_backward(const int32_t* tokens, double loss_scale);
+  MicroBatchStats forward_only(const int32_t* tokens);
+
+ private:
+  struct Block;
+  void plan_activations(Arena& arena);
+  MicroBatchStats run(const int32_t* tokens, bool train, double loss_scale);
+
+  ModelSpec spec_;
+  Backend& be_;
+  DType dtype_;
+  int batch_;
+  int64_t tokens_;
+  int64_t head_chunk_;  // rows of logits materialised at once
+  ParamRegistry registry_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  Param embedding_, final_norm_, output_;
+  Buffer params_, grads_, activations_;
+  Scratch scratch_;
+  Tensor ids_, targets_;            // I32 [T]
+  std::vector<Tensor> stream_;      // residual stream: 2 * layers + 1 tensors [T,D]
+  Tensor final_normed_, final_rstd_;  // [T,D], [T]
+  Tensor logits_, losses_, lse_;    // [C,V], [C], [C]
+  Tensor d_final_;                  // [T,D]
+  Tensor d_stream_;                 // [T,D] residual gradient
+};
+
+}  // namespace sdmoe

@@ -1,0 +1,122 @@
+// Transformer sublayers as explicit forward/backward pairs; no hidden tape.
+//
+// Shape legend: B micro-batch, S sequence, T = B*S tokens, D model dim, H heads, Dh head
+// dim, F ffn dim, E experts, K top-k, N = T*K routed rows, V vocabulary.
+//
+// Every sublayer is residual: forward computes out = in + f(norm(in)); backward takes
+// d(out) in `dres` and turns it into d(in) in place. Parameter gradients accumulate (+=)
+// into the gradient buffer; activation gradients are assigned (=) into scratch space
+// shared by all layers (they are used one layer at a time).
+#pragma once
+#include <vector>
+
+#include "core/buffer.h"
+#include "model/model_spec.h"
+#include "model/param_registry.h"
+
+namespace sdmoe {
+
+struct Param {
+  int id = -1;
+  Tensor value;
+  Tensor grad;
+};
+
+// Scratch activation gradients, one set for the whole model.
+struct Scratch {
+  Tensor d_normed;  // [T,D]
+  Tensor d_x;       // [T,D]
+  Tensor d_ctx;     // [T,D]
+  Tensor d_ctx_heads, dq, dk, dv;  // [B,H,S,Dh]
+  Tensor d_probs;   // [B*H,S,S]
+  Tensor d_qkv;     // [T,3D]
+  Tensor d_hidden;  // [T, 2*max(F, F_shared)] for the dense MLPs
+  Tensor d_act;     // [T, max(F, F_shared)]
+  void plan(Arena& arena, const ModelSpec& spec, int batch, DType dtype);
+};
+
+// Sizes one layer sees.
+struct LayerDims {
+  int64_t batch, seq, dim, heads, head_dim;
+  int64_t tokens() const { return batch * seq; }
+};
+
+class Attention {
+ public:
+  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec);
+  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
+  void plan(Arena& arena, const LayerDims& dims);
+  void forward(Backend& be, const Tensor& in, const Tensor& out);
+  void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch);
+
+ private:
+  LayerDims dims_{};
+  double rope_theta_ = 10000.0, eps_ = 1e-5;
+  Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]
+  Tensor normed_, rstd_;      // [T,D], [T]
+  Tensor qkv_out_;            // [T,3D] = [B,S,3,H,Dh]
+  Tensor q_, k_, v_;          // [B,H,S,Dh], q and k after RoPE
+  Tensor probs_;              // [B*H,S,S]
+  Tensor ctx_heads_, ctx_;    // [B,H,S,Dh], [T,D]
+};
+
+// SwiGLU MLP on an already-normalised input, adding its output into `out`.
+class SwigluMlp {
+ public:
+  void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std);
+  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
+  void plan(Arena& arena, int64_t tokens);
+  void forward(Backend& be, const Tensor& h, const Tensor& out);
+  // d_h = beta * d_h + d(h) of this MLP.
+  void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch);
+
+ private:
+  int64_t dim_ = 0, ffn_ = 0;
+  Param gate_up_, down_;  // [2F,D], [D,F]
+  Tensor hidden_, act_;   // [T,2F], [T,F]
+};
+
+// Where each routed row goes; computed on the host from the router's choices with a
+// stable counting sort, so the order is the same on every backend.
+struct RoutingPlan {
+  std::vector<int32_t> row_token;      // [N] token of each expert-sorted row
+  std::vector<int32_t> slot_row;       // [T*K] row of token t's j-th choice
+  std::vector<int64_t> expert_offset;  // [E+1]
+  void build(const std::vector<int32_t>& topk_index, int64_t tokens, int top_k, int experts);
+};
+
+struct MoeStats {
+  double aux_loss = 0.0, z_loss = 0.0;
+  double min_load = 0.0, max_load = 0.0;  // smallest and largest share of routed rows
+};
+
+class MoeFeedForward {
+ public:
+  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec);
+  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
+  void plan(Arena& arena, int64_t tokens);
+  MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
+  // loss_scale multiplies the auxiliary and z losses in the gradient, as the cross
+  // entropy's own scale does for the main loss.
+  void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
+                Scratch& scratch);
+
+ private:
+  // One GEMM per expert over its rows; `make` fills a group from (expert, row offset, rows).
+  template <typename MakeGroup>
+  void run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make);
+  MoeSpec moe_{};
+  int64_t dim_ = 0, tokens_ = 0;
+  DType dtype_ = DType::F32;
+  Param router_, gate_up_, down_;  // [E,D], [E,2Fe,D], [E,D,Fe]
+  bool has_shared_ = false;
+  SwigluMlp shared_;
+  RoutingPlan plan_;
+  std::vector<double> expert_load_;  // [E] share of rows per expert, this micro-batch
+  Tensor logits_, topk_index_, topk_weight_, aux_probs_, lse_;  // [T,E], [T,K], [T,K], [T,E], [T]
+  Tensor row_token_, slot_row_;                                  // I32 [N], [T,K]
+  Tensor routed_in_, hidden_, act_, routed_out_;                 // [N,D], [N,2Fe], [N,Fe], [N,D]
+  Tensor d_routed_, d_hidden_, d_act_, d_weight_, d_logits_, aux_grad_;  // backward scratch
+};
+
+}  // namespace sdmoe

