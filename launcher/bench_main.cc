@@ -1,0 +1,98 @@
+// sdmoe_bench --config FILE.textproto: prints the measured fp32 FMA peak, GEMM throughput
+// on the model's shapes and the throughput of full training steps, each as a percentage
+// of that peak. Figures only; nothing is asserted.
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "core/cpu/cpu_backend.h"
+#include "core/rng.h"
+#include "launcher/config.h"
+#include "model/gpt.h"
+#include "model/optimizer.h"
+
+extern "C" char* openblas_get_config(void);
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+double time_gemm(sdmoe::Backend& be, bool ta, bool tb, int64_t m, int64_t n, int64_t k) {
+  sdmoe::Buffer a(be, m * k * 4), b(be, k * n * 4), c(be, m * n * 4);
+  sdmoe::Tensor ta_(a.data(), sdmoe::DType::F32, be.device(), {m, k}), tb_(b.data(), sdmoe::DType::F32, be.device(), {k, n}),
+      tc(c.data(), sdmoe::DType::F32, be.device(), {m, n});
+  be.init_normal(ta_, 1, 1, 1.0, 0);
+  be.init_normal(tb_, 1, 2, 1.0, 0);
+  be.gemm(ta, tb, m, n, k, 1.0, ta_, tb_, 0.0, tc);  // warm-up
+  int reps = 0;
+  auto start = Clock::now();
+  while (seconds_since(start) < 0.5 || reps < 3) {
+    be.gemm(ta, tb, m, n, k, 1.0, ta_, tb_, 0.0, tc);
+    ++reps;
+  }
+  be.synchronize();
+  return 2.0 * m * n * k * reps / seconds_since(start);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string path = "configs/small-cpu.textproto";
+  int steps = 5;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--config") path = argv[++i];
+    else if (std::string(argv[i]) == "--steps") steps = std::stoi(argv[++i]);
+  }
+  sdmoe::MpiRuntime mpi(&argc, &argv);
+  try {
+    sdmoe::config::Run run = sdmoe::load_config(path, {});
+    sdmoe::ModelSpec spec = sdmoe::model_spec_from(run.model());
+    auto be = sdmoe::make_cpu_backend(run.threads());
+    const double peak = be->peak_flops();
+    std::printf("backend: %s\nOpenBLAS: %s\n", be->name().c_str(), openblas_get_config());
+    std::printf("measured fp32 FMA peak: %.1f GFLOP/s\n\n", peak / 1e9);
+
+    const int64_t t = int64_t(run.training().micro_batch_size()) * spec.seq_len, d = spec.dim, v = spec.vocab_size;
+    const int64_t fe = spec.moe.expert_ffn_dim, rows = t * spec.moe.top_k / std::max(1, spec.moe.num_experts);
+    struct Shape { const char* name; bool ta, tb; int64_t m, n, k; };
+    const Shape shapes[] = {
+        {"qkv projection      x W^T", false, true, t, 3 * d, d},
+        {"attention output    x W^T", false, true, t, d, d},
+        {"dense MLP gate_up   x W^T", false, true, t, 2 * spec.ffn_dim, d},
+        {"expert gate_up      x W^T", false, true, rows, 2 * fe, d},
+        {"expert down         x W^T", false, true, rows, d, fe},
+        {"output logits       x E^T", false, true, std::min<int64_t>(t, 333), v, d},
+        {"logits backward    dL E  ", false, false, std::min<int64_t>(t, 333), d, v},
+        {"embedding grad    dL^T x ", true, false, v, d, std::min<int64_t>(t, 333)},
+    };
+    std::printf("%-28s %20s %12s %8s\n", "GEMM (model shapes)", "m x n x k", "GFLOP/s", "% peak");
+    for (const Shape& s : shapes) {
+      const double f = time_gemm(*be, s.ta, s.tb, s.m, s.n, s.k);
+      std::printf("%-28s %20s %12.1f %7.1f%%\n", s.name, fmt::format("{}x{}x{}", s.m, s.n, s.k).c_str(), f / 1e9,
+                  100.0 * f / peak);
+    }
+
+    sdmoe::GptModel model(spec, *be, sdmoe::DType::F32, run.training().micro_batch_size());
+    model.init_parameters(1);
+    sdmoe::AdamW opt(model, sdmoe::optimizer_spec_from(run.optimizer(), 100));
+    std::vector<int32_t> tokens(int64_t(model.micro_batch()) * (spec.seq_len + 1));
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % 50257);
+    model.forward_backward(tokens.data(), 1.0);  // warm-up
+    auto start = Clock::now();
+    for (int s = 0; s < steps; ++s) {
+      model.zero_grads();
+      model.forward_backward(tokens.data(), 1.0);
+      opt.step(s);
+    }
+    be->synchronize();
+    const double sec = seconds_since(start) / steps;
+    const double tps = double(t) / sec, flops = tps * spec.train_flops_per_token();
+    std::printf("\ntraining step (%s, micro-batch %d x %d tokens, forward+backward+AdamW):\n", path.c_str(),
+                model.micro_batch(), spec.seq_len);
+    std::printf("  %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of measured peak\n", sec, tps,
+                flops / 1e9, 100.0 * flops / peak);
+  } catch (const sdmoe::Error& e) {
+    std::fprintf(stderr, "sdmoe_bench: error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}
