@@ -10,6 +10,7 @@
 #include "launcher/config.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
+#include "parallel/communicator.h"
 
 extern "C" char* openblas_get_config(void);
 
