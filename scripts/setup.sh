@@ -5,9 +5,11 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-packages=(build-essential cmake pkg-config git nodejs npm
+packages=(build-essential cmake pkg-config git
   openmpi-bin libopenmpi-dev libhdf5-dev libprotobuf-dev protobuf-compiler libfmt-dev
   libgtest-dev libopenblas-dev libopenblas-openmp-dev liblapacke-dev libicu-dev bible-kjv bible-kjv-text)
+# npm ships the default data; use the machine's Node.js when it has one.
+command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
