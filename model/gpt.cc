@@ -20,7 +20,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
     : spec_(spec), be_(backend), dtype_(dtype), batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
-  head_chunk_ = std::clamp<int64_t>((int64_t(1) << 24) / spec_.vocab_size, 64, tokens_);
+  head_chunk_ = std::min<int64_t>(std::max<int64_t>((int64_t(1) << 24) / spec_.vocab_size, 64), tokens_);
   const int64_t d = spec_.dim;
   embedding_.id = registry_.add("embedding", {spec_.vocab_size, d}, ParamRole::EMBEDDING, spec_.init_std);
   for (int l = 0; l < spec_.layers; ++l) {
@@ -111,8 +111,10 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
       targets[b * s + i] = tokens[b * (s + 1) + i + 1];
     }
   for (int64_t i = 0; i < t; ++i)
-    if (ids[i] < 0 || ids[i] >= v || targets[i] >= v)
-      fail("token id {} is outside the model vocabulary of {}", std::max(ids[i], targets[i]), v);
+  {
+    if (ids[i] < 0 || ids[i] >= v) fail("token id {} is outside the model vocabulary of {}", ids[i], v);
+    if (targets[i] >= v) fail("token id {} is outside the model vocabulary of {}", targets[i], v);
+  }
   be_.copy_from_host(ids.data(), ids_);
   be_.copy_from_host(targets.data(), targets_);
 

@@ -188,6 +188,73 @@ TEST(ModelGradients, F32AgreesWithF64) {
   }
 }
 
+// With a large vocabulary the output head runs over chunks of at least 64 rows
+// (head_chunk = clamp(2^24 / V, 64, T)); 65 tokens with V = 258112 give chunks of 64 + 1.
+// Sequences of a dense model are independent and the loss is a mean over tokens, so the
+// chunked gradient must equal (1/5) * the sum of the single-sequence gradients, which
+// take the one-chunk path that the finite-difference tests check.
+TEST(ModelGradients, ChunkedOutputHeadMatchesPerSequence) {
+  ModelSpec spec;
+  spec.vocab_size = 258112;
+  spec.seq_len = 13;
+  spec.dim = 8;
+  spec.layers = 1;
+  spec.heads = 2;
+  spec.ffn_dim = 8;
+  spec.init_std = 0.3;
+  spec.moe.num_experts = 0;
+  const int batch = 5;
+  GptModel chunked(spec, be(), DType::F64, batch), single(spec, be(), DType::F64, 1);
+  chunked.init_parameters(21);
+  single.init_parameters(21);
+  perturb_norms(chunked, 22);
+  perturb_norms(single, 22);
+  auto tokens = make_tokens(spec, batch, 23);
+  tokens[batch * (spec.seq_len + 1) - 1] = 17;  // every target counts
+  const MicroBatchStats whole = chunked.forward_backward(tokens.data(), 1.0);
+  double loss_sum = 0;
+  for (int b = 0; b < batch; ++b)
+    loss_sum += single.forward_backward(tokens.data() + b * (spec.seq_len + 1), 1.0 / batch).loss_sum;
+  EXPECT_NEAR(whole.loss_sum, loss_sum, 1e-12 * loss_sum);
+  const auto g_chunked = get(chunked.grads()), g_single = get(single.grads());
+  double scale = 0;
+  for (double v : g_single) scale = std::max(scale, std::fabs(v));
+  ASSERT_GT(scale, 1e-4);
+  for (size_t i = 0; i < g_single.size(); ++i)
+    ASSERT_NEAR(g_chunked[i], g_single[i], 1e-12 * scale) << "flat gradient element " << i;
+}
+
+// Token ids are validated before anything runs; targets < 0 are allowed (ignored).
+TEST(ModelInputs, OutOfVocabularyTokensThrow) {
+  const ModelSpec spec = tiny_spec();
+  GptModel model(spec, be(), DType::F64, 1);
+  model.init_parameters(1);
+  auto tokens = make_tokens(spec, 1, 2);
+  EXPECT_NO_THROW(model.forward_only(tokens.data()));
+  for (int pos : {0, 3, spec.seq_len}) {  // the first input, a middle one, the last target only
+    for (int32_t bad : {spec.vocab_size, spec.vocab_size + 100}) {
+      auto t = tokens;
+      t[pos] = bad;
+      try {
+        model.forward_only(t.data());
+        ADD_FAILURE() << "token " << bad << " at " << pos << " accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(std::to_string(bad)), std::string::npos)
+            << "the message should name the offending id: " << e.what();
+      }
+    }
+  }
+  auto t = tokens;
+  t[2] = -5;  // a negative input id (only targets may be negative)
+  try {
+    model.forward_only(t.data());
+    ADD_FAILURE() << "negative input id accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("-5"), std::string::npos)
+        << "the message should name the offending id: " << e.what();
+  }
+}
+
 TEST(ModelInit, NormsOneMatricesScaledAndDeterministic) {
   ModelSpec spec = tiny_spec(RouterScore::SOFTMAX, true, false);
   spec.dim = 64;  // enough elements per tensor for a meaningful standard deviation
