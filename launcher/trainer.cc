@@ -60,6 +60,15 @@ Job check_job(const config::Run& run, int dp) {
   return job;
 }
 
+
+std::string load_summary(const StepRecord& r) {
+  std::string s;
+  for (size_t l = 0; l < r.min_load.size(); ++l) s += fmt::format(" {:.2f}-{:.2f}", r.min_load[l], r.max_load[l]);
+  return s;
+}
+
+}  // namespace
+
 std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& mpi) {
   const bool want_cuda = run.device() == config::CUDA || (run.device() == config::AUTO && cuda_device_count() > 0);
   if (want_cuda) {
@@ -74,14 +83,6 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
   }
   return make_cpu_backend(threads);
 }
-
-std::string load_summary(const StepRecord& r) {
-  std::string s;
-  for (size_t l = 0; l < r.min_load.size(); ++l) s += fmt::format(" {:.2f}-{:.2f}", r.min_load[l], r.max_load[l]);
-  return s;
-}
-
-}  // namespace
 
 int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
   const bool root = mpi.world_rank() == 0;

@@ -1,9 +1,11 @@
 // The training loop of sdmoe_pretrain.
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "launcher/config.h"
 #include "parallel/communicator.h"
 
@@ -19,6 +21,10 @@ struct StepRecord {
   std::vector<double> min_load, max_load;  // per MoE layer
   double val_loss = -1.0;   // < 0 when no validation ran this step
 };
+
+// The backend the config asks for: CUDA (this rank's local GPU), CPU, or AUTO (CUDA when a
+// device is visible). CPU threads default to this node's cores divided by its ranks.
+std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& mpi);
 
 // Runs the configured job on this rank. Returns the process exit code. Every rank checks
 // the configuration and data and agrees on any error before the first collective; a

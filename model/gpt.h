@@ -41,6 +41,9 @@ class GptModel {
   MicroBatchStats forward_backward(const int32_t* tokens, double loss_scale);
   MicroBatchStats forward_only(const int32_t* tokens);
 
+  // Rows of logits the output head materialises at once for `tokens` tokens per micro-batch.
+  static int64_t output_head_chunk(const ModelSpec& spec, int64_t tokens);
+
  private:
   struct Block;
   void plan_activations(Arena& arena);

@@ -19,6 +19,7 @@
 extern "C" {
 void openblas_set_num_threads(int);
 char* openblas_get_corename(void);
+int openblas_get_parallel(void);  // 0 sequential, 1 pthreads, 2 OpenMP
 }
 
 namespace sdmoe {
@@ -26,6 +27,11 @@ using cpu::dispatch_float;
 using cpu::expect_same;
 
 namespace {
+
+bool openblas_runs_on_openmp() {
+  static const bool openmp = openblas_get_parallel() == 2;
+  return openmp;
+}
 
 std::vector<float> to_float(const Tensor& t) {
   std::vector<float> out(t.numel());
@@ -41,19 +47,79 @@ std::vector<float> to_float(const Tensor& t) {
 }
 
 template <typename T>
-void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b, T beta, T* c) {
+void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
-    for (int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : beta * c[i];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-  const int lda = static_cast<int>(ta ? m : k), ldb = static_cast<int>(tb ? k : n), ldc = static_cast<int>(n);
   auto opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<T, float>) {
-    cblas_sgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, lda, b, ldb, beta, c, ldc);
+    cblas_sgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
   } else {
-    cblas_dgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, lda, b, ldb, beta, c, ldc);
+    cblas_dgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
   }
+}
+
+// Below this many multiply-adds a GEMM runs on one thread: a fork/join costs more.
+constexpr double kMinParallelGemmFmas = 1 << 18;
+// Smallest slice of C's rows (or columns) given to one thread: narrower slices fall
+// below the BLAS micro-kernel's tile and waste its lanes.
+constexpr int64_t kMinGemmSlice = 32;
+// Row slices at least this tall are preferred to column slices.
+constexpr int64_t kRowSliceForSplit = 128;
+
+// Row-major C[m,n] = alpha op(A) op(B) + beta C with the backend's threads. We split C
+// ourselves, by rows or (when C is wider than tall) by columns, and give each thread one
+// single-threaded BLAS call: inside an OpenMP region the OpenMP build of OpenBLAS runs on
+// the calling thread. On the model's skinny shapes (k ~ 200) this beats OpenBLAS's own
+// 2-D split; see docs/performance.md. Without the OpenMP build (OpenBLAS with its own
+// pthreads would nest a pool inside ours) the call goes to OpenBLAS whole.
+template <typename T>
+void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b,
+                   T beta, T* c) {
+  const int64_t lda = ta ? m : k, ldb = tb ? k : n, ldc = n;
+  // Rows keep each thread's B panel whole and its C rows contiguous; columns only win
+  // when the row slices would be thin (at m = 333 x n = 50304, 174 against 165 GFLOP/s).
+  const bool split_rows = m >= n || m >= kRowSliceForSplit * threads;
+  const int64_t extent = split_rows ? m : n;
+  const int parts = int(std::min<int64_t>(threads, extent / kMinGemmSlice));
+  if (!openblas_runs_on_openmp() || omp_in_parallel() || parts < 2 || double(m) * n * k < kMinParallelGemmFmas) {
+    gemm_typed<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+#pragma omp parallel num_threads(parts)
+  {
+    const int part = omp_get_thread_num();
+    const int64_t lo = extent * part / parts, hi = extent * (part + 1) / parts;
+    if (split_rows) {
+      const T* a_rows = ta ? a + lo : a + lo * lda;  // op(A) rows lo..hi
+      gemm_typed<T>(ta, tb, hi - lo, n, k, alpha, a_rows, lda, b, ldb, beta, c + lo * ldc, ldc);
+    } else {
+      const T* b_cols = tb ? b + lo * ldb : b + lo;  // op(B) columns lo..hi
+      gemm_typed<T>(ta, tb, m, hi - lo, k, alpha, a, lda, b_cols, ldb, beta, c + lo, ldc);
+    }
+  }
+}
+
+// A batch of equally shaped GEMMs: whole GEMMs per thread when there are enough of them
+// (the attention heads), otherwise each one split across the threads.
+template <typename T>
+void gemm_batch_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                         const T* b, T beta, T* c, const GemmBatch& batch) {
+  if (batch.count >= threads && threads > 1 && openblas_runs_on_openmp() && !omp_in_parallel()) {
+    const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < batch.count; ++i)
+      gemm_typed<T>(ta, tb, m, n, k, alpha, a + i * batch.stride_a, lda, b + i * batch.stride_b, ldb, beta,
+                    c + i * batch.stride_c, n);
+    return;
+  }
+  for (int64_t i = 0; i < batch.count; ++i)
+    gemm_threaded<T>(threads, ta, tb, m, n, k, alpha, a + i * batch.stride_a, b + i * batch.stride_b, beta,
+                     c + i * batch.stride_c);
 }
 
 }  // namespace
@@ -198,18 +264,15 @@ void CpuBackend::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double 
     // bf16 inputs, fp32 accumulation: widen once, then the fp32 path.
     SDMOE_ASSERT(c.dtype == DType::F32, "bf16 gemm needs an f32 output");
     std::vector<float> af = to_float(a), bf = to_float(b);
-    for (int64_t i = 0; i < batch.count; ++i)
-      gemm_typed<float>(ta, tb, m, n, k, float(alpha), af.data() + i * batch.stride_a,
-                        bf.data() + i * batch.stride_b, float(beta), c.ptr<float>() + i * batch.stride_c);
+    gemm_batch_threaded<float>(threads_, ta, tb, m, n, k, float(alpha), af.data(), bf.data(), float(beta),
+                               c.ptr<float>(), batch);
     return;
   }
   expect_same(a, b, "gemm");
   expect_same(a, c, "gemm");
   dispatch_float(c.dtype, [&](auto z) {
     using T = decltype(z);
-    for (int64_t i = 0; i < batch.count; ++i)
-      gemm_typed<T>(ta, tb, m, n, k, T(alpha), a.ptr<T>() + i * batch.stride_a, b.ptr<T>() + i * batch.stride_b,
-                    T(beta), c.ptr<T>() + i * batch.stride_c);
+    gemm_batch_threaded<T>(threads_, ta, tb, m, n, k, T(alpha), a.ptr<T>(), b.ptr<T>(), T(beta), c.ptr<T>(), batch);
   });
 }
 
@@ -218,8 +281,8 @@ void CpuBackend::grouped_gemm(bool ta, bool tb, DType dtype, double alpha, std::
   dispatch_float(dtype, [&](auto z) {
     using T = decltype(z);
     for (const GemmGroup& g : groups)
-      gemm_typed<T>(ta, tb, g.m, g.n, g.k, T(alpha), static_cast<const T*>(g.a), static_cast<const T*>(g.b), T(beta),
-                    static_cast<T*>(g.c));
+      gemm_threaded<T>(threads_, ta, tb, g.m, g.n, g.k, T(alpha), static_cast<const T*>(g.a),
+                       static_cast<const T*>(g.b), T(beta), static_cast<T*>(g.c));
   });
 }
 

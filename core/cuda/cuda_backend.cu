@@ -61,10 +61,12 @@ class CudaBackend final : public Backend {
     SDMOE_CHECK_CUDA(cudaGetDeviceProperties(&props_, device_));
     int clock_khz = 0;
     SDMOE_CHECK_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_));
-    // Nominal: SMs x boost clock x FP32 lanes x 2 (an FMA is two FLOPs).
-    peak_flops_ = double(props_.multiProcessorCount) * double(clock_khz) * 1e3 *
-                  double(fp32_lanes_per_sm(props_.major, props_.minor)) * 2.0;
+    // Data-sheet figure for the log: SMs x boost clock x FP32 lanes x 2 (an FMA is two
+    // FLOPs). The "% of peak" figures use the measured one.
+    nominal_peak_flops_ = double(props_.multiProcessorCount) * double(clock_khz) * 1e3 *
+                          double(fp32_lanes_per_sm(props_.major, props_.minor)) * 2.0;
     stream_ = make_stream();
+    peak_flops_ = measure_fma_peak(device_, stream_.get());
     cublas_ = make_cublas(stream_.get());
     SDMOE_CHECK_CUBLAS(cublasSetMathMode(cublas_.get(), CUBLAS_DEFAULT_MATH));  // exact fp32, no TF32
     cusolver_ = make_cusolver(stream_.get());
@@ -77,8 +79,10 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::CUDA; }
   std::string name() const override {
-    return fmt::format("cuda:{} ({}, sm_{}{}, {:.0f} GiB)", device_, props_.name, props_.major, props_.minor,
-                       double(props_.totalGlobalMem) / double(1ull << 30));
+    return fmt::format("cuda:{} ({}, sm_{}{}, {:.0f} GiB, fp32 FMA peak {:.1f} TFLOP/s measured, {:.1f} nominal)",
+                       device_, props_.name, props_.major, props_.minor,
+                       double(props_.totalGlobalMem) / double(1ull << 30), peak_flops_ / 1e12,
+                       nominal_peak_flops_ / 1e12);
   }
   double peak_flops() override { return peak_flops_; }
 
@@ -416,7 +420,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   cudaDeviceProp props_{};
-  double peak_flops_ = 0.0;
+  double peak_flops_ = 0.0, nominal_peak_flops_ = 0.0;
   // Declaration order is teardown order in reverse: the stream outlives the handles.
   StreamHandle stream_;
   CublasHandle cublas_;

@@ -115,6 +115,9 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as
 
 // ---- launchers: elementwise, reductions, norms, optimizer (kernels_elementwise.cu) -------
 void launch_fill(void* x, DType dtype, int64_t n, double value, cudaStream_t s);
+
+// Sustained fp32 FMA FLOP/s of the device, timed on `stream` (synchronises it).
+double measure_fma_peak(int device, cudaStream_t stream);
 void launch_scale(float* x, int64_t n, float alpha, cudaStream_t s);
 void launch_axpy(float alpha, const float* x, float* y, int64_t n, cudaStream_t s);
 // Deterministic sum of squares into *result (device); partials needs sum_squares_partials(n).

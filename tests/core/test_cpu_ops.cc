@@ -281,6 +281,38 @@ TEST_P(CpuOpsTest, GemmAllTransposesAlphaBeta) {
         }
 }
 
+// Shapes large enough for the backend to split C across threads: by rows (tall C, or
+// rows of at least 128 per thread), by columns (short, wide C), uneven parts, and a
+// batch handed out whole GEMMs per thread. Three threads even on fewer cores, so the
+// splits happen wherever the test runs.
+TEST_P(CpuOpsTest, GemmThreadSplitsMatchReference) {
+  const DType dt = GetParam();
+  auto threaded = make_cpu_backend(3);
+  struct Shape { int64_t m, n, k, count; };
+  for (Shape sh : {Shape{301, 70, 40, 1}, Shape{40, 301, 40, 1}, Shape{389, 400, 9, 1}, Shape{33, 35, 37, 5}})
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (double beta : {0.5, 0.0}) {
+          const int64_t m = sh.m, n = sh.n, k = sh.k, count = sh.count;
+          const GemmBatch batch{count, m * k, k * n, m * n};
+          const auto av = rounded(dt, randn(count * m * k, 80 + m + ta)),
+                     bv = rounded(dt, randn(count * k * n, 81 + n + tb));
+          auto cv = rounded(dt, randn(count * m * n, 82 + k));
+          if (beta == 0.0) std::fill(cv.begin(), cv.end(), std::numeric_limits<double>::quiet_NaN());
+          Owned a = make_from(dt, {count * m * k}, av), b = make_from(dt, {count * k * n}, bv),
+                c = make_from(dt, {count * m * n}, cv);
+          std::vector<double> mag(count * m * n);
+          for (int64_t i = 0; i < count; ++i)
+            ref_gemm(ta, tb, m, n, k, 0.5, av.data() + i * m * k, bv.data() + i * k * n, beta, cv.data() + i * m * n,
+                     mag.data() + i * m * n);
+          threaded->gemm(ta, tb, m, n, k, 0.5, a.t, b.t, beta, c.t, batch);
+          for (double& x : mag) x *= gemm_rtol(dt, k);
+          expect_within(cv, get(c.t), mag,
+                        fmt::format("threaded gemm {} ta={} tb={} {} x {}x{}x{} beta={}", dname(dt), ta, tb, count, m,
+                                    n, k, beta));
+        }
+}
+
 TEST_P(CpuOpsTest, GemmKZeroScalesByBeta) {
   const DType dt = GetParam();
   Owned a = make(dt, {1}), b = make(dt, {1});

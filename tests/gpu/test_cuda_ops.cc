@@ -747,7 +747,10 @@ TEST(CudaBackend, AdamW) {
     gpu().adamw_update(p.g, g.g, m.g, v.g, step);
   }
   expect_close(cpu_f(p), gpu_f(p), 1e-7, 1e-6, "adamw param");
-  expect_close(cpu_f(m), gpu_f(m), 1e-9, 1e-6, "adamw m");
+  // m = 0.9 m + 0.1 s g mixes terms of size ~0.1 that often nearly cancel, so its error is
+  // bounded by the terms' rounding (fp32 ulp at 0.1 is 7.5e-9; a few per step, three steps,
+  // FMA contraction on one side only), not by the small result.
+  expect_close(cpu_f(m), gpu_f(m), 1e-7, 1e-6, "adamw m");
   expect_close(cpu_f(v), gpu_f(v), 1e-12, 1e-6, "adamw v");
 }
 
