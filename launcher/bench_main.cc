@@ -2,8 +2,10 @@
 // measured fp32 FMA peak of the device the config (or --device) selects, GEMM throughput
 // on the model's shapes and the throughput of full training steps, each as a percentage
 // of that peak. Figures only; nothing is asserted.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
@@ -49,12 +51,31 @@ double time_gemm(sdmoe::Backend& be, bool ta, bool tb, int64_t m, int64_t n, int
 
 int main(int argc, char** argv) {
   std::string path = "configs/small-cpu.textproto";
-  int steps = 5;
+  int steps = 7;
   std::string device;
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--config") path = argv[++i];
-    else if (std::string(argv[i]) == "--steps") steps = std::stoi(argv[++i]);
-    else if (std::string(argv[i]) == "--device") device = argv[++i];
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::printf("usage: sdmoe_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--steps N]\n"
+                  "Prints the measured fp32 FMA peak, GEMM throughput on the model's shapes (best of 5\n"
+                  "trials) and the median of N training steps, as percentages of that peak.\n");
+      return 0;
+    }
+    if (i + 1 >= argc || (arg != "--config" && arg != "--steps" && arg != "--device")) {
+      std::fprintf(stderr, "sdmoe_bench: error: unknown or incomplete argument '%s' (see --help)\n", arg.c_str());
+      return 2;
+    }
+    const std::string value = argv[++i];
+    if (arg == "--config") path = value;
+    else if (arg == "--device") device = value;
+    else if (arg == "--steps") {
+      char* end = nullptr;
+      steps = int(std::strtol(value.c_str(), &end, 10));
+      if (*end != '\0' || steps < 1) {
+        std::fprintf(stderr, "sdmoe_bench: error: --steps needs a positive integer, got '%s'\n", value.c_str());
+        return 2;
+      }
+    }
   }
   sdmoe::MpiRuntime mpi(&argc, &argv);
   try {
@@ -100,17 +121,23 @@ int main(int argc, char** argv) {
     std::vector<int32_t> tokens(int64_t(model.micro_batch()) * (spec.seq_len + 1));
     for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % 50257);
     model.forward_backward(tokens.data(), 1.0);  // warm-up
-    auto start = Clock::now();
+    be->synchronize();
+    // The median step: one slow step caused by a neighbour on a shared machine moves it
+    // little, and no step is dropped.
+    std::vector<double> step_seconds;
     for (int s = 0; s < steps; ++s) {
+      auto start = Clock::now();
       model.zero_grads();
       model.forward_backward(tokens.data(), 1.0);
       opt.step(s);
+      be->synchronize();
+      step_seconds.push_back(seconds_since(start));
     }
-    be->synchronize();
-    const double sec = seconds_since(start) / steps;
+    std::sort(step_seconds.begin(), step_seconds.end());
+    const double sec = step_seconds[step_seconds.size() / 2];
     const double tps = double(t) / sec, flops = tps * spec.train_flops_per_token();
-    std::printf("\ntraining step (%s, micro-batch %d x %d tokens, forward+backward+AdamW):\n", path.c_str(),
-                model.micro_batch(), spec.seq_len);
+    std::printf("\ntraining step (%s, micro-batch %d x %d tokens, forward+backward+AdamW, median of %d):\n",
+                path.c_str(), model.micro_batch(), spec.seq_len, steps);
     std::printf("  %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of measured peak\n", sec, tps,
                 flops / 1e9, 100.0 * flops / peak);
   } catch (const sdmoe::Error& e) {

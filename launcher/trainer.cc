@@ -37,6 +37,11 @@ Job check_job(const config::Run& run, int dp) {
          t.global_batch_size(), t.micro_batch_size(), dp);
   if (t.global_batch_size() <= 0) fail("training.global_batch_size must be positive");
   if (t.log_interval() <= 0) fail("training.log_interval must be positive");
+  // The validation set is the first eval_batches x micro_batch_size held-out sequences,
+  // shared out over the data-parallel ranks, so every layout evaluates the same ones.
+  if (t.eval_interval() > 0 && (t.eval_batches() <= 0 || t.eval_batches() % dp != 0))
+    fail("training.eval_batches ({}) must be a positive multiple of the data-parallel ranks ({})", t.eval_batches(),
+         dp);
   job.micro_batch = t.micro_batch_size();
   job.accumulation = t.global_batch_size() / (t.micro_batch_size() * dp);
   job.optimizer = optimizer_spec_from(run.optimizer(), t.steps());
@@ -132,7 +137,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     val_loader.set_position(0);  // the same held-out batches every time
     std::vector<int32_t> tokens;
     std::vector<double> sums{0.0, 0.0};
-    for (int i = 0; i < run.training().eval_batches(); ++i) {
+    for (int i = 0; i < run.training().eval_batches() / dims.dp; ++i) {
       val_loader.next(job.micro_batch, tokens);
       MicroBatchStats s = model.forward_only(tokens.data());
       sums[0] += s.loss_sum;

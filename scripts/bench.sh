@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CPU benchmark: measured fp32 FMA peak, GEMM GFLOP/s on the model's shapes and training
-# step throughput, as percentages of that peak. Run on an otherwise idle machine.
-#   scripts/bench.sh [--config configs/small-cpu.textproto] [--steps 5]
+# Benchmark: measured fp32 FMA peak, GEMM GFLOP/s on the model's shapes and training step
+# throughput, as percentages of that peak, on the device the config names (or --device).
+# Run on an otherwise idle machine.
+#   scripts/bench.sh [--config configs/small-cpu.textproto] [--device CPU|CUDA|AUTO] [--steps 7]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

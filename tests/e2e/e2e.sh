@@ -28,8 +28,9 @@ mpi_equal)
   # Same global batch (8 sequences): one rank with 2 micro-batches of 4 against two
   # data-parallel ranks with one micro-batch of 4 each. Only the summation order of the
   # gradient differs (GEMM accumulation vs MPI_Allreduce), so the fp32 loss sequences
-  # must agree to 1e-4 (typically 1e-6) over 20 AdamW steps.
-  common=(--config configs/tiny.textproto --set training.steps=20 --set training.eval_interval=0 --set training.log_interval=1 --set threads=1)
+  # must agree to 1e-4 (typically 1e-6) over 20 AdamW steps. The validation passes (steps
+  # 0, 10 and 20, 8 micro-batches over all ranks) must evaluate the same sequences too.
+  common=(--config configs/tiny.textproto --set training.steps=20 --set training.eval_interval=10 --set training.eval_batches=8 --set training.log_interval=1 --set threads=1)
   "$bin/sdmoe_pretrain" "${common[@]}" > "$tmp/one" 2>&1 || { cat "$tmp/one"; die "1-rank run failed"; }
   mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" > "$tmp/two" 2>&1 || { cat "$tmp/two"; die "2-rank run failed"; }
   grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/one" | awk '{print $5}' > "$tmp/l1"
@@ -40,6 +41,10 @@ mpi_equal)
     END { printf "max |loss(1 rank) - loss(2 ranks)| = %.2e over %d steps\n", m, NR; exit bad }' || die "loss sequences differ"
   # The runs must actually train: the loss moves by far more than the tolerance.
   awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/l1" || die "loss did not decrease"
+  val_losses "$tmp/one" > "$tmp/v1"; val_losses "$tmp/two" > "$tmp/v2"
+  [ "$(wc -l < "$tmp/v1")" -eq 3 ] && [ "$(wc -l < "$tmp/v2")" -eq 3 ] || die "expected 3 validation losses from each run"
+  paste "$tmp/v1" "$tmp/v2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
+    END { printf "max |val_loss(1 rank) - val_loss(2 ranks)| = %.2e over %d passes\n", m, NR; exit bad }' || die "validation losses differ"
   ;;
 bad_input)
   # Each case: both ranks exit nonzero within the time limit, each printing one line.
@@ -71,6 +76,7 @@ bad_input)
   check "vocabulary larger than model" "larger than model.vocab_size" --config configs/tiny.textproto --set model.vocab_size=1000
   check "batch not divisible" "global_batch_size" --config configs/tiny.textproto --set training.global_batch_size=6
   check "heads do not divide dim" "divisible" --config configs/tiny.textproto --set model.heads=5
+  check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   ;;
 *) die "unknown check $what" ;;
 esac
