@@ -53,9 +53,14 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
-  // Peak dense fp32 FLOP/s of the device, used for the "% of peak" figures. On CPU it is
-  // measured once with an FMA loop; on GPU it comes from the device's properties.
+  // Peak dense fp32 FLOP/s of the device, used for the "% of peak" figures, measured once
+  // with an FMA loop (CPU cores or GPU SMs).
   virtual double peak_flops() = 0;
+  // The stream every op of this backend is ordered on (a cudaStream_t on CUDA), so that a
+  // device communicator can enqueue its collectives in the same order; null on CPU.
+  virtual void* native_stream() { return nullptr; }
+  // Device ordinal of a GPU backend, -1 on CPU.
+  virtual int device_ordinal() const { return -1; }
 
   // ---- memory -------------------------------------------------------------------------
   virtual void* allocate(size_t bytes) = 0;

@@ -89,29 +89,57 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
   return make_cpu_backend(threads);
 }
 
+ParallelDims check_parallel(const config::Run& run, int world) {
+  const config::Parallel& p = run.parallel();
+  const ModelSpec spec = model_spec_from(run.model());
+  const ParallelDims dims = ParallelDims::make(world, p.tp(), p.ep(), p.etp(), spec.moe_layer_count() > 0 ? spec.moe.num_experts : 0);
+  if (dims.tp > 1 || dims.ep > 1 || dims.etp > 1)
+    fail("parallel.tp, ep and etp must be 1 for now ({}): the model's tensor- and expert-parallel layers are not "
+         "built yet; every rank is a data-parallel replica",
+         dims.describe());
+  return dims;
+}
+
+// Whether this rank could run its collectives over NCCL, and why not.
+std::string nccl_unavailable_reason(const Backend& be, const MpiRuntime& mpi) {
+  if (!nccl_compiled()) return "this binary was built without NCCL";
+  if (be.device() != Device::CUDA) return "the device is not CUDA";
+  if (mpi.local_size() > cuda_device_count())
+    return fmt::format("{} ranks share {} GPU(s) on this node and NCCL needs one GPU per rank", mpi.local_size(),
+                       cuda_device_count());
+  return "";
+}
+
 int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
   const bool root = mpi.world_rank() == 0;
-  const ParallelDims dims = ParallelDims::data_parallel(mpi.world_size());
 
   // Input checks on every rank, then one agreement so that no rank is left waiting.
   Job job;
+  ParallelDims dims;
   std::unique_ptr<Backend> backend;
-  std::string error;
+  std::string error, no_nccl = "not checked";
+  const auto comm_choice = run.parallel().comm_backend();
   try {
+    dims = check_parallel(run, mpi.world_size());
     job = check_job(run, dims.dp);
     backend = make_backend(run, mpi);
+    no_nccl = nccl_unavailable_reason(*backend, mpi);
+    if (comm_choice == config::Parallel::NCCL && !no_nccl.empty()) fail("parallel.comm_backend NCCL: {}", no_nccl);
   } catch (const Error& e) {
     error = e.what();
   }
-  std::vector<double> failed{error.empty() ? 0.0 : 1.0};
-  MPI_Allreduce(MPI_IN_PLACE, failed.data(), 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  if (failed[0] != 0.0) {
+  // [any rank failed, any rank cannot use NCCL]: AUTO picks NCCL only if every rank can.
+  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, no_nccl.empty() ? 0.0 : 1.0};
+  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if (agreement[0] != 0.0) {
     if (!error.empty()) std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", error.c_str());
     return 2;
   }
+  const CommBackend comm_kind =
+      comm_choice == config::Parallel::MPI || agreement[1] != 0.0 ? CommBackend::MPI : CommBackend::NCCL;
 
   Backend& be = *backend;
-  ProcessGroups groups = make_process_groups(dims, be);
+  ProcessGroups groups = make_process_groups(dims, be, comm_kind);
   GptModel model(job.model, be, DType::F32, job.micro_batch);
   model.init_parameters(run.training().seed());
   AdamW optimizer(model, job.optimizer);
@@ -122,7 +150,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   const int64_t tokens_per_step = int64_t(run.training().global_batch_size()) * job.model.seq_len;
   const double micro_batches = double(job.accumulation) * dims.dp;
   if (root) {
-    std::printf("sdmoe_pretrain: %d rank(s), data parallel %d, backend %s\n", dims.world, dims.dp, be.name().c_str());
+    std::printf("sdmoe_pretrain: %d rank(s), %s, collectives over %s, backend %s\n", dims.world,
+                dims.describe().c_str(), comm_kind == CommBackend::NCCL ? "NCCL" : "MPI", be.name().c_str());
     std::printf("model: %s, %.2fM parameters, %.1f MFLOP per token\n", job.model.summary().c_str(),
                 model.registry().total_elements() / 1e6, job.model.train_flops_per_token() / 1e6);
     std::printf("data: %s (%ld train / %ld validation tokens), %d micro-batch(es) of %d per rank per step\n",

@@ -1,13 +1,17 @@
 #include "parallel/communicator.h"
 
+#include <climits>
 #include <cstring>
+#include <map>
+#include <numeric>
 
 #include "core/check.h"
 
 namespace sdmoe {
 
 namespace {
-MPI_Datatype mpi_type(DType t) {
+
+MPI_Datatype mpi_reduce_type(DType t) {
   switch (t) {
     case DType::F32: return MPI_FLOAT;
     case DType::F64: return MPI_DOUBLE;
@@ -15,11 +19,30 @@ MPI_Datatype mpi_type(DType t) {
     default: SDMOE_FATAL("MPI", fmt::format("no MPI reduction for dtype {}", dtype_name(t)));
   }
 }
+
 MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::SUM ? MPI_SUM : MPI_MAX; }
+
+// Data movement without arithmetic goes as elements of the tensor's width, so counts stay
+// within MPI's int range for 4x more bytes than with MPI_BYTE.
+MPI_Datatype mpi_move_type(DType t) {
+  switch (dtype_size(t)) {
+    case 2: return MPI_UINT16_T;
+    case 4: return MPI_UINT32_T;
+    case 8: return MPI_UINT64_T;
+    default: SDMOE_FATAL("MPI", fmt::format("no MPI type for dtype {}", dtype_name(t)));
+  }
+}
+
+int mpi_count(int64_t n, const char* what) {
+  if (n < 0 || n > INT_MAX) SDMOE_FATAL("MPI", fmt::format("{}: {} elements do not fit an MPI count", what, n));
+  return static_cast<int>(n);
+}
+
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, Backend& backend) : backend_(backend) {
   SDMOE_CHECK_MPI(MPI_Comm_dup(comm, &comm_));
+  SDMOE_CHECK_MPI(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   SDMOE_CHECK_MPI(MPI_Comm_rank(comm_, &rank_));
   SDMOE_CHECK_MPI(MPI_Comm_size(comm_, &size_));
 }
@@ -30,40 +53,118 @@ MpiCommunicator::~MpiCommunicator() {
   if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
 }
 
-void* MpiCommunicator::stage_in(const Tensor& x) {
+void* MpiCommunicator::stage_in(const Tensor& x, std::vector<char>& staging) {
   if (x.device == Device::CPU) return x.data;
-  staging_.resize(x.bytes());
-  backend_.copy_to_host(x, staging_.data());
-  return staging_.data();
+  staging.resize(x.bytes());
+  if (x.bytes() > 0) backend_.copy_to_host(x, staging.data());
+  return staging.data();
 }
 
-void MpiCommunicator::stage_out(const Tensor& x) {
-  if (x.device != Device::CPU) backend_.copy_from_host(staging_.data(), x);
+void* MpiCommunicator::stage_target(const Tensor& x, std::vector<char>& staging) {
+  if (x.device == Device::CPU) return x.data;
+  staging.resize(x.bytes());
+  return staging.data();
+}
+
+void MpiCommunicator::stage_out(const Tensor& x, const std::vector<char>& staging) {
+  if (x.device != Device::CPU && x.bytes() > 0) backend_.copy_from_host(staging.data(), x);
 }
 
 void MpiCommunicator::all_reduce(const Tensor& x, ReduceOp op) {
-  bytes_sent_ += x.bytes();
   if (size_ == 1) return;
-  void* buf = stage_in(x);
-  SDMOE_ASSERT(x.numel() <= INT32_MAX, "all_reduce of {} elements needs chunking", x.numel());
-  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, static_cast<int>(x.numel()), mpi_type(x.dtype), mpi_op(op), comm_));
-  stage_out(x);
+  bytes_sent_ += 2 * uint64_t(size_ - 1) * x.bytes() / uint64_t(size_);
+  void* buf = stage_in(x, send_staging_);
+  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(x.numel(), "all_reduce"), mpi_reduce_type(x.dtype),
+                                mpi_op(op), comm_));
+  stage_out(x, send_staging_);
+}
+
+void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
+  SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
+  SDMOE_ASSERT(out.numel() == in.numel() * size_, "all_gather: out has {} elements for {} ranks x {}", out.numel(),
+               size_, in.numel());
+  if (size_ == 1) {
+    if (in.data != out.data && in.bytes() > 0) backend_.copy(in, out);
+    return;
+  }
+  bytes_sent_ += uint64_t(size_ - 1) * in.bytes();
+  void* src = stage_in(in, send_staging_);
+  void* dst = stage_target(out, recv_staging_);
+  const MPI_Datatype type = mpi_move_type(in.dtype);
+  const int n = mpi_count(in.numel(), "all_gather");
+  SDMOE_CHECK_MPI(MPI_Allgather(src, n, type, dst, n, type, comm_));
+  stage_out(out, recv_staging_);
+}
+
+void MpiCommunicator::reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) {
+  SDMOE_ASSERT(in.dtype == out.dtype, "reduce_scatter: dtypes differ");
+  SDMOE_ASSERT(in.numel() == out.numel() * size_, "reduce_scatter: in has {} elements for {} ranks x {}",
+               in.numel(), size_, out.numel());
+  if (size_ == 1) {
+    if (in.data != out.data && in.bytes() > 0) backend_.copy(in, out);
+    return;
+  }
+  bytes_sent_ += uint64_t(size_ - 1) * in.bytes() / uint64_t(size_);
+  void* src = stage_in(in, send_staging_);
+  void* dst = stage_target(out, recv_staging_);
+  SDMOE_CHECK_MPI(MPI_Reduce_scatter_block(src, dst, mpi_count(out.numel(), "reduce_scatter"),
+                                           mpi_reduce_type(in.dtype), mpi_op(op), comm_));
+  stage_out(out, recv_staging_);
+}
+
+void MpiCommunicator::all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                                 std::span<const int64_t> recv_counts) {
+  SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
+  SDMOE_ASSERT(int(send_counts.size()) == size_ && int(recv_counts.size()) == size_,
+               "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(), size_);
+  std::vector<int> scount(size_), sdispl(size_), rcount(size_), rdispl(size_);
+  int64_t soff = 0, roff = 0;
+  for (int p = 0; p < size_; ++p) {
+    SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
+    scount[p] = mpi_count(send_counts[p], "all_to_all");
+    rcount[p] = mpi_count(recv_counts[p], "all_to_all");
+    sdispl[p] = mpi_count(soff, "all_to_all displacement");
+    rdispl[p] = mpi_count(roff, "all_to_all displacement");
+    soff += send_counts[p];
+    roff += recv_counts[p];
+    if (p != rank_) bytes_sent_ += uint64_t(send_counts[p]) * dtype_size(send.dtype);
+  }
+  SDMOE_ASSERT(soff <= send.numel(), "all_to_all: {} elements to send from a tensor of {}", soff, send.numel());
+  SDMOE_ASSERT(roff <= recv.numel(), "all_to_all: {} elements to receive into a tensor of {}", roff, recv.numel());
+  void* src = stage_in(send.prefix({soff}), send_staging_);
+  const Tensor recv_part = recv.prefix({roff});
+  void* dst = stage_target(recv_part, recv_staging_);
+  const MPI_Datatype type = mpi_move_type(send.dtype);
+  SDMOE_CHECK_MPI(MPI_Alltoallv(src, scount.data(), sdispl.data(), type, dst, rcount.data(), rdispl.data(), type, comm_));
+  stage_out(recv_part, recv_staging_);
 }
 
 void MpiCommunicator::broadcast(const Tensor& x, int root) {
-  if (rank_ == root) bytes_sent_ += x.bytes() * (size_ - 1);
+  SDMOE_ASSERT(root >= 0 && root < size_, "broadcast: root {} of {} ranks", root, size_);
   if (size_ == 1) return;
-  void* buf = stage_in(x);
-  SDMOE_CHECK_MPI(MPI_Bcast(buf, static_cast<int>(x.bytes()), MPI_BYTE, root, comm_));
-  stage_out(x);
+  if (rank_ == root) bytes_sent_ += x.bytes();
+  void* buf = stage_in(x, send_staging_);
+  SDMOE_CHECK_MPI(MPI_Bcast(buf, mpi_count(x.numel(), "broadcast"), mpi_move_type(x.dtype), root, comm_));
+  stage_out(x, send_staging_);
 }
 
 void MpiCommunicator::barrier() { SDMOE_CHECK_MPI(MPI_Barrier(comm_)); }
 
 void MpiCommunicator::all_reduce_host(std::vector<double>& values, ReduceOp op) {
   if (size_ == 1) return;
-  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, mpi_op(op), comm_));
+  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, values.data(), mpi_count(int64_t(values.size()), "all_reduce_host"),
+                                MPI_DOUBLE, mpi_op(op), comm_));
 }
+
+std::vector<int64_t> MpiCommunicator::exchange_counts(std::span<const int64_t> counts_per_peer) {
+  SDMOE_ASSERT(int(counts_per_peer.size()) == size_, "exchange_counts: {} counts for {} ranks",
+               counts_per_peer.size(), size_);
+  std::vector<int64_t> received(size_);
+  SDMOE_CHECK_MPI(MPI_Alltoall(counts_per_peer.data(), 1, MPI_INT64_T, received.data(), 1, MPI_INT64_T, comm_));
+  return received;
+}
+
+// ---- runtime --------------------------------------------------------------------------
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int provided = 0;
@@ -81,12 +182,69 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
 
 MpiRuntime::~MpiRuntime() { MPI_Finalize(); }
 
-ProcessGroups make_process_groups(const ParallelDims& dims, Backend& backend) {
-  SDMOE_ASSERT(dims.dp == dims.world, "only data parallelism is implemented");
+// ---- process groups -------------------------------------------------------------------
+
+namespace {
+
+// Builds the groups of one rank. Groups with the same members (dp and world when tp = 1,
+// tp and etp when they are equal, ...) share one communicator: with NCCL each one holds
+// device buffers and channels. Which groups coincide follows from the degrees alone, so
+// every rank takes the same decisions and the MPI_Comm_split calls stay matched.
+class GroupBuilder {
+ public:
+  GroupBuilder(Backend& backend, CommBackend kind) : backend_(backend), kind_(kind) {}
+
+  // The group of this rank along one axis: ranks sharing `color`, ordered by `key`.
+  std::shared_ptr<Communicator> split(int color, int key) {
+    MPI_Comm sub = MPI_COMM_NULL;
+    SDMOE_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, color, key, &sub));
+    int size = 0, world_rank = 0;
+    MPI_Comm_size(sub, &size);
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    std::vector<int> members(size);
+    SDMOE_CHECK_MPI(MPI_Allgather(&world_rank, 1, MPI_INT, members.data(), 1, MPI_INT, sub));
+    std::shared_ptr<Communicator>& group = by_members_[members];
+    if (!group) {
+      // A group of one needs no device communicator: its collectives are copies or no-ops.
+      if (kind_ == CommBackend::NCCL && size > 1) group = make_nccl_communicator(sub, backend_);
+      else group = std::make_shared<MpiCommunicator>(sub, backend_);
+    }
+    MPI_Comm_free(&sub);
+    return group;
+  }
+
+ private:
+  Backend& backend_;
+  CommBackend kind_;
+  std::map<std::vector<int>, std::shared_ptr<Communicator>> by_members_;
+};
+
+}  // namespace
+
+ProcessGroups make_process_groups(const ParallelDims& d, Backend& backend, CommBackend kind) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  SDMOE_ASSERT(world == d.world, "process groups for {} ranks in a world of {}", d.world, world);
+  GroupBuilder builder(backend, kind);
   ProcessGroups g;
-  g.world = std::make_shared<MpiCommunicator>(MPI_COMM_WORLD, backend);
-  g.dp = g.world;
+  g.dims = d;
+  g.world = builder.split(0, rank);
+  // Color = the coordinates on the other axes; key = the coordinate on this axis.
+  g.tp = builder.split(d.dp_rank(rank), d.tp_rank(rank));
+  g.dp = builder.split(d.tp_rank(rank), d.dp_rank(rank));
+  g.etp = builder.split(d.edp_rank(rank) * d.ep + d.ep_rank(rank), d.etp_rank(rank));
+  g.ep = builder.split(d.edp_rank(rank) * d.etp + d.etp_rank(rank), d.ep_rank(rank));
+  g.edp = builder.split(d.ep_rank(rank) * d.etp + d.etp_rank(rank), d.edp_rank(rank));
   return g;
 }
+
+#ifndef SDMOE_WITH_NCCL
+bool nccl_compiled() { return false; }
+
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm, Backend&) {
+  fail("comm_backend NCCL: this binary was built without NCCL");
+}
+#endif
 
 }  // namespace sdmoe

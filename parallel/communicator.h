@@ -1,14 +1,24 @@
-// Collectives. Only parallel/ talks to MPI (and, later, NCCL); layers and the training
-// loop receive communicators as explicit values.
+// Collectives. Only parallel/ talks to MPI and NCCL; layers and the training loop receive
+// communicators as explicit values (ProcessGroups).
+//
+// Two implementations of one interface:
+//   MpiCommunicator   host memory; tensors on a GPU are staged through host buffers, so
+//                     several ranks may share one GPU (tests, small machines).
+//   NcclCommunicator  device memory on the backend's stream; one rank per GPU. Its NCCL
+//                     unique id is bootstrapped over MPI.
+// All tensors handed to a communicator live on its backend's device. Every rank of the
+// group must make the same sequence of calls with matching sizes.
 #pragma once
 #include <mpi.h>
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
+#include "parallel/parallel_dims.h"
 
 namespace sdmoe {
 
@@ -19,13 +29,33 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // In place, on tensors of the communicator's backend device.
+  virtual std::string kind() const = 0;  // "mpi" or "nccl"
+
+  // In place: x <- op over ranks of x. F32, F64, I32 (BF16 too on NCCL).
   virtual void all_reduce(const Tensor& x, ReduceOp op) = 0;
+  // out = [in of rank 0, in of rank 1, ...]; out.numel() == size() * in.numel(). Any dtype.
+  virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
+  // in holds size() equal blocks; rank r receives block r reduced over all ranks:
+  // in.numel() == size() * out.numel().
+  virtual void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) = 0;
+  // send holds one contiguous block per peer in rank order, send_counts[p] elements for
+  // peer p; recv receives recv_counts[p] elements from peer p, blocks in rank order.
+  // Counts may be zero. Both spans have size() entries; the caller knows the receive
+  // counts (exchanged beforehand, e.g. with exchange_counts). Any dtype.
+  virtual void all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                          std::span<const int64_t> recv_counts) = 0;
   virtual void broadcast(const Tensor& x, int root) = 0;
   virtual void barrier() = 0;
-  // Small host-side reductions (statistics, agreement on errors).
+
+  // Small host-side collectives (statistics, token counts, agreement on errors).
   virtual void all_reduce_host(std::vector<double>& values, ReduceOp op) = 0;
-  // Bytes this rank has handed to collectives since the last reset (payload size).
+  // Returns what every peer sends to this rank: result[p] = counts_of_peer_p[rank()].
+  virtual std::vector<int64_t> exchange_counts(std::span<const int64_t> counts_per_peer) = 0;
+
+  // Bytes this rank sent since the last reset, under the bandwidth-optimal algorithm of
+  // each collective (docs/parallelism.md): ring all-reduce 2(p-1)/p B, all-gather (p-1) B
+  // of its block, reduce-scatter (p-1)/p B of its input, all-to-all what goes to other
+  // ranks, broadcast B on the root. A group of one sends nothing.
   uint64_t bytes_sent() const { return bytes_sent_; }
   void reset_bytes_sent() { bytes_sent_ = 0; }
 
@@ -36,24 +66,45 @@ class Communicator {
 // MPI over host memory; device tensors are staged through host buffers.
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator(MPI_Comm comm, Backend& backend);  // takes ownership of a duplicate of comm
+  MpiCommunicator(MPI_Comm comm, Backend& backend);  // works on its own duplicate of comm
   ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  std::string kind() const override { return "mpi"; }
   void all_reduce(const Tensor& x, ReduceOp op) override;
+  void all_gather(const Tensor& in, const Tensor& out) override;
+  void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override;
+  void all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                  std::span<const int64_t> recv_counts) override;
   void broadcast(const Tensor& x, int root) override;
   void barrier() override;
   void all_reduce_host(std::vector<double>& values, ReduceOp op) override;
+  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts_per_peer) override;
+
+  MPI_Comm comm() const { return comm_; }
 
  private:
-  // Returns a host pointer with the tensor's contents (the tensor itself on CPU).
-  void* stage_in(const Tensor& x);
-  void stage_out(const Tensor& x);
+  // A host pointer holding x's contents: x itself on CPU, else a staging buffer.
+  void* stage_in(const Tensor& x, std::vector<char>& staging);
+  // A host pointer to write x's new contents to; stage_out copies them to the device.
+  void* stage_target(const Tensor& x, std::vector<char>& staging);
+  void stage_out(const Tensor& x, const std::vector<char>& staging);
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   Backend& backend_;
   int rank_ = 0, size_ = 1;
-  std::vector<char> staging_;
+  std::vector<char> send_staging_, recv_staging_;
 };
+
+// True when this binary has NCCL (built with CUDA and NCCL found).
+bool nccl_compiled();
+
+// A communicator over NCCL for the ranks of `comm`, on backend's device and stream.
+// Throws sdmoe::Error when NCCL is not compiled in or the backend is not a GPU.
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, Backend& backend);
 
 // MPI_Init/MPI_Finalize for the lifetime of main().
 class MpiRuntime {
@@ -69,20 +120,19 @@ class MpiRuntime {
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
 };
 
-// Parallel degrees. Until tensor and expert parallelism exist every rank is a
-// data-parallel replica: dp = world size.
-struct ParallelDims {
-  int world = 1;
-  int dp = 1;
-  static ParallelDims data_parallel(int world_size) { return ParallelDims{world_size, world_size}; }
-};
+enum class CommBackend : uint8_t { MPI, NCCL };
 
-// The process groups a component communicates over, passed as one explicit value.
+// The process groups a component communicates over, passed as one explicit value. Each
+// axis of ParallelDims has its group containing this rank; a degree of 1 gives a group of
+// one rank whose collectives are no-ops.
 struct ProcessGroups {
+  ParallelDims dims;
   std::shared_ptr<Communicator> world;
-  std::shared_ptr<Communicator> dp;
+  std::shared_ptr<Communicator> tp, dp;          // dense axes
+  std::shared_ptr<Communicator> etp, ep, edp;    // MoE axes
 };
 
-ProcessGroups make_process_groups(const ParallelDims& dims, Backend& backend);
+// Collective over MPI_COMM_WORLD: every rank must call it with the same dims.
+ProcessGroups make_process_groups(const ParallelDims& dims, Backend& backend, CommBackend kind = CommBackend::MPI);
 
 }  // namespace sdmoe

@@ -85,6 +85,8 @@ class CudaBackend final : public Backend {
                        nominal_peak_flops_ / 1e12);
   }
   double peak_flops() override { return peak_flops_; }
+  void* native_stream() override { return stream_.get(); }
+  int device_ordinal() const override { return device_; }
 
   // ---- memory -------------------------------------------------------------------------
   void* allocate(size_t bytes) override {

@@ -36,7 +36,7 @@ mpi_equal)
   grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/one" | awk '{print $5}' > "$tmp/l1"
   grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/two" | awk '{print $5}' > "$tmp/l2"
   [ "$(wc -l < "$tmp/l1")" -eq 20 ] && [ "$(wc -l < "$tmp/l2")" -eq 20 ] || die "expected 20 loss lines from each run"
-  grep -q "data parallel 2" "$tmp/two" || die "the 2-rank run did not use 2 data-parallel ranks"
+  grep -q "tp 1 x dp 2" "$tmp/two" || die "the 2-rank run did not use 2 data-parallel ranks"
   paste "$tmp/l1" "$tmp/l2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
     END { printf "max |loss(1 rank) - loss(2 ranks)| = %.2e over %d steps\n", m, NR; exit bad }' || die "loss sequences differ"
   # The runs must actually train: the loss moves by far more than the tolerance.
@@ -76,6 +76,9 @@ bad_input)
   check "vocabulary larger than model" "larger than model.vocab_size" --config configs/tiny.textproto --set model.vocab_size=1000
   check "batch not divisible" "global_batch_size" --config configs/tiny.textproto --set training.global_batch_size=6
   check "heads do not divide dim" "divisible" --config configs/tiny.textproto --set model.heads=5
+  check "tp does not divide the ranks" "parallel.tp (3) must divide the number of ranks (2)" --config configs/tiny.textproto --set parallel.tp=3
+  check "ep does not divide the experts" "parallel.ep (2) must divide model.moe.num_experts (3)" --config configs/tiny.textproto --set parallel.ep=2 --set model.moe.num_experts=3 --set model.moe.top_k=2
+  check "NCCL without a GPU" "parallel.comm_backend NCCL" --config configs/tiny.textproto --set device=CPU --set parallel.comm_backend=NCCL
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   ;;
 *) die "unknown check $what" ;;

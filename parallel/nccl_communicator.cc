@@ -1,0 +1,134 @@
+// NCCL communicator: collectives on device memory, enqueued on the backend's stream so they
+// are ordered with the compute around them without host synchronisation. Host-side
+// collectives (counts, statistics) go over an MPI communicator of the same ranks.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include "core/check.h"
+#include "core/cuda/cuda_check.h"
+#include "parallel/communicator.h"
+
+namespace sdmoe {
+
+namespace {
+
+ncclDataType_t nccl_type(DType t) {
+  switch (t) {
+    case DType::F32: return ncclFloat32;
+    case DType::F64: return ncclFloat64;
+    case DType::BF16: return ncclBfloat16;
+    case DType::I32: return ncclInt32;
+  }
+  SDMOE_FATAL("NCCL", "unknown dtype");
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::SUM ? ncclSum : ncclMax; }
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(MPI_Comm comm, Backend& backend)
+      : host_(comm, backend), backend_(backend), stream_(static_cast<cudaStream_t>(backend.native_stream())) {
+    if (backend.device() != Device::CUDA || stream_ == nullptr)
+      fail("comm_backend NCCL needs device: CUDA (the backend is {})", backend.name());
+    ncclUniqueId id{};
+    if (host_.rank() == 0) SDMOE_CHECK_NCCL(ncclGetUniqueId(&id));
+    SDMOE_CHECK_MPI(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, host_.comm()));
+    SDMOE_CHECK_CUDA(cudaSetDevice(backend.device_ordinal()));
+    SDMOE_CHECK_NCCL(ncclCommInitRank(&comm_, host_.size(), id, host_.rank()));
+  }
+
+  ~NcclCommunicator() override {
+    if (comm_) ncclCommDestroy(comm_);  // teardown: errors ignored
+  }
+
+  int rank() const override { return host_.rank(); }
+  int size() const override { return host_.size(); }
+  std::string kind() const override { return "nccl"; }
+
+  void all_reduce(const Tensor& x, ReduceOp op) override {
+    if (size() == 1 || x.numel() == 0) return;
+    bytes_sent_ += 2 * uint64_t(size() - 1) * x.bytes() / uint64_t(size());
+    SDMOE_CHECK_NCCL(
+        ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), nccl_op(op), comm_, stream_));
+  }
+
+  void all_gather(const Tensor& in, const Tensor& out) override {
+    SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
+    SDMOE_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has {} elements for {} ranks x {}",
+                 out.numel(), size(), in.numel());
+    if (in.numel() == 0) return;
+    bytes_sent_ += uint64_t(size() - 1) * in.bytes();
+    SDMOE_CHECK_NCCL(ncclAllGather(in.data, out.data, size_t(in.numel()), nccl_type(in.dtype), comm_, stream_));
+  }
+
+  void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
+    SDMOE_ASSERT(in.dtype == out.dtype, "reduce_scatter: dtypes differ");
+    SDMOE_ASSERT(in.numel() == out.numel() * size(), "reduce_scatter: in has {} elements for {} ranks x {}",
+                 in.numel(), size(), out.numel());
+    if (out.numel() == 0) return;
+    bytes_sent_ += uint64_t(size() - 1) * in.bytes() / uint64_t(size());
+    SDMOE_CHECK_NCCL(ncclReduceScatter(in.data, out.data, size_t(out.numel()), nccl_type(in.dtype), nccl_op(op),
+                                       comm_, stream_));
+  }
+
+  void all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                  std::span<const int64_t> recv_counts) override {
+    SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
+    SDMOE_ASSERT(int(send_counts.size()) == size() && int(recv_counts.size()) == size(),
+                 "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(),
+                 size());
+    const size_t width = dtype_size(send.dtype);
+    const ncclDataType_t type = nccl_type(send.dtype);
+    const char* src = static_cast<const char*>(send.data);
+    char* dst = static_cast<char*>(recv.data);
+    int64_t soff = 0, roff = 0;
+    // Point-to-point pairs inside one group call: NCCL schedules them together, so no
+    // ordering of peers can deadlock. Zero counts post nothing.
+    SDMOE_CHECK_NCCL(ncclGroupStart());
+    for (int p = 0; p < size(); ++p) {
+      SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
+      if (send_counts[p] > 0)
+        SDMOE_CHECK_NCCL(ncclSend(src + soff * width, size_t(send_counts[p]), type, p, comm_, stream_));
+      if (recv_counts[p] > 0)
+        SDMOE_CHECK_NCCL(ncclRecv(dst + roff * width, size_t(recv_counts[p]), type, p, comm_, stream_));
+      if (p != rank()) bytes_sent_ += uint64_t(send_counts[p]) * width;
+      soff += send_counts[p];
+      roff += recv_counts[p];
+    }
+    SDMOE_CHECK_NCCL(ncclGroupEnd());
+    SDMOE_ASSERT(soff <= send.numel() && roff <= recv.numel(), "all_to_all: counts exceed the tensors");
+  }
+
+  void broadcast(const Tensor& x, int root) override {
+    SDMOE_ASSERT(root >= 0 && root < size(), "broadcast: root {} of {} ranks", root, size());
+    if (size() == 1 || x.numel() == 0) return;
+    if (rank() == root) bytes_sent_ += x.bytes();
+    SDMOE_CHECK_NCCL(ncclBroadcast(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), root, comm_, stream_));
+  }
+
+  void barrier() override {
+    SDMOE_CHECK_CUDA(cudaStreamSynchronize(stream_));
+    host_.barrier();
+  }
+
+  void all_reduce_host(std::vector<double>& values, ReduceOp op) override { host_.all_reduce_host(values, op); }
+  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override {
+    return host_.exchange_counts(counts);
+  }
+
+ private:
+  MpiCommunicator host_;
+  Backend& backend_;
+  cudaStream_t stream_;
+  ncclComm_t comm_ = nullptr;
+};
+
+}  // namespace
+
+bool nccl_compiled() { return true; }
+
+std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm, Backend& backend) {
+  return std::make_unique<NcclCommunicator>(comm, backend);
+}
+
+}  // namespace sdmoe
