@@ -89,13 +89,36 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
   return make_cpu_backend(threads);
 }
 
+// The gradient buffer as its two reduction regions: dense tensors (replicated over the
+// data-parallel group) and this rank's experts (replicated over the expert-data-parallel
+// group).
+struct GradientRegions {
+  Tensor dense, expert;
+};
+
+GradientRegions gradient_regions(const GptModel& model) {
+  const Tensor all = model.grads();
+  const int64_t split = model.registry().expert_begin(), total = all.numel();
+  char* base = static_cast<char*>(all.data);
+  const size_t width = dtype_size(all.dtype);
+  return GradientRegions{Tensor(base, all.dtype, all.device, {split}),
+                         Tensor(base + split * width, all.dtype, all.device, {total - split})};
+}
+
+// After the reductions every rank holds all dense gradients and its ep group's share of
+// the experts, so |g|^2 = dense part + the expert parts summed over the ep group.
+double global_grad_norm(Backend& be, const GradientRegions& grads, const ProcessGroups& groups) {
+  std::vector<double> expert_sq{grads.expert.numel() > 0 ? be.sum_squares(grads.expert) : 0.0};
+  groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);
+  return std::sqrt(be.sum_squares(grads.dense) + expert_sq[0]);
+}
+
 ParallelDims check_parallel(const config::Run& run, int world) {
   const config::Parallel& p = run.parallel();
   const ModelSpec spec = model_spec_from(run.model());
   const ParallelDims dims = ParallelDims::make(world, p.tp(), p.ep(), p.etp(), spec.moe_layer_count() > 0 ? spec.moe.num_experts : 0);
-  if (dims.tp > 1 || dims.ep > 1 || dims.etp > 1)
-    fail("parallel.tp, ep and etp must be 1 for now ({}): the model's tensor- and expert-parallel layers are not "
-         "built yet; every rank is a data-parallel replica",
+  if (dims.tp > 1 || dims.etp > 1)
+    fail("parallel.tp and parallel.etp must be 1 for now ({}): the model's tensor-parallel layers are not built yet",
          dims.describe());
   return dims;
 }
@@ -140,7 +163,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
-  GptModel model(job.model, be, DType::F32, job.micro_batch);
+  GptModel model(job.model, be, DType::F32, job.micro_batch, groups.ep);
   model.init_parameters(run.training().seed());
   AdamW optimizer(model, job.optimizer);
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
@@ -199,9 +222,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
         sums[5 + 2 * l] += s.moe[l].max_load;
       }
     }
-    groups.dp->all_reduce(model.grads(), ReduceOp::SUM);
+    const GradientRegions grads = gradient_regions(model);
+    groups.dp->all_reduce(grads.dense, ReduceOp::SUM);
+    groups.edp->all_reduce(grads.expert, ReduceOp::SUM);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
-    const OptimizerStepResult opt = optimizer.step(step);
+    const OptimizerStepResult opt = optimizer.step(step, global_grad_norm(be, grads, groups));
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

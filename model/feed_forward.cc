@@ -75,14 +75,21 @@ void RoutingPlan::build(const std::vector<int32_t>& topk_index, int64_t tokens, 
 
 // ---- MoE --------------------------------------------------------------------------------
 
-void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec) {
+void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
+                             std::shared_ptr<TokenDispatcher> dispatcher) {
   moe_ = spec.moe;
   dim_ = spec.dim;
+  dispatcher_ = std::move(dispatcher);
+  SDMOE_ASSERT(dispatcher_ && dispatcher_->local_experts() * dispatcher_->ep_size() == moe_.num_experts,
+               "MoE layer {}: the dispatcher is for another expert count", prefix);
   const int64_t e = moe_.num_experts, f = moe_.expert_ffn_dim, d = spec.dim;
+  const int64_t el = dispatcher_->local_experts(), first = dispatcher_->first_local_expert();
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.layers);
   router_.id = registry.add(prefix + ".moe.router", {e, d}, ParamRole::ROUTER, spec.init_std);
-  gate_up_.id = registry.add(prefix + ".moe.experts.gate_up", {e, 2 * f, d}, ParamRole::EXPERT, spec.init_std);
-  down_.id = registry.add(prefix + ".moe.experts.down", {e, d, f}, ParamRole::EXPERT, out_std);
+  // This rank's experts: a block of the logical [E, ...] stacks.
+  gate_up_.id = registry.add_part(prefix + ".moe.experts.gate_up", {el, 2 * f, d}, {e, 2 * f, d}, first,
+                                  ParamRole::EXPERT, spec.init_std);
+  down_.id = registry.add_part(prefix + ".moe.experts.down", {el, d, f}, {e, d, f}, first, ParamRole::EXPERT, out_std);
   has_shared_ = moe_.shared_expert_ffn_dim > 0;
   if (has_shared_) shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std);
 }
@@ -120,11 +127,35 @@ void MoeFeedForward::plan(Arena& arena, int64_t tokens) {
 
 template <typename MakeGroup>
 void MoeFeedForward::run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make) {
+  const std::vector<int64_t>& offset = dispatcher_->local_expert_offsets();
   std::vector<GemmGroup> groups;
-  groups.reserve(moe_.num_experts);
-  for (int e = 0; e < moe_.num_experts; ++e)
-    groups.push_back(make(e, plan_.expert_offset[e], plan_.expert_offset[e + 1] - plan_.expert_offset[e]));
+  groups.reserve(dispatcher_->local_experts());
+  for (int e = 0; e < dispatcher_->local_experts(); ++e) groups.push_back(make(e, offset[e], offset[e + 1] - offset[e]));
   be.grouped_gemm(trans_a, trans_b, dtype_, 1.0, groups, beta);
+}
+
+ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
+  const int64_t f = moe_.expert_ffn_dim, d = dim_;
+  if (dispatcher_->local_only()) {
+    // The sorted rows are already expert-major: work on them in place.
+    return ExpertRows{routed_in_, hidden_, act_, routed_out_, d_routed_, d_hidden_, d_act_, d_routed_};
+  }
+  // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row.
+  const int64_t per_row = 3 * d + 2 * (2 * f + f);
+  if (rows > expert_side_rows_) {
+    expert_side_rows_ = rows + rows / 4;
+    expert_side_ = Buffer(be, size_t(expert_side_rows_ * per_row) * dtype_size(dtype_));
+  }
+  Arena arena(be.device(), expert_side_);
+  ExpertRows r;
+  r.x = arena.take(dtype_, {rows, d});
+  r.y = arena.take(dtype_, {rows, d});
+  r.dy = r.dx = arena.take(dtype_, {rows, d});
+  r.hidden = arena.take(dtype_, {rows, 2 * f});
+  r.act = arena.take(dtype_, {rows, f});
+  r.d_hidden = arena.take(dtype_, {rows, 2 * f});
+  r.d_act = arena.take(dtype_, {rows, f});
+  return r;
 }
 
 MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out) {
@@ -137,15 +168,22 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
   plan_.build(topk, t, static_cast<int>(k), static_cast<int>(e));
   be.copy_from_host(plan_.row_token.data(), row_token_);
   be.copy_from_host(plan_.slot_row.data(), slot_row_);
-  // Permute tokens by expert, run the experts, combine with the router weights.
+  // Permute tokens by expert, send each row to its expert's rank, run the local experts
+  // as one grouped GEMM, send the results back, combine with the router weights.
   be.gather_rows(h, row_token_, routed_in_);
+  std::vector<int64_t> rows_per_expert(e);
+  for (int x = 0; x < e; ++x) rows_per_expert[x] = plan_.expert_offset[x + 1] - plan_.expert_offset[x];
+  dispatcher_->exchange_counts(rows_per_expert);
+  rows_ = expert_rows(be, dispatcher_->received_rows());
+  dispatcher_->dispatch(routed_in_, rows_.x);
   run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(routed_in_, row * d), at(gate_up_.value, x * 2 * f * d), at(hidden_, row * 2 * f), rows, 2 * f, d};
+    return GemmGroup{at(rows_.x, row * d), at(gate_up_.value, x * 2 * f * d), at(rows_.hidden, row * 2 * f), rows, 2 * f, d};
   });
-  be.swiglu_forward(hidden_, act_);
+  if (rows_.hidden.numel() > 0) be.swiglu_forward(rows_.hidden, rows_.act);
   run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(act_, row * f), at(down_.value, x * d * f), at(routed_out_, row * d), rows, d, f};
+    return GemmGroup{at(rows_.act, row * f), at(down_.value, x * d * f), at(rows_.y, row * d), rows, d, f};
   });
+  dispatcher_->combine(rows_.y, routed_out_);
   be.combine_rows(routed_out_, slot_row_, &topk_weight_, 1.0, out);
   if (has_shared_) shared_.forward(be, h, out);
 
@@ -170,19 +208,21 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
                               Scratch& sc) {
   const int64_t t = tokens_, e = moe_.num_experts, f = moe_.expert_ffn_dim, d = dim_;
   be.combine_rows_backward(d_out, routed_out_, slot_row_, topk_weight_, d_routed_, d_weight_);
+  dispatcher_->dispatch(d_routed_, rows_.dy);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(d_routed_, row * d), at(down_.value, x * d * f), at(d_act_, row * f), rows, f, d};
+    return GemmGroup{at(rows_.dy, row * d), at(down_.value, x * d * f), at(rows_.d_act, row * f), rows, f, d};
   });
   run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(d_routed_, row * d), at(act_, row * f), at(down_.grad, x * d * f), d, f, rows};
+    return GemmGroup{at(rows_.dy, row * d), at(rows_.act, row * f), at(down_.grad, x * d * f), d, f, rows};
   });
-  be.swiglu_backward(hidden_, d_act_, d_hidden_);
+  if (rows_.hidden.numel() > 0) be.swiglu_backward(rows_.hidden, rows_.d_act, rows_.d_hidden);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(d_hidden_, row * 2 * f), at(gate_up_.value, x * 2 * f * d), at(d_routed_, row * d), rows, d, 2 * f};
+    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(gate_up_.value, x * 2 * f * d), at(rows_.dx, row * d), rows, d, 2 * f};
   });
   run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(d_hidden_, row * 2 * f), at(routed_in_, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
+    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(rows_.x, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
   });
+  dispatcher_->combine(rows_.dx, d_routed_);
   // Un-permute: each token sums the input gradients of its K rows.
   be.combine_rows(d_routed_, slot_row_, nullptr, 0.0, d_h);
 

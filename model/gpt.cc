@@ -23,7 +23,8 @@ int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
   return std::min<int64_t>(std::max<int64_t>((int64_t(1) << 26) / spec.vocab_size, 64), tokens);
 }
 
-GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch)
+GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
+                   std::shared_ptr<Communicator> ep_group)
     : spec_(spec), be_(backend), dtype_(dtype), batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
@@ -37,7 +38,9 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
     block->ffn_norm.id = registry_.add(prefix + ".ffn_norm", {d}, ParamRole::NORM, 0.0);
     block->is_moe = spec_.moe.is_moe_layer(l);
     const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
-    if (block->is_moe) block->moe.declare(registry_, prefix, spec_);
+    if (block->is_moe)
+      block->moe.declare(registry_, prefix, spec_,
+                         std::make_shared<TokenDispatcher>(ep_group, be_, spec_.moe.num_experts));
     else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std);
     blocks_.push_back(std::move(block));
   }
@@ -45,6 +48,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   output_.id = spec_.tie_embeddings ? embedding_.id
                                     : registry_.add("output", {spec_.vocab_size, d}, ParamRole::OUTPUT, spec_.init_std);
 
+  registry_.finalize();
   const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
   params_ = Buffer(be_, bytes);
   grads_ = Buffer(be_, bytes);
@@ -97,7 +101,8 @@ void GptModel::init_parameters(uint64_t seed) {
     const ParamSpec& s = registry_.spec(static_cast<int>(id));
     Tensor p = param(static_cast<int>(id));
     if (s.init_std == 0.0) be_.fill(p, 1.0);
-    else be_.init_normal(p, seed, stream_of(s.name), s.init_std, 0);
+    // A function of the logical tensor: a part draws the elements it holds of the whole.
+    else be_.init_normal(p, seed, stream_of(s.name), s.init_std, s.logical_offset);
   }
 }
 

@@ -1,6 +1,7 @@
 // The GPT/MoE model: embedding, pre-norm blocks (attention, then dense MLP or MoE), final
-// norm and output projection with cross-entropy. The model describes the full,
-// unsharded network and knows nothing of ranks or communicators.
+// norm and output projection with cross-entropy. It describes the network as this rank
+// holds it: whole dense tensors, and the block of experts its expert-parallel group gives
+// it. The only communication inside is the MoE layers' token dispatch over that group.
 #pragma once
 #include <memory>
 #include <vector>
@@ -19,8 +20,10 @@ struct MicroBatchStats {
 
 class GptModel {
  public:
-  // micro_batch sequences of spec.seq_len tokens per forward/backward.
-  GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch);
+  // micro_batch sequences of spec.seq_len tokens per forward/backward. ep_group: the
+  // expert-parallel group (null: every expert on this rank).
+  GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
+           std::shared_ptr<Communicator> ep_group = nullptr);
   ~GptModel();
 
   const ModelSpec& spec() const { return spec_; }

@@ -8,11 +8,13 @@
 // into the gradient buffer; activation gradients are assigned (=) into scratch space
 // shared by all layers (they are used one layer at a time).
 #pragma once
+#include <memory>
 #include <vector>
 
 #include "core/buffer.h"
 #include "model/model_spec.h"
 #include "model/param_registry.h"
+#include "parallel/token_dispatcher.h"
 
 namespace sdmoe {
 
@@ -90,9 +92,21 @@ struct MoeStats {
   double min_load = 0.0, max_load = 0.0;  // smallest and largest share of routed rows
 };
 
+// The rows the local experts work on, expert-major. Without expert parallelism these are
+// the layer's own sorted-row tensors; with it they hold the rows received from the ep group
+// and grow with the busiest micro-batch seen (routing is dropless).
+struct ExpertRows {
+  Tensor x, hidden, act, y;  // [R,D], [R,2Fe], [R,Fe], [R,D]
+  Tensor dy, d_hidden, d_act, dx;
+};
+
 class MoeFeedForward {
  public:
-  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec);
+  // dispatcher: how rows reach the experts; its ep group decides which experts this rank
+  // holds. Each MoE layer needs its own (it keeps the routing of its forward for the
+  // backward).
+  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
+               std::shared_ptr<TokenDispatcher> dispatcher);
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
   void plan(Arena& arena, int64_t tokens);
   MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
@@ -105,7 +119,12 @@ class MoeFeedForward {
   // One GEMM per expert over its rows; `make` fills a group from (expert, row offset, rows).
   template <typename MakeGroup>
   void run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make);
+  ExpertRows expert_rows(Backend& be, int64_t rows);
   MoeSpec moe_{};
+  std::shared_ptr<TokenDispatcher> dispatcher_;
+  Buffer expert_side_;
+  int64_t expert_side_rows_ = 0;
+  ExpertRows rows_;
   int64_t dim_ = 0, tokens_ = 0;
   DType dtype_ = DType::F32;
   Param router_, gate_up_, down_;  // [E,D], [E,2Fe,D], [E,D,Fe]

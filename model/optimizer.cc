@@ -19,11 +19,11 @@ AdamW::AdamW(GptModel& model, const OptimizerSpec& spec) : model_(model), spec_(
   model.backend().fill(second_moments(), 0.0);
 }
 
-OptimizerStepResult AdamW::step(int64_t step_index) {
+OptimizerStepResult AdamW::step(int64_t step_index, double grad_norm) {
   Backend& be = model_.backend();
   OptimizerStepResult r;
   r.lr = learning_rate(spec_, step_index);
-  r.grad_norm = std::sqrt(be.sum_squares(model_.grads()));
+  r.grad_norm = grad_norm >= 0.0 ? grad_norm : std::sqrt(be.sum_squares(model_.grads()));
   r.clip_factor = (spec_.grad_clip > 0 && r.grad_norm > spec_.grad_clip) ? spec_.grad_clip / r.grad_norm : 1.0;
   const double t = double(step_index + 1);
   const ParamRegistry& reg = model_.registry();

@@ -28,8 +28,10 @@ struct OptimizerStepResult {
 class AdamW {
  public:
   AdamW(GptModel& model, const OptimizerSpec& spec);
-  // Applies one update from the model's (already reduced) gradients.
-  OptimizerStepResult step(int64_t step_index);
+  // Applies one update from the model's (already reduced) gradients. grad_norm is the
+  // global gradient norm, for clipping; negative: this rank's gradients are the whole
+  // model's, compute it here.
+  OptimizerStepResult step(int64_t step_index, double grad_norm = -1.0);
   Tensor first_moments() const { return model_.registry().flat(m_, model_.dtype(), model_.backend().device()); }
   Tensor second_moments() const { return model_.registry().flat(v_, model_.dtype(), model_.backend().device()); }
 

@@ -21,29 +21,48 @@ enum class ParamRole : uint8_t {
 
 struct ParamSpec {
   std::string name;
-  std::vector<int64_t> shape;  // logical, unsharded
+  std::vector<int64_t> shape;  // this rank's part (the whole tensor unless sharded)
   ParamRole role;
   double init_std;             // 0: initialised to one (norm gains)
   int64_t offset = 0;          // elements from the start of the category buffer
   int64_t numel = 0;
+  // The whole (logical) tensor and where this rank's part starts in it, in elements of
+  // its row-major order. Parts are contiguous: a block of leading-dimension slices.
+  std::vector<int64_t> logical_shape;
+  int64_t logical_offset = 0;
 
   bool weight_decay() const { return role == ParamRole::DENSE || role == ParamRole::ROUTER || role == ParamRole::EXPERT || role == ParamRole::OUTPUT; }
 };
 
+// Tensors are declared first and laid out by finalize(): every non-expert tensor, then
+// every expert tensor, so that the two regions, which are reduced over different groups
+// (data-parallel and expert-data-parallel), are each one contiguous range.
 class ParamRegistry {
  public:
   int add(std::string name, std::vector<int64_t> shape, ParamRole role, double init_std);
+  // A contiguous part of a larger logical tensor: `shape` rows of `logical_shape` starting
+  // at leading index `first` (experts [first, first + shape[0]) of a stack, say).
+  int add_part(std::string name, std::vector<int64_t> shape, std::vector<int64_t> logical_shape, int64_t first,
+               ParamRole role, double init_std);
+  void finalize();
+  // [begin, end) in elements of the expert region; empty when there are no experts.
+  int64_t expert_begin() const { return expert_begin_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
   const ParamSpec& spec(int id) const { return specs_.at(id); }
-  int64_t total_elements() const { return total_; }
+  int64_t total_elements() const {
+    check_finalized();
+    return total_;
+  }
   // The tensor `id` inside a flat buffer laid out by this registry.
   Tensor view(const Buffer& buffer, int id, DType dtype, Device device) const;
   // The whole buffer as one flat tensor.
   Tensor flat(const Buffer& buffer, DType dtype, Device device) const;
 
  private:
+  void check_finalized() const;
   std::vector<ParamSpec> specs_;
-  int64_t total_ = 0;
+  int64_t total_ = 0, expert_begin_ = 0;
+  bool finalized_ = false;
 };
 
 }  // namespace sdmoe

@@ -156,11 +156,13 @@ void MpiCommunicator::all_reduce_host(std::vector<double>& values, ReduceOp op) 
                                 MPI_DOUBLE, mpi_op(op), comm_));
 }
 
-std::vector<int64_t> MpiCommunicator::exchange_counts(std::span<const int64_t> counts_per_peer) {
-  SDMOE_ASSERT(int(counts_per_peer.size()) == size_, "exchange_counts: {} counts for {} ranks",
-               counts_per_peer.size(), size_);
-  std::vector<int64_t> received(size_);
-  SDMOE_CHECK_MPI(MPI_Alltoall(counts_per_peer.data(), 1, MPI_INT64_T, received.data(), 1, MPI_INT64_T, comm_));
+std::vector<int64_t> MpiCommunicator::exchange_counts(std::span<const int64_t> counts) {
+  SDMOE_ASSERT(!counts.empty() && counts.size() % size_ == 0, "exchange_counts: {} counts for {} ranks",
+               counts.size(), size_);
+  const int per_peer = mpi_count(int64_t(counts.size()) / size_, "exchange_counts");
+  std::vector<int64_t> received(counts.size());
+  SDMOE_CHECK_MPI(
+      MPI_Alltoall(counts.data(), per_peer, MPI_INT64_T, received.data(), per_peer, MPI_INT64_T, comm_));
   return received;
 }
 

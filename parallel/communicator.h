@@ -49,8 +49,10 @@ class Communicator {
 
   // Small host-side collectives (statistics, token counts, agreement on errors).
   virtual void all_reduce_host(std::vector<double>& values, ReduceOp op) = 0;
-  // Returns what every peer sends to this rank: result[p] = counts_of_peer_p[rank()].
-  virtual std::vector<int64_t> exchange_counts(std::span<const int64_t> counts_per_peer) = 0;
+  // counts holds k values per peer (k = counts.size() / size()), peer p's at [p*k, p*k+k).
+  // Returns what every peer sent to this rank, k values per peer in rank order:
+  // result[p*k + i] = counts of peer p [rank()*k + i].
+  virtual std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) = 0;
 
   // Bytes this rank sent since the last reset, under the bandwidth-optimal algorithm of
   // each collective (docs/parallelism.md): ring all-reduce 2(p-1)/p B, all-gather (p-1) B
@@ -82,7 +84,7 @@ class MpiCommunicator final : public Communicator {
   void broadcast(const Tensor& x, int root) override;
   void barrier() override;
   void all_reduce_host(std::vector<double>& values, ReduceOp op) override;
-  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts_per_peer) override;
+  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override;
 
   MPI_Comm comm() const { return comm_; }
 

@@ -39,6 +39,7 @@ struct LayerParams {
   std::vector<std::vector<double>> host;  // by parameter id
 
   void allocate() {
+    reg.finalize();
     params = Buffer(be(), reg.total_elements() * sizeof(double));
     grads = Buffer(be(), reg.total_elements() * sizeof(double));
     host.assign(reg.specs().size(), {});

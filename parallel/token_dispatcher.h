@@ -1,0 +1,66 @@
+// Moves routed token rows to the ranks that hold their experts and back: the expert-
+// parallel half of an MoE layer. The layer itself routes, permutes tokens by expert and
+// runs the experts; between those phases the dispatcher
+//   1. exchanges counts: each rank tells every peer how many rows it sends to each of the
+//      peer's experts (host, one small all-to-all);
+//   2. dispatches: all-to-all of the rows (blocks of contiguous experts per peer, since
+//      the rows are sorted by global expert id), then a permutation from source-major
+//      ([source rank][local expert]) to expert-major ([local expert][source rank]) so that
+//      each local expert's rows are contiguous for one grouped GEMM;
+//   3. combines: the inverse permutation and the all-to-all back.
+// Experts are sharded in contiguous blocks: rank r of the ep group holds experts
+// [r * E/ep, (r+1) * E/ep). With ep = 1 it is the local dispatcher: no communication, and
+// the expert-major layout is the sorted layout itself. That path is the oracle for the
+// all-to-all one.
+#pragma once
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/buffer.h"
+#include "parallel/communicator.h"
+
+namespace sdmoe {
+
+class TokenDispatcher {
+ public:
+  // ep_group null means a group of one (no expert parallelism).
+  TokenDispatcher(std::shared_ptr<Communicator> ep_group, Backend& backend, int num_experts);
+
+  int ep_size() const { return ep_size_; }
+  int ep_rank() const { return ep_rank_; }
+  int local_experts() const { return local_experts_; }
+  int first_local_expert() const { return ep_rank_ * local_experts_; }
+  bool local_only() const { return ep_size_ == 1; }
+
+  // Phase 1. rows_per_expert[e] (e over all E experts) is how many of this rank's rows,
+  // sorted by expert, go to expert e. Collective over the ep group.
+  void exchange_counts(std::span<const int64_t> rows_per_expert);
+  // Rows this rank's experts process in this micro-batch, and where each local expert's
+  // rows start in the expert-major layout ([local_experts + 1] offsets).
+  int64_t received_rows() const { return received_rows_; }
+  const std::vector<int64_t>& local_expert_offsets() const { return local_offsets_; }
+  int64_t sent_rows() const { return sent_rows_; }
+
+  // Phase 2: sorted [sent_rows, W] -> expert_major [received_rows, W]. Collective.
+  void dispatch(const Tensor& sorted, const Tensor& expert_major);
+  // Phase 3: expert_major [received_rows, W] -> sorted [sent_rows, W]. Collective.
+  void combine(const Tensor& expert_major, const Tensor& sorted);
+
+ private:
+  void ensure_staging(int64_t bytes);
+
+  std::shared_ptr<Communicator> group_;
+  Backend& backend_;
+  int num_experts_, ep_size_ = 1, ep_rank_ = 0, local_experts_;
+  int64_t sent_rows_ = 0, received_rows_ = 0;
+  std::vector<int64_t> send_rows_per_peer_, recv_rows_per_peer_;  // [ep]
+  std::vector<int64_t> local_offsets_;                              // [local_experts + 1]
+  // Device index tensors: expert-major row i comes from source-major row to_expert_major[i],
+  // and source-major row j from expert-major row to_source_major[j].
+  Buffer index_buffer_, staging_;
+  int64_t index_capacity_ = 0, staging_capacity_ = 0;
+  Tensor to_expert_major_, to_source_major_;
+};
+
+}  // namespace sdmoe
