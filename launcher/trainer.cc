@@ -12,6 +12,7 @@
 #include "data/token_dataset.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
+#include "parallel/gradient_sync.h"
 
 namespace sdmoe {
 namespace {
@@ -87,30 +88,6 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
     threads = std::max(1, cores / std::max(1, mpi.local_size()));
   }
   return make_cpu_backend(threads);
-}
-
-// The gradient buffer as its two reduction regions: dense tensors (replicated over the
-// data-parallel group) and this rank's experts (replicated over the expert-data-parallel
-// group).
-struct GradientRegions {
-  Tensor dense, expert;
-};
-
-GradientRegions gradient_regions(const GptModel& model) {
-  const Tensor all = model.grads();
-  const int64_t split = model.registry().expert_begin(), total = all.numel();
-  char* base = static_cast<char*>(all.data);
-  const size_t width = dtype_size(all.dtype);
-  return GradientRegions{Tensor(base, all.dtype, all.device, {split}),
-                         Tensor(base + split * width, all.dtype, all.device, {total - split})};
-}
-
-// After the reductions every rank holds all dense gradients and its ep group's share of
-// the experts, so |g|^2 = dense part + the expert parts summed over the ep group.
-double global_grad_norm(Backend& be, const GradientRegions& grads, const ProcessGroups& groups) {
-  std::vector<double> expert_sq{grads.expert.numel() > 0 ? be.sum_squares(grads.expert) : 0.0};
-  groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);
-  return std::sqrt(be.sum_squares(grads.dense) + expert_sq[0]);
 }
 
 ParallelDims check_parallel(const config::Run& run, int world) {
@@ -222,11 +199,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
         sums[5 + 2 * l] += s.moe[l].max_load;
       }
     }
-    const GradientRegions grads = gradient_regions(model);
-    groups.dp->all_reduce(grads.dense, ReduceOp::SUM);
-    groups.edp->all_reduce(grads.expert, ReduceOp::SUM);
+    const GradientRegions grads = split_gradient_regions(model.grads(), model.registry().expert_begin());
+    reduce_gradients(grads, groups);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
-    const OptimizerStepResult opt = optimizer.step(step, global_grad_norm(be, grads, groups));
+    const OptimizerStepResult opt = optimizer.step(step, global_gradient_norm(be, grads, groups));
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

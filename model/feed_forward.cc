@@ -140,21 +140,27 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
     // The sorted rows are already expert-major: work on them in place.
     return ExpertRows{routed_in_, hidden_, act_, routed_out_, d_routed_, d_hidden_, d_act_, d_routed_};
   }
-  // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row.
-  const int64_t per_row = 3 * d + 2 * (2 * f + f);
+  // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row. The same
+  // two passes as the activations: plan to size the buffer, then carve it.
+  auto carve = [&](Arena& arena, int64_t n) {
+    ExpertRows r;
+    r.x = arena.take(dtype_, {n, d});
+    r.y = arena.take(dtype_, {n, d});
+    r.dy = r.dx = arena.take(dtype_, {n, d});
+    r.hidden = arena.take(dtype_, {n, 2 * f});
+    r.act = arena.take(dtype_, {n, f});
+    r.d_hidden = arena.take(dtype_, {n, 2 * f});
+    r.d_act = arena.take(dtype_, {n, f});
+    return r;
+  };
   if (rows > expert_side_rows_) {
     expert_side_rows_ = rows + rows / 4;
-    expert_side_ = Buffer(be, size_t(expert_side_rows_ * per_row) * dtype_size(dtype_));
+    Arena planner(be.device());
+    carve(planner, expert_side_rows_);
+    expert_side_ = Buffer(be, planner.used());
   }
   Arena arena(be.device(), expert_side_);
-  ExpertRows r;
-  r.x = arena.take(dtype_, {rows, d});
-  r.y = arena.take(dtype_, {rows, d});
-  r.dy = r.dx = arena.take(dtype_, {rows, d});
-  r.hidden = arena.take(dtype_, {rows, 2 * f});
-  r.act = arena.take(dtype_, {rows, f});
-  r.d_hidden = arena.take(dtype_, {rows, 2 * f});
-  r.d_act = arena.take(dtype_, {rows, f});
+  ExpertRows r = carve(arena, rows);
   return r;
 }
 

@@ -1,0 +1,580 @@
+// Communicators, parallel dims and process groups, run under mpiexec at several world
+// sizes (see CMakeLists.txt). Every expected value is computed here from rank-dependent
+// formulas, never by the code under test.
+//
+// Hang safety: all ranks run the same tests in the same order and make the same
+// collective calls whatever the outcome, so checks are EXPECT_* after the collectives,
+// never ASSERT_* (an early return) before a collective that other ranks still make.
+//
+// --device=cpu (default) or --device=cuda. With cuda and no visible GPU every test skips.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/buffer.h"
+#include "core/check.h"
+#include "parallel/communicator.h"
+#include "parallel/parallel_dims.h"
+
+namespace sdmoe {
+namespace {
+
+// ---- process-wide state, set up in main() before the tests run ------------------------
+MpiRuntime* g_mpi = nullptr;
+std::unique_ptr<Backend> g_backend;
+bool g_cuda_requested = false;
+bool g_no_cuda_device = false;
+
+Backend& backend() { return *g_backend; }
+
+// Every test skips when --device=cuda found no GPU, so ctest reports the run as skipped.
+class CollectiveTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (g_no_cuda_device) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// ---- device arrays ---------------------------------------------------------------------
+// One allocation viewed as a flat tensor on the backend's device. At least 64 bytes are
+// allocated so that zero-element tensors still carry a valid pointer (as an arena gives).
+struct DeviceArray {
+  Buffer buf;
+  Tensor t;
+};
+
+DeviceArray device_array(DType dt, int64_t n) {
+  DeviceArray a;
+  a.buf = Buffer(backend(), std::max<size_t>(static_cast<size_t>(n) * dtype_size(dt), 64));
+  a.t = Tensor(a.buf.data(), dt, backend().device(), {n});
+  return a;
+}
+
+template <typename T>
+DeviceArray upload(DType dt, const std::vector<T>& host) {
+  SDMOE_ASSERT(sizeof(T) == dtype_size(dt), "host type does not match {}", dtype_name(dt));
+  DeviceArray a = device_array(dt, static_cast<int64_t>(host.size()));
+  if (!host.empty()) backend().copy_from_host(host.data(), a.t);
+  return a;
+}
+
+template <typename T>
+std::vector<T> download(const Tensor& t) {
+  std::vector<T> host(static_cast<size_t>(t.numel()));
+  if (!host.empty()) backend().copy_to_host(t, host.data());
+  return host;
+}
+
+// ---- communicator variants ---------------------------------------------------------------
+// NCCL needs one GPU per rank. In a cuda run where it cannot run (not compiled in, or
+// ranks sharing a GPU as gpu_np2 on a one-GPU machine) main leaves the NCCL variants out
+// instead of skipping them: ctest's SKIP_REGULAR_EXPRESSION takes precedence over a
+// failing exit code, so one skip would hide failures of the MPI variants on the GPU.
+bool nccl_runnable() {
+  return nccl_compiled() && g_cuda_requested && g_backend && g_mpi->local_size() <= cuda_device_count();
+}
+
+// Parameter: "mpi" or "nccl". SetUp makes the world communicator of that kind.
+class WorldComm : public CollectiveTest, public ::testing::WithParamInterface<std::string> {
+ protected:
+  void SetUp() override {
+    CollectiveTest::SetUp();
+    if (IsSkipped()) return;
+    if (GetParam() == "nccl") {
+      if (!nccl_compiled()) GTEST_SKIP() << "NCCL not compiled in";
+      if (!g_cuda_requested) GTEST_SKIP() << "NCCL needs --device=cuda";
+      comm_ = make_nccl_communicator(MPI_COMM_WORLD, backend());
+    } else {
+      comm_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, backend());
+    }
+  }
+  void TearDown() override { comm_.reset(); }
+  Communicator& comm() { return *comm_; }
+  std::unique_ptr<Communicator> comm_;
+};
+
+std::string param_name(const ::testing::TestParamInfo<std::string>& info) { return info.param; }
+
+const char* op_name(ReduceOp op) { return op == ReduceOp::SUM ? "SUM" : "MAX"; }
+
+// ---- all_reduce --------------------------------------------------------------------------
+// x_r[i] = ((r + i) % p) * 1000 + i - 500: integers (negative too) exact in every dtype;
+// the largest value moves between ranks with i, so MAX cannot return one rank's own row.
+template <typename T>
+void check_all_reduce(Communicator& c, DType dt) {
+  const int p = c.size(), r = c.rank();
+  const int64_t n = 37;
+  for (ReduceOp op : {ReduceOp::SUM, ReduceOp::MAX}) {
+    std::vector<T> host(n), expected(n);
+    for (int64_t i = 0; i < n; ++i) {
+      host[i] = static_cast<T>(((r + i) % p) * 1000 + i - 500);
+      const int64_t sum = 1000LL * p * (p - 1) / 2 + p * (i - 500);
+      const int64_t max = (p - 1) * 1000LL + i - 500;
+      expected[i] = static_cast<T>(op == ReduceOp::SUM ? sum : max);
+    }
+    DeviceArray x = upload(dt, host);
+    c.reset_bytes_sent();
+    c.all_reduce(x.t, op);
+    const uint64_t sent = c.bytes_sent();
+    EXPECT_EQ(download<T>(x.t), expected) << dtype_name(dt) << " " << op_name(op);
+    const uint64_t bytes = n * sizeof(T);
+    EXPECT_EQ(sent, uint64_t(2 * (p - 1) * bytes / p)) << dtype_name(dt) << " " << op_name(op);
+  }
+}
+
+TEST_P(WorldComm, Identity) {
+  EXPECT_EQ(comm().rank(), g_mpi->world_rank());
+  EXPECT_EQ(comm().size(), g_mpi->world_size());
+  EXPECT_EQ(comm().kind(), GetParam());
+}
+
+// BF16 reductions exist on NCCL only. Small integers keep every partial sum exact. (No
+// GTEST_SKIP for the MPI variant: any skip makes ctest report a whole gpu run as skipped.)
+void check_all_reduce_bf16(Communicator& c) {
+  const int p = c.size(), r = c.rank();
+  const int64_t n = 24;
+  for (ReduceOp op : {ReduceOp::SUM, ReduceOp::MAX}) {
+    std::vector<uint16_t> host(n), expected(n);
+    for (int64_t i = 0; i < n; ++i) {
+      host[i] = float_to_bf16(static_cast<float>((r + 1) * (i % 8))).bits;
+      const int64_t e = op == ReduceOp::SUM ? p * (p + 1) / 2 * (i % 8) : p * (i % 8);
+      expected[i] = float_to_bf16(static_cast<float>(e)).bits;
+    }
+    DeviceArray x = upload(DType::BF16, host);
+    c.all_reduce(x.t, op);
+    EXPECT_EQ(download<uint16_t>(x.t), expected) << "bf16 " << op_name(op);
+  }
+}
+
+TEST_P(WorldComm, AllReduce) {
+  check_all_reduce<float>(comm(), DType::F32);
+  check_all_reduce<double>(comm(), DType::F64);
+  check_all_reduce<int32_t>(comm(), DType::I32);
+  if (comm().kind() == "nccl") check_all_reduce_bf16(comm());
+}
+
+// ---- all_gather --------------------------------------------------------------------------
+// Element i of rank r is enc(r, i); out must hold every rank's block in rank order.
+template <typename T>
+void check_all_gather(Communicator& c, DType dt, const std::function<T(int, int64_t)>& enc) {
+  const int p = c.size(), r = c.rank();
+  for (int64_t n : {int64_t{13}, int64_t{0}}) {
+    std::vector<T> host(n), expected;
+    for (int64_t i = 0; i < n; ++i) host[i] = enc(r, i);
+    for (int q = 0; q < p; ++q)
+      for (int64_t i = 0; i < n; ++i) expected.push_back(enc(q, i));
+    DeviceArray in = upload(dt, host);
+    DeviceArray out = device_array(dt, p * n);
+    c.reset_bytes_sent();
+    c.all_gather(in.t, out.t);
+    const uint64_t sent = c.bytes_sent();
+    EXPECT_EQ(download<T>(out.t), expected) << dtype_name(dt) << " n=" << n;
+    EXPECT_EQ(sent, uint64_t((p - 1) * n * sizeof(T))) << dtype_name(dt) << " n=" << n;
+  }
+}
+
+TEST_P(WorldComm, AllGather) {
+  check_all_gather<float>(comm(), DType::F32, [](int r, int64_t i) { return r * 100.0f + i + 0.25f; });
+  check_all_gather<int32_t>(comm(), DType::I32, [](int r, int64_t i) { return int32_t(-r * 1000 - i); });
+  // BF16 is moved as raw bits: arbitrary patterns (signs, subnormals) must survive.
+  check_all_gather<uint16_t>(comm(), DType::BF16, [](int r, int64_t i) { return uint16_t(r * 4099 + i * 37 + 1); });
+}
+
+// ---- reduce_scatter ----------------------------------------------------------------------
+// in_r[k] = (r + 1) * (k + 1): rank q receives block q, element i = k - q*n, so
+// SUM = p(p+1)/2 * (k + 1) and MAX = p * (k + 1); both depend on which block arrived.
+template <typename T>
+void check_reduce_scatter(Communicator& c, DType dt) {
+  const int p = c.size(), r = c.rank();
+  const int64_t n = 11;
+  for (ReduceOp op : {ReduceOp::SUM, ReduceOp::MAX}) {
+    std::vector<T> host(p * n), expected(n);
+    for (int64_t k = 0; k < p * n; ++k) host[k] = static_cast<T>((r + 1) * (k + 1));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = r * n + i;
+      expected[i] = static_cast<T>(op == ReduceOp::SUM ? p * (p + 1) / 2 * (k + 1) : p * (k + 1));
+    }
+    DeviceArray in = upload(dt, host);
+    DeviceArray out = device_array(dt, n);
+    c.reset_bytes_sent();
+    c.reduce_scatter(in.t, out.t, op);
+    const uint64_t sent = c.bytes_sent();
+    EXPECT_EQ(download<T>(out.t), expected) << dtype_name(dt) << " " << op_name(op);
+    const uint64_t in_bytes = p * n * sizeof(T);
+    EXPECT_EQ(sent, uint64_t((p - 1) * in_bytes / p)) << dtype_name(dt) << " " << op_name(op);
+  }
+}
+
+TEST_P(WorldComm, ReduceScatter) {
+  check_reduce_scatter<float>(comm(), DType::F32);
+  check_reduce_scatter<double>(comm(), DType::F64);
+}
+
+// ---- exchange_counts and all_to_all ------------------------------------------------------
+// Values carry (sender, receiver, index), so a block delivered to the wrong rank or in the
+// wrong order shows. Three guard elements after the receive tensor must stay untouched.
+template <typename T>
+void check_all_to_all(Communicator& c, DType dt, const std::function<int64_t(int, int)>& count,
+                      const char* label) {
+  const int p = c.size(), r = c.rank();
+  auto enc = [](int s, int d, int64_t j) { return static_cast<T>(s * 10000 + d * 100 + j); };
+  const T sentinel = static_cast<T>(-7);
+  const int64_t guard = 3;
+
+  std::vector<int64_t> send_counts(p), recv_counts(p);
+  std::vector<T> send;
+  uint64_t expected_sent = 0;
+  for (int d = 0; d < p; ++d) {
+    send_counts[d] = count(r, d);
+    recv_counts[d] = count(d, r);
+    for (int64_t j = 0; j < send_counts[d]; ++j) send.push_back(enc(r, d, j));
+    if (d != r) expected_sent += send_counts[d] * sizeof(T);
+  }
+  std::vector<T> expected;
+  for (int s = 0; s < p; ++s)
+    for (int64_t j = 0; j < recv_counts[s]; ++j) expected.push_back(enc(s, r, j));
+  const int64_t total = static_cast<int64_t>(expected.size());
+  expected.insert(expected.end(), guard, sentinel);
+
+  // The receive counts passed on come from the formula, so that a wrong exchange_counts
+  // is reported here instead of derailing the all_to_all into a mismatch.
+  const std::vector<int64_t> exchanged = c.exchange_counts(send_counts);
+  EXPECT_EQ(exchanged, recv_counts) << label << " " << dtype_name(dt);
+
+  DeviceArray in = upload(dt, send);
+  DeviceArray out = upload(dt, std::vector<T>(total + guard, sentinel));
+  const Tensor recv = out.t.prefix({total});
+  c.reset_bytes_sent();
+  c.all_to_all(in.t, send_counts, recv, recv_counts);
+  const uint64_t sent = c.bytes_sent();
+  EXPECT_EQ(download<T>(out.t), expected) << label << " " << dtype_name(dt);
+  EXPECT_EQ(sent, expected_sent) << label << " " << dtype_name(dt);
+}
+
+template <typename T>
+void check_all_to_all_cases(Communicator& c, DType dt) {
+  const int p = c.size();
+  // Uneven blocks, zeros included (to self too on some ranks).
+  check_all_to_all<T>(c, dt, [](int s, int d) { return int64_t((s + 2 * d) % 4); }, "uneven");
+  // Every rank routes all its tokens to the last rank (one hot expert).
+  check_all_to_all<T>(c, dt, [p](int s, int d) { return d == p - 1 ? int64_t(3 + s) : 0; }, "one peer");
+  // Nothing moves at all: zero-element send and receive tensors.
+  check_all_to_all<T>(c, dt, [](int, int) { return int64_t{0}; }, "all zero");
+}
+
+TEST_P(WorldComm, AllToAll) {
+  check_all_to_all_cases<int32_t>(comm(), DType::I32);
+  check_all_to_all_cases<double>(comm(), DType::F64);
+  check_all_to_all_cases<uint16_t>(comm(), DType::BF16);  // 2-byte elements, raw bits
+}
+
+// Counts beyond 32 bits must arrive intact: result[q] = counts of peer q for this rank.
+TEST_P(WorldComm, ExchangeCounts) {
+  const int p = comm().size(), r = comm().rank();
+  const int64_t big = int64_t{1} << 33;
+  std::vector<int64_t> counts(p), expected(p);
+  for (int q = 0; q < p; ++q) {
+    counts[q] = big + r * 100 + q;
+    expected[q] = big + q * 100 + r;
+  }
+  EXPECT_EQ(comm().exchange_counts(counts), expected);
+}
+
+// ---- broadcast ---------------------------------------------------------------------------
+template <typename T>
+void check_broadcast(Communicator& c, DType dt, int root) {
+  const int p = c.size(), r = c.rank();
+  const int64_t n = 19;
+  std::vector<T> host(n), expected(n);
+  for (int64_t i = 0; i < n; ++i) {
+    expected[i] = static_cast<T>(root * 100 + i + 0.5);
+    host[i] = r == root ? expected[i] : static_cast<T>(-1);
+  }
+  DeviceArray x = upload(dt, host);
+  c.reset_bytes_sent();
+  c.broadcast(x.t, root);
+  const uint64_t sent = c.bytes_sent();
+  EXPECT_EQ(download<T>(x.t), expected) << dtype_name(dt) << " root " << root;
+  const uint64_t bytes = n * sizeof(T);
+  EXPECT_EQ(sent, p > 1 && r == root ? bytes : 0) << dtype_name(dt) << " root " << root;
+}
+
+TEST_P(WorldComm, Broadcast) {
+  const int last = comm().size() - 1;
+  check_broadcast<float>(comm(), DType::F32, 0);
+  check_broadcast<float>(comm(), DType::F32, last);
+  check_broadcast<double>(comm(), DType::F64, last);
+  check_broadcast<int32_t>(comm(), DType::I32, 0);
+}
+
+// ---- host collectives and barrier --------------------------------------------------------
+TEST_P(WorldComm, AllReduceHost) {
+  const int p = comm().size(), r = comm().rank();
+  for (ReduceOp op : {ReduceOp::SUM, ReduceOp::MAX}) {
+    std::vector<double> values(5), expected(5);
+    for (int i = 0; i < 5; ++i) {
+      values[i] = 0.5 * (r + 1) * (i + 1);  // halves: exact in double
+      expected[i] = op == ReduceOp::SUM ? 0.5 * (i + 1) * p * (p + 1) / 2 : 0.5 * (i + 1) * p;
+    }
+    comm().all_reduce_host(values, op);
+    EXPECT_EQ(values, expected) << op_name(op);
+  }
+}
+
+// A barrier completes, and the communicator is still usable after it.
+TEST_P(WorldComm, Barrier) {
+  comm().barrier();
+  comm().barrier();
+  std::vector<double> v{1.0};
+  comm().all_reduce_host(v, ReduceOp::SUM);
+  EXPECT_EQ(v[0], double(comm().size()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, WorldComm, ::testing::Values("mpi", "nccl"), param_name);
+
+// ---- ParallelDims::make (pure, no communication) -------------------------------------------
+// A sdmoe::Error whose message names every field in `fields` as a whole word (so "tp" is
+// not satisfied by "etp").
+void expect_error(const std::function<void()>& f, const std::vector<std::string>& fields,
+                  const std::string& what) {
+  try {
+    f();
+    ADD_FAILURE() << what << ": no sdmoe::Error thrown";
+  } catch (const Error& e) {
+    for (const std::string& field : fields)
+      EXPECT_TRUE(std::regex_search(e.what(), std::regex("\\b" + field + "\\b")))
+          << what << ": message does not name '" << field << "': " << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << what << ": threw a non-sdmoe::Error: " << e.what();
+  }
+}
+
+class ParallelDimsTest : public CollectiveTest {};
+
+TEST_F(ParallelDimsTest, ValidCombinationsAndCoordinates) {
+  int checked = 0;
+  for (int world : {1, 2, 3, 4, 6, 8, 16})
+    for (int tp : {1, 2, 4, 8})
+      for (int ep : {1, 2, 4, 8})
+        for (int etp : {1, 2, 4, 8}) {
+          if (world % tp != 0 || world % (ep * etp) != 0) continue;
+          const std::string what = fmt::format("world {} tp {} ep {} etp {}", world, tp, ep, etp);
+          ParallelDims d;
+          try {
+            d = ParallelDims::make(world, tp, ep, etp, 8);
+          } catch (const std::exception& e) {
+            ADD_FAILURE() << what << ": rejected: " << e.what();
+            continue;
+          }
+          ++checked;
+          EXPECT_EQ(d.world, world) << what;
+          EXPECT_EQ(d.tp, tp) << what;
+          EXPECT_EQ(d.dp, world / tp) << what;
+          EXPECT_EQ(d.etp, etp) << what;
+          EXPECT_EQ(d.ep, ep) << what;
+          EXPECT_EQ(d.edp, world / (etp * ep)) << what;
+          for (int rank = 0; rank < world; ++rank) {
+            EXPECT_TRUE(d.tp_rank(rank) >= 0 && d.tp_rank(rank) < tp && d.dp_rank(rank) < d.dp) << what;
+            EXPECT_TRUE(d.etp_rank(rank) < etp && d.ep_rank(rank) < ep && d.edp_rank(rank) < d.edp) << what;
+            EXPECT_EQ(rank, d.dp_rank(rank) * tp + d.tp_rank(rank)) << what << " rank " << rank;
+            EXPECT_EQ(rank, (d.edp_rank(rank) * ep + d.ep_rank(rank)) * etp + d.etp_rank(rank))
+                << what << " rank " << rank;
+          }
+        }
+  EXPECT_EQ(checked, 124);  // how many of the combinations above divide their world
+  EXPECT_EQ(ParallelDims::make(8, 2, 4, 1, 8).describe(), "tp 2 x dp 4 | etp 1 x ep 4 x edp 2");
+  const ParallelDims dp = ParallelDims::data_parallel(6);
+  EXPECT_TRUE(dp.dp == 6 && dp.edp == 6 && dp.tp == 1 && dp.ep == 1 && dp.etp == 1);
+}
+
+TEST_F(ParallelDimsTest, InvalidCombinationsName) {
+  expect_error([] { ParallelDims::make(6, 4, 1, 1, 8); }, {"tp"}, "tp 4 does not divide 6");
+  expect_error([] { ParallelDims::make(8, 3, 1, 1, 8); }, {"tp"}, "tp 3 does not divide 8");
+  expect_error([] { ParallelDims::make(4, 1, 2, 4, 8); }, {"etp", "ep"}, "etp*ep 8 does not divide 4");
+  expect_error([] { ParallelDims::make(6, 1, 2, 2, 8); }, {"etp", "ep"}, "etp*ep 4 does not divide 6");
+  expect_error([] { ParallelDims::make(8, 1, 4, 1, 6); }, {"ep"}, "ep 4 does not divide 6 experts");
+  expect_error([] { ParallelDims::make(4, 1, 2, 1, 0); }, {"ep"}, "ep 2 without experts");
+  expect_error([] { ParallelDims::make(4, 0, 1, 1, 8); }, {"tp"}, "tp 0");
+  expect_error([] { ParallelDims::make(4, -2, 1, 1, 8); }, {"tp"}, "tp -2");
+  expect_error([] { ParallelDims::make(4, 1, 0, 1, 8); }, {"ep"}, "ep 0");
+  expect_error([] { ParallelDims::make(4, 1, -1, 1, 8); }, {"ep"}, "ep -1");
+  expect_error([] { ParallelDims::make(4, 1, 1, 0, 8); }, {"etp"}, "etp 0");
+  expect_error([] { ParallelDims::make(4, 1, 1, -4, 8); }, {"etp"}, "etp -4");
+}
+
+// ---- make_process_groups -----------------------------------------------------------------
+class ProcessGroupsTest : public CollectiveTest, public ::testing::WithParamInterface<std::string> {
+ protected:
+  void SetUp() override {
+    CollectiveTest::SetUp();
+    if (IsSkipped()) return;
+    if (GetParam() == "nccl" && !nccl_compiled()) GTEST_SKIP() << "NCCL not compiled in";
+    if (GetParam() == "nccl" && !g_cuda_requested) GTEST_SKIP() << "NCCL needs --device=cuda";
+  }
+};
+
+struct ExpectedGroup {
+  const char* name;
+  std::shared_ptr<Communicator> comm;
+  std::vector<int> ranks;  // world ranks in group-rank order
+  int position;            // this rank's index in `ranks`
+};
+
+// Every (tp, ep, etp) in {1,2,4,8}^3 that make() accepts for this world with 8 experts.
+// Each group all-gathers its members' world ranks; the list must be exactly the one the
+// numbering in parallel_dims.h predicts (written out here independently).
+TEST_P(ProcessGroupsTest, GroupsMatchRankLayout) {
+  const CommBackend kind = GetParam() == "nccl" ? CommBackend::NCCL : CommBackend::MPI;
+  const int world = g_mpi->world_size(), r = g_mpi->world_rank();
+  int layouts = 0;
+  for (int tp : {1, 2, 4, 8})
+    for (int ep : {1, 2, 4, 8})
+      for (int etp : {1, 2, 4, 8}) {
+        ParallelDims dims;
+        try {
+          dims = ParallelDims::make(world, tp, ep, etp, 8);
+        } catch (const Error&) {
+          continue;  // the same on every rank: no collective skipped unevenly
+        }
+        ++layouts;
+        const std::string what = fmt::format("world {} tp {} ep {} etp {}", world, tp, ep, etp);
+        const int dp = world / tp, edp = world / (etp * ep);
+        const int tp_rank = r % tp, dp_rank = r / tp;
+        const int etp_rank = r % etp, ep_rank = (r / etp) % ep, edp_rank = r / (etp * ep);
+
+        ProcessGroups g = make_process_groups(dims, backend(), kind);
+        EXPECT_TRUE(g.dims.tp == tp && g.dims.dp == dp && g.dims.ep == ep && g.dims.etp == etp &&
+                    g.dims.edp == edp && g.dims.world == world)
+            << what << ": dims " << g.dims.describe();
+        std::vector<ExpectedGroup> groups = {
+            {"world", g.world, {}, r},   {"tp", g.tp, {}, tp_rank},   {"dp", g.dp, {}, dp_rank},
+            {"etp", g.etp, {}, etp_rank}, {"ep", g.ep, {}, ep_rank}, {"edp", g.edp, {}, edp_rank}};
+        for (int i = 0; i < world; ++i) groups[0].ranks.push_back(i);
+        for (int i = 0; i < tp; ++i) groups[1].ranks.push_back(dp_rank * tp + i);
+        for (int j = 0; j < dp; ++j) groups[2].ranks.push_back(j * tp + tp_rank);
+        for (int i = 0; i < etp; ++i) groups[3].ranks.push_back((edp_rank * ep + ep_rank) * etp + i);
+        for (int i = 0; i < ep; ++i) groups[4].ranks.push_back((edp_rank * ep + i) * etp + etp_rank);
+        for (int j = 0; j < edp; ++j) groups[5].ranks.push_back((j * ep + ep_rank) * etp + etp_rank);
+
+        for (ExpectedGroup& e : groups) {
+          if (!e.comm) {  // null on every rank alike, so no collective is skipped unevenly
+            ADD_FAILURE() << what << ": group " << e.name << " is null";
+            continue;
+          }
+          Communicator& c = *e.comm;
+          // Sized by the group's own size() so the collective is consistent even if the
+          // size is wrong; the comparison below then reports it.
+          DeviceArray in = upload(DType::I32, std::vector<int32_t>{r});
+          DeviceArray out = device_array(DType::I32, c.size());
+          c.reset_bytes_sent();
+          c.all_gather(in.t, out.t);
+          const uint64_t sent = c.bytes_sent();
+          const std::vector<int32_t> got = download<int32_t>(out.t);
+          EXPECT_EQ(c.size(), static_cast<int>(e.ranks.size())) << what << " group " << e.name;
+          EXPECT_EQ(std::vector<int>(got.begin(), got.end()), e.ranks) << what << " group " << e.name;
+          EXPECT_EQ(c.rank(), e.position) << what << " group " << e.name;
+          // A group of one may be a plain MPI communicator whatever the kind (no-ops).
+          if (c.size() > 1) EXPECT_EQ(c.kind(), GetParam()) << what << " group " << e.name;
+          // A group of one sends nothing; otherwise (p-1) blocks of 4 bytes.
+          EXPECT_EQ(sent, uint64_t(4 * (c.size() - 1))) << what << " group " << e.name;
+        }
+      }
+  EXPECT_GE(layouts, 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ProcessGroupsTest, ::testing::Values("mpi", "nccl"), param_name);
+
+// ---- output on ranks other than 0 ----------------------------------------------------------
+// Rank 0 prints the usual gtest report; the others print only their failed assertions,
+// tagged with the rank, so that a failure seen on rank 2 alone is not silent.
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  // The name is kept here: UnitTest::current_test_info() inside OnTestPartResult would
+  // take gtest's (non-recursive) mutex a second time and deadlock.
+  void OnTestStart(const ::testing::TestInfo& t) override {
+    test_ = std::string(t.test_suite_name()) + "." + t.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::fprintf(stderr, "[rank %d] FAILED %s at %s:%d\n%s\n", rank_, test_.c_str(),
+                 result.file_name() ? result.file_name() : "?", result.line_number(), result.message());
+    std::fflush(stderr);
+  }
+
+ private:
+  int rank_;
+  std::string test_;
+};
+
+}  // namespace
+}  // namespace sdmoe
+
+int main(int argc, char** argv) {
+  sdmoe::MpiRuntime mpi(&argc, &argv);
+  sdmoe::g_mpi = &mpi;
+
+  // --device=cpu|cuda, taken out of argv before gtest sees it.
+  std::string device = "cpu";
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--device=", 0) == 0)
+      device = arg.substr(9);
+    else
+      argv[kept++] = argv[i];
+  }
+  argc = kept;
+  argv[argc] = nullptr;
+  if (device != "cpu" && device != "cuda") {
+    if (mpi.world_rank() == 0) std::fprintf(stderr, "--device must be cpu or cuda, not '%s'\n", device.c_str());
+    return 2;
+  }
+
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
+  if (mpi.world_rank() != 0) {
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new sdmoe::RankFailurePrinter(mpi.world_rank()));
+  }
+
+  if (device == "cuda") {
+    sdmoe::g_cuda_requested = true;
+    const int count = sdmoe::cuda_device_count();
+    if (count == 0) {
+      sdmoe::g_no_cuda_device = true;
+    } else {
+      sdmoe::g_backend = sdmoe::make_cuda_backend(mpi.local_rank() % count);
+      if (!sdmoe::nccl_runnable()) {
+        // See nccl_runnable: left out rather than skipped, so ctest still sees the result.
+        std::string filter = ::testing::GTEST_FLAG(filter);
+        filter += filter.find('-') == std::string::npos ? "-*/nccl" : ":*/nccl";
+        ::testing::GTEST_FLAG(filter) = filter;
+        if (mpi.world_rank() == 0)
+          std::printf("NCCL variants left out: %s\n",
+                      sdmoe::nccl_compiled() ? "ranks share a GPU" : "NCCL not compiled in");
+      }
+    }
+  } else {
+    sdmoe::g_backend = sdmoe::make_cpu_backend(1);
+  }
+
+  const int local_failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+  sdmoe::g_backend.reset();
+  // Every rank exits nonzero when any rank failed, and rank 0 says so even when its own
+  // tests passed (the failing rank printed its assertions above).
+  int any_failed = local_failed;
+  MPI_Allreduce(&local_failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (any_failed && !local_failed && mpi.world_rank() == 0)
+    std::printf("[  FAILED  ] tests failed on another rank (see [rank N] lines)\n");
+  return any_failed;
+}
