@@ -2,7 +2,11 @@
 // produce the gradients and the loss sequence of the same model on one rank with the same
 // seed and global batch.
 //
-//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X]
+//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X] [--device cpu|cuda]
+//
+// With --device cuda every rank uses its node's GPU (ranks may share one: collectives go
+// over MPI, staged through host memory); without a visible GPU the run reports itself
+// skipped.
 //
 // Every rank also computes the single-rank reference itself (the model is small), so no
 // result is shipped between runs. Checked:
@@ -91,17 +95,30 @@ std::vector<float> host(Backend& be, const Tensor& t) {
 
 int run(int argc, char** argv) {
   int tp = 1, ep = 1, etp = 1;
+  bool cuda = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tp")) tp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--etp")) etp = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--device")) cuda = !std::strcmp(argv[i + 1], "cuda");
   }
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   const ModelSpec spec = test_spec();
   const ParallelDims dims = ParallelDims::make(world, tp, ep, etp, spec.moe.num_experts);
-  auto be = make_cpu_backend(1);
+  if (cuda && cuda_device_count() == 0) {
+    if (rank == 0) std::printf("SKIPPED: no CUDA device\n");
+    return 0;
+  }
+  int local_rank = 0;
+  {
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local_rank);
+    MPI_Comm_free(&node);
+  }
+  auto be = cuda ? make_cuda_backend(local_rank % cuda_device_count()) : make_cpu_backend(1);
   ProcessGroups groups = make_process_groups(dims, *be);
   const int per_rank = kGlobalBatch / dims.dp;
   SDMOE_ASSERT(per_rank % kMicroBatch == 0, "layout {} does not divide the global batch", dims.describe());
