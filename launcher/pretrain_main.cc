@@ -61,6 +61,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "sdmoe_pretrain: error on %s: %s\n", sdmoe::where_am_i().c_str(), e.what());
     std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 2);
+  } catch (const std::exception& e) {
+    // Out of memory and the like: the same, so that the other ranks do not wait forever.
+    std::fprintf(stderr, "sdmoe_pretrain: error on %s: %s\n", sdmoe::where_am_i().c_str(), e.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 2);
   }
   return 2;
 }

@@ -1,5 +1,6 @@
 #include "launcher/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -66,6 +67,27 @@ Job check_job(const config::Run& run, int dp) {
   return job;
 }
 
+
+// The distinct communicators of the parallel axes, each with the names of the axes it
+// serves. Axes of one rank carry no traffic and are left out.
+std::vector<std::pair<std::string, Communicator*>> traffic_groups(const ProcessGroups& g) {
+  std::vector<std::pair<std::string, Communicator*>> out;
+  const std::pair<const char*, Communicator*> axes[] = {
+      {"tp", g.tp.get()}, {"dp", g.dp.get()}, {"etp", g.etp.get()}, {"ep", g.ep.get()}, {"edp", g.edp.get()}};
+  for (const auto& [name, comm] : axes) {
+    if (comm->size() == 1) continue;
+    auto same = std::find_if(out.begin(), out.end(), [&](const auto& e) { return e.second == comm; });
+    if (same != out.end()) same->first += std::string("=") + name;
+    else out.emplace_back(name, comm);
+  }
+  return out;
+}
+
+std::string bytes_summary(const StepRecord& r) {
+  std::string s;
+  for (const auto& [name, bytes] : r.bytes_sent) s += fmt::format(" {} {:.2f} MB", name, double(bytes) / 1e6);
+  return s.empty() ? std::string() : " | sent" + s;
+}
 
 std::string load_summary(const StepRecord& r) {
   std::string s;
@@ -182,8 +204,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   }
   std::vector<int32_t> tokens;
   const int moe_layers = job.model.moe_layer_count();
+  const auto traffic = traffic_groups(groups);
   for (int64_t step = 0; step < run.training().steps(); ++step) {
     const auto start = std::chrono::steady_clock::now();
+    for (const auto& [name, comm] : traffic) comm->reset_bytes_sent();
     model.zero_grads();
     // [loss_sum, tokens, aux, z, then min/max load per MoE layer summed over micro-batches]
     std::vector<double> sums(4 + 2 * moe_layers, 0.0);
@@ -217,6 +241,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       r.min_load.push_back(sums[4 + 2 * l] / micro_batches);
       r.max_load.push_back(sums[5 + 2 * l] / micro_batches);
     }
+    for (const auto& [name, comm] : traffic) r.bytes_sent.emplace_back(name, comm->bytes_sent());
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
@@ -231,6 +256,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                   (long)r.step, run.training().steps(), r.loss, r.lr, r.grad_norm, r.tokens_per_second,
                   r.model_flops / 1e9, 100.0 * r.peak_fraction, r.aux_loss, r.z_loss, load_summary(r).c_str());
       if (r.val_loss >= 0) std::printf(" | val_loss %.6f", r.val_loss);
+      std::printf("%s", bytes_summary(r).c_str());
       std::printf("\n");
       std::fflush(stdout);
     }

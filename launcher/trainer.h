@@ -3,6 +3,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/backend.h"
@@ -20,6 +21,9 @@ struct StepRecord {
   double tokens_per_second = 0.0, model_flops = 0.0, peak_fraction = 0.0;
   std::vector<double> min_load, max_load;  // per MoE layer
   double val_loss = -1.0;   // < 0 when no validation ran this step
+  // Bytes rank 0 sent in this step per communication group ("dp", "ep", ...; groups with
+  // the same ranks are one communicator and share one entry, named "dp=edp" and so on).
+  std::vector<std::pair<std::string, uint64_t>> bytes_sent;
 };
 
 // The backend the config asks for: CUDA (this rank's local GPU), CPU, or AUTO (CUDA when a
