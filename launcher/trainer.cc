@@ -162,9 +162,20 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
-  GptModel model(job.model, be, DType::F32, job.micro_batch, groups.ep);
+  GptModel model(job.model, be, DType::F32, job.micro_batch, placement_for(groups, run.parallel().zero1()));
   model.init_parameters(run.training().seed());
-  AdamW optimizer(model, job.optimizer);
+  // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
+  const bool zero1 = run.parallel().zero1();
+  const GradientRegions grad_regions = split_gradient_regions(model.grads(), model.registry().expert_begin());
+  const GradientRegions param_regions = split_gradient_regions(model.params(), model.registry().expert_begin());
+  Zero1Shards shards;
+  std::vector<ElementRange> owned;
+  if (zero1) {
+    shards = zero1_shards(grad_regions, model.grads(), groups);
+    owned = {{shards.dense_begin, shards.dense_begin + shards.dense_count},
+             {shards.expert_begin, shards.expert_begin + shards.expert_count}};
+  }
+  AdamW optimizer(model, job.optimizer, owned);
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
 
@@ -179,6 +190,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     std::printf("data: %s (%ld train / %ld validation tokens), %d micro-batch(es) of %d per rank per step\n",
                 run.data().path().c_str(), (long)job.train->num_tokens(), (long)job.validation->num_tokens(),
                 job.accumulation, job.micro_batch);
+    std::printf("optimizer state: %.1f MB per rank%s\n", 2.0 * double(optimizer.moment_elements()) * 4 / 1e6,
+                zero1 ? " (ZeRO-1: sharded over the data-parallel ranks)" : "");
     std::printf("peak fp32 %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s", peak / 1e9,
                 resolved_config_text(run).c_str());
     std::fflush(stdout);
@@ -223,10 +236,16 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
         sums[5 + 2 * l] += s.moe[l].max_load;
       }
     }
-    const GradientRegions grads = split_gradient_regions(model.grads(), model.registry().expert_begin());
-    reduce_gradients(grads, groups);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
-    const OptimizerStepResult opt = optimizer.step(step, global_gradient_norm(be, grads, groups));
+    OptimizerStepResult opt;
+    if (zero1) {
+      reduce_scatter_gradients(grad_regions, shards, be, groups);
+      opt = optimizer.step(step, zero1_gradient_norm(be, grad_regions, shards, groups));
+      gather_parameters(param_regions, groups);
+    } else {
+      reduce_gradients(grad_regions, groups);
+      opt = optimizer.step(step, global_gradient_norm(be, grad_regions, groups));
+    }
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

@@ -16,6 +16,16 @@ struct GptModel::Block {
   Tensor ffn_normed, ffn_rstd;  // [T,D], [T]
 };
 
+ModelPlacement placement_for(const ProcessGroups& groups, bool zero1) {
+  ModelPlacement p;
+  p.ep_group = groups.ep;
+  if (zero1) {
+    p.dense_multiple = 64 * int64_t(groups.dp->size());
+    p.expert_multiple = 64 * int64_t(groups.edp->size());
+  }
+  return p;
+}
+
 int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
   // At most 2^26 logits (256 MiB in fp32) at once. Smaller chunks save memory but make
   // the head's GEMMs skinnier: 333-row chunks ran them at 72 to 75% of the CPU's peak,
@@ -24,7 +34,7 @@ int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
 }
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
-                   std::shared_ptr<Communicator> ep_group)
+                   const ModelPlacement& placement)
     : spec_(spec), be_(backend), dtype_(dtype), batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
@@ -40,7 +50,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
     const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
     if (block->is_moe)
       block->moe.declare(registry_, prefix, spec_,
-                         std::make_shared<TokenDispatcher>(ep_group, be_, spec_.moe.num_experts));
+                         std::make_shared<TokenDispatcher>(placement.ep_group, be_, spec_.moe.num_experts));
     else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std);
     blocks_.push_back(std::move(block));
   }
@@ -48,7 +58,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   output_.id = spec_.tie_embeddings ? embedding_.id
                                     : registry_.add("output", {spec_.vocab_size, d}, ParamRole::OUTPUT, spec_.init_std);
 
-  registry_.finalize();
+  registry_.finalize(placement.dense_multiple, placement.expert_multiple);
   const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
   params_ = Buffer(be_, bytes);
   grads_ = Buffer(be_, bytes);

@@ -18,12 +18,22 @@ struct MicroBatchStats {
   std::vector<MoeStats> moe;   // per MoE layer
 };
 
+// Where this rank's part of the model sits in the parallel layout.
+struct ModelPlacement {
+  std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
+  // Multiples the dense and expert parameter regions are padded to (ZeRO-1 shards them
+  // evenly over the data-parallel and expert-data-parallel ranks).
+  int64_t dense_multiple = 64, expert_multiple = 64;
+};
+
+// The placement for this rank's process groups; with zero1 the parameter regions are
+// padded to divide evenly over the ranks that shard them.
+ModelPlacement placement_for(const ProcessGroups& groups, bool zero1);
+
 class GptModel {
  public:
-  // micro_batch sequences of spec.seq_len tokens per forward/backward. ep_group: the
-  // expert-parallel group (null: every expert on this rank).
-  GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
-           std::shared_ptr<Communicator> ep_group = nullptr);
+  // micro_batch sequences of spec.seq_len tokens per forward/backward.
+  GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch, const ModelPlacement& placement = {});
   ~GptModel();
 
   const ModelSpec& spec() const { return spec_; }

@@ -1,5 +1,6 @@
 #include "model/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace sdmoe {
@@ -11,8 +12,16 @@ double learning_rate(const OptimizerSpec& s, int64_t step) {
   return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-AdamW::AdamW(GptModel& model, const OptimizerSpec& spec) : model_(model), spec_(spec) {
-  const size_t bytes = model.registry().total_elements() * dtype_size(model.dtype());
+AdamW::AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges)
+    : model_(model), spec_(spec), ranges_(std::move(ranges)) {
+  const int64_t total = model.registry().total_elements();
+  if (ranges_.empty()) ranges_.push_back({0, total});
+  for (const ElementRange& r : ranges_) {
+    SDMOE_ASSERT(0 <= r.begin && r.begin <= r.end && r.end <= total, "optimizer range [{}, {}) of {}", r.begin, r.end,
+                 total);
+    moment_elements_ += r.end - r.begin;
+  }
+  const size_t bytes = size_t(moment_elements_) * dtype_size(model.dtype());
   m_ = Buffer(model.backend(), bytes);
   v_ = Buffer(model.backend(), bytes);
   model.backend().fill(first_moments(), 0.0);
@@ -27,12 +36,26 @@ OptimizerStepResult AdamW::step(int64_t step_index, double grad_norm) {
   r.clip_factor = (spec_.grad_clip > 0 && r.grad_norm > spec_.grad_clip) ? spec_.grad_clip / r.grad_norm : 1.0;
   const double t = double(step_index + 1);
   const ParamRegistry& reg = model_.registry();
-  for (size_t id = 0; id < reg.specs().size(); ++id) {
-    const int i = static_cast<int>(id);
-    AdamWStep s{r.lr, spec_.beta1, spec_.beta2, spec_.eps, reg.spec(i).weight_decay() ? spec_.weight_decay : 0.0,
-                1.0 - std::pow(spec_.beta1, t), 1.0 - std::pow(spec_.beta2, t), r.clip_factor};
-    be.adamw_update(model_.param(i), model_.grad(i), reg.view(m_, i, model_.dtype(), be.device()),
-                    reg.view(v_, i, model_.dtype(), be.device()), s);
+  const Tensor params = model_.params(), grads = model_.grads(), m = first_moments(), v = second_moments();
+  const size_t width = dtype_size(model_.dtype());
+  auto part = [&](const Tensor& flat, int64_t begin, int64_t count) {
+    return Tensor(static_cast<char*>(flat.data) + begin * width, flat.dtype, flat.device, {count});
+  };
+  // Each parameter's part inside each range, with that parameter's decay; padding between
+  // tensors is skipped.
+  int64_t moment_base = 0;
+  for (const ElementRange& range : ranges_) {
+    for (size_t id = 0; id < reg.specs().size(); ++id) {
+      const ParamSpec& ps = reg.spec(static_cast<int>(id));
+      const int64_t begin = std::max(range.begin, ps.offset), end = std::min(range.end, ps.offset + ps.numel);
+      if (begin >= end) continue;
+      AdamWStep s{r.lr, spec_.beta1, spec_.beta2, spec_.eps, ps.weight_decay() ? spec_.weight_decay : 0.0,
+                  1.0 - std::pow(spec_.beta1, t), 1.0 - std::pow(spec_.beta2, t), r.clip_factor};
+      const int64_t mo = moment_base + (begin - range.begin);
+      be.adamw_update(part(params, begin, end - begin), part(grads, begin, end - begin), part(m, mo, end - begin),
+                      part(v, mo, end - begin), s);
+    }
+    moment_base += range.end - range.begin;
   }
   return r;
 }

@@ -25,19 +25,32 @@ struct OptimizerStepResult {
   double clip_factor;   // multiplier applied to the gradient (1 when not clipped)
 };
 
+// A range [begin, end) of elements of the model's flat parameter buffer.
+struct ElementRange {
+  int64_t begin = 0, end = 0;
+};
+
 class AdamW {
  public:
-  AdamW(GptModel& model, const OptimizerSpec& spec);
+  // Updates the whole model, or only `ranges` of its flat buffer (ZeRO-1: this rank's
+  // shards); moments are kept for those elements alone.
+  AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges = {});
   // Applies one update from the model's (already reduced) gradients. grad_norm is the
   // global gradient norm, for clipping; negative: this rank's gradients are the whole
   // model's, compute it here.
   OptimizerStepResult step(int64_t step_index, double grad_norm = -1.0);
-  Tensor first_moments() const { return model_.registry().flat(m_, model_.dtype(), model_.backend().device()); }
-  Tensor second_moments() const { return model_.registry().flat(v_, model_.dtype(), model_.backend().device()); }
+  Tensor first_moments() const { return moments(m_); }
+  Tensor second_moments() const { return moments(v_); }
+  int64_t moment_elements() const { return moment_elements_; }
 
  private:
+  Tensor moments(const Buffer& b) const {
+    return Tensor(b.data(), model_.dtype(), model_.backend().device(), {moment_elements_});
+  }
   GptModel& model_;
   OptimizerSpec spec_;
+  std::vector<ElementRange> ranges_;
+  int64_t moment_elements_ = 0;
   Buffer m_, v_;
 };
 

@@ -26,19 +26,22 @@ int ParamRegistry::add_part(std::string name, std::vector<int64_t> shape, std::v
   return static_cast<int>(specs_.size()) - 1;
 }
 
-void ParamRegistry::finalize() {
+void ParamRegistry::finalize(int64_t dense_multiple, int64_t expert_multiple) {
   SDMOE_ASSERT(!finalized_, "parameter layout fixed twice");
+  SDMOE_ASSERT(dense_multiple > 0 && expert_multiple > 0, "region multiples must be positive");
   // Align each tensor to 64 elements so that views stay vector-aligned.
   auto place = [&](ParamSpec& s) {
     s.offset = (total_ + 63) / 64 * 64;
     total_ = s.offset + s.numel;
   };
+  auto round_up = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
   for (ParamSpec& s : specs_)
     if (s.role != ParamRole::EXPERT) place(s);
-  expert_begin_ = (total_ + 63) / 64 * 64;
+  expert_begin_ = round_up(round_up(total_, 64), dense_multiple);
+  total_ = expert_begin_;
   for (ParamSpec& s : specs_)
     if (s.role == ParamRole::EXPERT) place(s);
-  total_ = std::max(total_, expert_begin_);
+  total_ = expert_begin_ + round_up(total_ - expert_begin_, expert_multiple);
   finalized_ = true;
 }
 

@@ -44,7 +44,11 @@ class ParamRegistry {
   // at leading index `first` (experts [first, first + shape[0]) of a stack, say).
   int add_part(std::string name, std::vector<int64_t> shape, std::vector<int64_t> logical_shape, int64_t first,
                ParamRole role, double init_std);
-  void finalize();
+  // Lays the tensors out. The dense region's length is padded to a multiple of
+  // dense_multiple elements and the expert region's to a multiple of expert_multiple (so
+  // that each divides evenly over the ranks that shard it); padding is never read as a
+  // parameter.
+  void finalize(int64_t dense_multiple = 64, int64_t expert_multiple = 64);
   // [begin, end) in elements of the expert region; empty when there are no experts.
   int64_t expert_begin() const { return expert_begin_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }

@@ -88,10 +88,17 @@ void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
     return;
   }
   bytes_sent_ += uint64_t(size_ - 1) * in.bytes();
-  void* src = stage_in(in, send_staging_);
-  void* dst = stage_target(out, recv_staging_);
   const MPI_Datatype type = mpi_move_type(in.dtype);
   const int n = mpi_count(in.numel(), "all_gather");
+  // In place when `in` is this rank's block of `out` (ZeRO-1's parameter gather).
+  if (in.data == static_cast<char*>(out.data) + int64_t(rank_) * int64_t(in.bytes())) {
+    void* buf = stage_in(out, recv_staging_);
+    SDMOE_CHECK_MPI(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, n, type, comm_));
+    stage_out(out, recv_staging_);
+    return;
+  }
+  void* src = stage_in(in, send_staging_);
+  void* dst = stage_target(out, recv_staging_);
   SDMOE_CHECK_MPI(MPI_Allgather(src, n, type, dst, n, type, comm_));
   stage_out(out, recv_staging_);
 }

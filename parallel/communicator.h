@@ -34,6 +34,7 @@ class Communicator {
   // In place: x <- op over ranks of x. F32, F64, I32 (BF16 too on NCCL).
   virtual void all_reduce(const Tensor& x, ReduceOp op) = 0;
   // out = [in of rank 0, in of rank 1, ...]; out.numel() == size() * in.numel(). Any dtype.
+  // In place when `in` is this rank's block of `out`.
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
   // in holds size() equal blocks; rank r receives block r reduced over all ranks:
   // in.numel() == size() * out.numel().

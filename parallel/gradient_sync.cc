@@ -1,7 +1,9 @@
 #include "parallel/gradient_sync.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include "core/buffer.h"
 #include "core/check.h"
 
 namespace sdmoe {
@@ -25,6 +27,70 @@ double global_gradient_norm(Backend& backend, const GradientRegions& grads, cons
   groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);
   const double dense_sq = grads.dense.numel() > 0 ? backend.sum_squares(grads.dense) : 0.0;
   return std::sqrt(dense_sq + expert_sq[0]);
+}
+
+namespace {
+
+Tensor block(const Tensor& flat, int64_t begin, int64_t count) {
+  return Tensor(static_cast<char*>(flat.data) + begin * int64_t(dtype_size(flat.dtype)), flat.dtype, flat.device,
+                {count});
+}
+
+int64_t offset_in(const Tensor& region, const Tensor& flat) {
+  return (static_cast<char*>(region.data) - static_cast<char*>(flat.data)) / int64_t(dtype_size(flat.dtype));
+}
+
+}  // namespace
+
+Zero1Shards zero1_shards(const GradientRegions& regions, const Tensor& flat, const ProcessGroups& groups) {
+  const int dp = groups.dp->size(), edp = groups.edp->size();
+  SDMOE_ASSERT(groups.dims.tp == 1, "ZeRO-1 with tensor parallelism is not supported");
+  SDMOE_ASSERT(regions.dense.numel() % dp == 0 && regions.expert.numel() % edp == 0,
+               "ZeRO-1: regions of {} and {} elements do not divide over {} and {} ranks", regions.dense.numel(),
+               regions.expert.numel(), dp, edp);
+  Zero1Shards s;
+  s.dense_count = regions.dense.numel() / dp;
+  s.dense_begin = offset_in(regions.dense, flat) + groups.dp->rank() * s.dense_count;
+  s.expert_count = regions.expert.numel() / edp;
+  s.expert_begin = offset_in(regions.expert, flat) + groups.edp->rank() * s.expert_count;
+  return s;
+}
+
+void reduce_scatter_gradients(const GradientRegions& grads, const Zero1Shards& shards, Backend& backend,
+                              const ProcessGroups& groups) {
+  // Through a separate shard-sized buffer: reduce-scatter may not write over its input.
+  const int64_t most = std::max(shards.dense_count, shards.expert_count);
+  if (most == 0) return;
+  Buffer scratch(backend, size_t(most) * dtype_size(grads.dense.dtype));
+  auto one = [&](const Tensor& region, Communicator& group, int64_t count) {
+    if (count == 0) return;
+    const Tensor out(scratch.data(), region.dtype, region.device, {count});
+    group.reduce_scatter(region, out, ReduceOp::SUM);
+    backend.copy(out, block(region, int64_t(group.rank()) * count, count));
+  };
+  one(grads.dense, *groups.dp, shards.dense_count);
+  one(grads.expert, *groups.edp, shards.expert_count);
+}
+
+double zero1_gradient_norm(Backend& backend, const GradientRegions& grads, const Zero1Shards& shards,
+                           const ProcessGroups& groups) {
+  auto sq = [&](const Tensor& region, Communicator& group, int64_t count) {
+    return count > 0 ? backend.sum_squares(block(region, int64_t(group.rank()) * count, count)) : 0.0;
+  };
+  std::vector<double> total{sq(grads.dense, *groups.dp, shards.dense_count) +
+                            sq(grads.expert, *groups.edp, shards.expert_count)};
+  groups.world->all_reduce_host(total, ReduceOp::SUM);
+  return std::sqrt(total[0]);
+}
+
+void gather_parameters(const GradientRegions& params, const ProcessGroups& groups) {
+  auto one = [&](const Tensor& region, Communicator& group) {
+    const int64_t count = region.numel() / group.size();
+    if (count == 0) return;
+    group.all_gather(block(region, int64_t(group.rank()) * count, count), region);
+  };
+  one(params.dense, *groups.dp);
+  one(params.expert, *groups.edp);
 }
 
 }  // namespace sdmoe

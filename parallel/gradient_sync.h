@@ -22,4 +22,28 @@ void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups)
 // |g|^2 = |dense|^2 + sum over the ep group of |experts|^2.
 double global_gradient_norm(Backend& backend, const GradientRegions& grads, const ProcessGroups& groups);
 
+// ZeRO-1. Each region is split evenly over the ranks of its group (the model pads the
+// regions to make that exact); a rank's shard of a region is the block at its rank.
+struct Zero1Shards {
+  int64_t dense_begin = 0, dense_count = 0;    // elements, in the flat buffer
+  int64_t expert_begin = 0, expert_count = 0;
+};
+
+Zero1Shards zero1_shards(const GradientRegions& regions, const Tensor& flat, const ProcessGroups& groups);
+
+// Sums the gradients and leaves this rank's shard of the sum in place in `grads` (the rest
+// of the buffer is then stale): reduce-scatter of the dense region over groups.dp and of
+// the expert region over groups.edp.
+void reduce_scatter_gradients(const GradientRegions& grads, const Zero1Shards& shards, Backend& backend,
+                              const ProcessGroups& groups);
+
+// |g| from the shards alone: every element of the model lies in exactly one rank's shard
+// (tensor parallelism aside, which ZeRO-1 does not support yet).
+double zero1_gradient_norm(Backend& backend, const GradientRegions& grads, const Zero1Shards& shards,
+                           const ProcessGroups& groups);
+
+// After the optimizer updated this rank's shards of the parameters: all-gather them in
+// place so that every rank holds the whole updated model again.
+void gather_parameters(const GradientRegions& params, const ProcessGroups& groups);
+
 }  // namespace sdmoe

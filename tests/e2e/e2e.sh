@@ -39,6 +39,15 @@ mpi_equal)
   grep -q "tp 1 x dp 2" "$tmp/two" || die "the 2-rank run did not use 2 data-parallel ranks"
   paste "$tmp/l1" "$tmp/l2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
     END { printf "max |loss(1 rank) - loss(2 ranks)| = %.2e over %d steps\n", m, NR; exit bad }' || die "loss sequences differ"
+  # Expert parallelism (ep = 2: each rank holds 2 of the 4 experts, tokens cross over
+  # all-to-all) with ZeRO-1 (moments sharded, gradients reduce-scattered, parameters
+  # all-gathered): the same sequence again.
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set parallel.zero1=true > "$tmp/ep" 2>&1 || { cat "$tmp/ep"; die "ep=2 ZeRO-1 run failed"; }
+  grep -q "ep 2 x edp 1" "$tmp/ep" && grep -q "ZeRO-1" "$tmp/ep" || die "the run did not use ep = 2 with ZeRO-1"
+  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/ep" | awk '{print $5}' > "$tmp/l3"
+  [ "$(wc -l < "$tmp/l3")" -eq 20 ] || die "expected 20 loss lines from the ep run"
+  paste "$tmp/l1" "$tmp/l3" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
+    END { printf "max |loss(1 rank) - loss(ep 2, ZeRO-1)| = %.2e over %d steps\n", m, NR; exit bad }' || die "ep/ZeRO-1 loss sequence differs"
   # The runs must actually train: the loss moves by far more than the tolerance.
   awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/l1" || die "loss did not decrease"
   val_losses "$tmp/one" > "$tmp/v1"; val_losses "$tmp/two" > "$tmp/v2"

@@ -2,7 +2,7 @@
 // produce the gradients and the loss sequence of the same model on one rank with the same
 // seed and global batch.
 //
-//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X] [--device cpu|cuda]
+//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X] [--device cpu|cuda] [--zero1 1]
 //
 // With --device cuda every rank uses its node's GPU (ranks may share one: collectives go
 // over MPI, staged through host memory); without a visible GPU the run reports itself
@@ -17,6 +17,7 @@
 //   - the loss of each of 20 AdamW steps within 1e-5 (observed: identical).
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -95,12 +96,13 @@ std::vector<float> host(Backend& be, const Tensor& t) {
 
 int run(int argc, char** argv) {
   int tp = 1, ep = 1, etp = 1;
-  bool cuda = false;
+  bool cuda = false, zero1 = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tp")) tp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--etp")) etp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--device")) cuda = !std::strcmp(argv[i + 1], "cuda");
+    else if (!std::strcmp(argv[i], "--zero1")) zero1 = std::atoi(argv[i + 1]) != 0;
   }
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -125,10 +127,19 @@ int run(int argc, char** argv) {
   const double loss_scale = 1.0 / double(kGlobalBatch / kMicroBatch);
 
   GptModel reference(spec, *be, DType::F32, kMicroBatch);
-  GptModel parallel(spec, *be, DType::F32, kMicroBatch, groups.ep);
+  GptModel parallel(spec, *be, DType::F32, kMicroBatch, placement_for(groups, zero1));
   reference.init_parameters(5);
   parallel.init_parameters(5);
-  AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer());
+  const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().expert_begin());
+  const GradientRegions params = split_gradient_regions(parallel.params(), parallel.registry().expert_begin());
+  Zero1Shards shards;
+  std::vector<ElementRange> owned;
+  if (zero1) {
+    shards = zero1_shards(grads, parallel.grads(), groups);
+    owned = {{shards.dense_begin, shards.dense_begin + shards.dense_count},
+             {shards.expert_begin, shards.expert_begin + shards.expert_count}};
+  }
+  AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer(), owned);
 
   int failures = 0;
   double worst_grad = 0.0, worst_loss = 0.0;
@@ -139,8 +150,8 @@ int run(int argc, char** argv) {
     const double ref_loss = accumulate(reference, step, 0, kGlobalBatch, loss_scale, &ref_tokens) / ref_tokens;
     std::vector<double> sums{0.0, 0.0};
     sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1]);
-    const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().expert_begin());
-    reduce_gradients(grads, groups);
+    if (zero1) reduce_scatter_gradients(grads, shards, *be, groups);
+    else reduce_gradients(grads, groups);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const double par_loss = sums[0] / sums[1];
 
@@ -154,6 +165,10 @@ int run(int argc, char** argv) {
         const double tol = 1e-5 * scale + 1e-9;
         int64_t bad = 0;
         for (size_t i = 0; i < got.size(); ++i) {
+          // With ZeRO-1 only this rank's shards hold reduced gradients.
+          const int64_t at = ps.offset + int64_t(i);
+          if (zero1 && !std::any_of(owned.begin(), owned.end(), [&](const ElementRange& r) { return r.begin <= at && at < r.end; }))
+            continue;
           const double err = std::fabs(double(got[i]) - double(want_all[ps.logical_offset + i]));
           worst_grad = std::max(worst_grad, err / std::max(scale, 1e-30));
           if (!(err <= tol)) ++bad;
@@ -166,7 +181,9 @@ int run(int argc, char** argv) {
       }
     }
     const OptimizerStepResult r = ref_opt.step(step);
-    const OptimizerStepResult p = par_opt.step(step, global_gradient_norm(*be, grads, groups));
+    const OptimizerStepResult p = par_opt.step(
+        step, zero1 ? zero1_gradient_norm(*be, grads, shards, groups) : global_gradient_norm(*be, grads, groups));
+    if (zero1) gather_parameters(params, groups);
     worst_loss = std::max(worst_loss, std::fabs(ref_loss - par_loss));
     if (!(std::fabs(ref_loss - par_loss) <= 1e-5) || !(std::fabs(r.grad_norm - p.grad_norm) <= 1e-5 * r.grad_norm)) {
       std::fprintf(stderr, "rank %d step %d: loss %.8f vs %.8f, grad norm %.8f vs %.8f\n", rank, step, par_loss,
