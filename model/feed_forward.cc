@@ -83,13 +83,13 @@ void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix,
   SDMOE_ASSERT(dispatcher_ && dispatcher_->local_experts() * dispatcher_->ep_size() == moe_.num_experts,
                "MoE layer {}: the dispatcher is for another expert count", prefix);
   const int64_t e = moe_.num_experts, f = moe_.expert_ffn_dim, d = spec.dim;
-  const int64_t el = dispatcher_->local_experts(), first = dispatcher_->first_local_expert();
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.layers);
   router_.id = registry.add(prefix + ".moe.router", {e, d}, ParamRole::ROUTER, spec.init_std);
   // This rank's experts: a block of the logical [E, ...] stacks.
-  gate_up_.id = registry.add_part(prefix + ".moe.experts.gate_up", {el, 2 * f, d}, {e, 2 * f, d}, first,
-                                  ParamRole::EXPERT, spec.init_std);
-  down_.id = registry.add_part(prefix + ".moe.experts.down", {el, d, f}, {e, d, f}, first, ParamRole::EXPERT, out_std);
+  const int ep = dispatcher_->ep_size(), ep_rank = dispatcher_->ep_rank();
+  gate_up_.id = registry.add_part(prefix + ".moe.experts.gate_up", {e, 2 * f, d}, 0, ep, ep_rank, ParamRole::EXPERT,
+                                  spec.init_std, false);
+  down_.id = registry.add_part(prefix + ".moe.experts.down", {e, d, f}, 0, ep, ep_rank, ParamRole::EXPERT, out_std, false);
   has_shared_ = moe_.shared_expert_ffn_dim > 0;
   if (has_shared_) shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std);
 }

@@ -106,13 +106,31 @@ void GptModel::plan_activations(Arena& arena) {
   scratch_.plan(arena, spec_, batch_, dtype_);
 }
 
+void GptModel::init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed) {
+  const uint64_t stream = stream_of(s.name);
+  std::vector<double> values(s.numel);
+  for (int64_t i = 0; i < s.numel; ++i) values[i] = s.init_std * random_normal(seed, stream, s.logical_index(i));
+  if (dtype_ == DType::F64) {
+    be_.copy_from_host(values.data(), p);
+  } else {
+    // Through the backend's cast, so a part rounds exactly as the whole tensor would.
+    Buffer wide(be_, values.size() * sizeof(double));
+    const Tensor wide_t(wide.data(), DType::F64, be_.device(), {s.numel});
+    be_.copy_from_host(values.data(), wide_t);
+    be_.cast(wide_t, p);
+  }
+}
+
 void GptModel::init_parameters(uint64_t seed) {
   for (size_t id = 0; id < registry_.specs().size(); ++id) {
     const ParamSpec& s = registry_.spec(static_cast<int>(id));
     Tensor p = param(static_cast<int>(id));
     if (s.init_std == 0.0) be_.fill(p, 1.0);
-    // A function of the logical tensor: a part draws the elements it holds of the whole.
-    else be_.init_normal(p, seed, stream_of(s.name), s.init_std, s.logical_offset);
+    // A function of the logical tensor: a part draws the elements it holds of the whole,
+    // on the device when they are one range of it, else element by element on the host.
+    else if (const int64_t first = s.contiguous_logical_offset(); first >= 0)
+      be_.init_normal(p, seed, stream_of(s.name), s.init_std, first);
+    else init_part_on_host(s, p, seed);
   }
 }
 

@@ -60,6 +60,7 @@ class GptModel {
  private:
   struct Block;
   void plan_activations(Arena& arena);
+  void init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed);
   MicroBatchStats run(const int32_t* tokens, bool train, double loss_scale);
 
   ModelSpec spec_;

@@ -5,25 +5,42 @@
 namespace sdmoe {
 
 int ParamRegistry::add(std::string name, std::vector<int64_t> shape, ParamRole role, double init_std) {
-  std::vector<int64_t> logical = shape;
-  return add_part(std::move(name), std::move(shape), std::move(logical), 0, role, init_std);
+  return add_part(std::move(name), std::move(shape), 0, 1, 0, role, init_std, false);
 }
 
-int ParamRegistry::add_part(std::string name, std::vector<int64_t> shape, std::vector<int64_t> logical_shape,
-                            int64_t first, ParamRole role, double init_std) {
+int ParamRegistry::add_part(std::string name, std::vector<int64_t> logical_shape, int axis, int parts, int index,
+                            ParamRole role, double init_std, bool tp_sharded) {
   SDMOE_ASSERT(!finalized_, "parameter {} declared after the layout was fixed", name);
-  SDMOE_ASSERT(!shape.empty() && shape.size() <= 4 && shape.size() == logical_shape.size(), "parameter {} rank", name);
-  for (size_t i = 1; i < shape.size(); ++i)
-    SDMOE_ASSERT(shape[i] == logical_shape[i], "parameter {}: parts split the leading dimension only", name);
-  SDMOE_ASSERT(first >= 0 && first + shape[0] <= logical_shape[0], "parameter {}: part {}+{} of {}", name, first,
-               shape[0], logical_shape[0]);
-  ParamSpec s{std::move(name), std::move(shape), role, init_std};
+  SDMOE_ASSERT(!logical_shape.empty() && logical_shape.size() <= 4, "parameter {} rank", name);
+  SDMOE_ASSERT(axis >= 0 && axis < int(logical_shape.size()) && parts >= 1 && index >= 0 && index < parts,
+               "parameter {}: part {} of {} along axis {}", name, index, parts, axis);
+  SDMOE_ASSERT(logical_shape[axis] % parts == 0, "parameter {}: {} does not split into {} parts", name,
+               logical_shape[axis], parts);
+  std::vector<int64_t> shape = logical_shape;
+  shape[axis] /= parts;
+  ParamSpec s{std::move(name), shape, role, init_std};
   s.numel = 1;
   for (int64_t d : s.shape) s.numel *= d;
   s.logical_shape = std::move(logical_shape);
-  s.logical_offset = first * (s.numel / std::max<int64_t>(1, s.shape[0]));
+  s.shard_axis = axis;
+  s.shard_first = int64_t(index) * shape[axis];
+  s.tp_sharded = tp_sharded && parts > 1;
   specs_.push_back(std::move(s));
   return static_cast<int>(specs_.size()) - 1;
+}
+
+int64_t ParamSpec::logical_index(int64_t local) const {
+  int64_t inner = 1;
+  for (size_t i = shard_axis + 1; i < shape.size(); ++i) inner *= shape[i];
+  const int64_t mid = shape[shard_axis], outer_index = local / (inner * mid), m = (local / inner) % mid,
+                i = local % inner;
+  return (outer_index * logical_shape[shard_axis] + shard_first + m) * inner + i;
+}
+
+int64_t ParamSpec::contiguous_logical_offset() const {
+  for (int a = 0; a < shard_axis; ++a)
+    if (shape[a] != 1) return shape[shard_axis] == logical_shape[shard_axis] ? 0 : -1;
+  return numel == 0 ? 0 : logical_index(0);
 }
 
 void ParamRegistry::finalize(int64_t dense_multiple, int64_t expert_multiple) {
@@ -36,7 +53,11 @@ void ParamRegistry::finalize(int64_t dense_multiple, int64_t expert_multiple) {
   };
   auto round_up = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };
   for (ParamSpec& s : specs_)
-    if (s.role != ParamRole::EXPERT) place(s);
+    if (s.role != ParamRole::EXPERT && !s.tp_sharded) place(s);
+  tp_sharded_begin_ = round_up(total_, 64);
+  total_ = tp_sharded_begin_;
+  for (ParamSpec& s : specs_)
+    if (s.role != ParamRole::EXPERT && s.tp_sharded) place(s);
   expert_begin_ = round_up(round_up(total_, 64), dense_multiple);
   total_ = expert_begin_;
   for (ParamSpec& s : specs_)

@@ -26,10 +26,20 @@ struct ParamSpec {
   double init_std;             // 0: initialised to one (norm gains)
   int64_t offset = 0;          // elements from the start of the category buffer
   int64_t numel = 0;
-  // The whole (logical) tensor and where this rank's part starts in it, in elements of
-  // its row-major order. Parts are contiguous: a block of leading-dimension slices.
+  // The whole (logical) tensor and this rank's block of it: indices
+  // [shard_first, shard_first + shape[shard_axis]) along shard_axis, all of the others.
   std::vector<int64_t> logical_shape;
-  int64_t logical_offset = 0;
+  int shard_axis = 0;
+  int64_t shard_first = 0;
+  // Split over the tensor-parallel group (each tp rank holds a different block); such
+  // tensors are not replicated over tp, so the gradient norm sums them over it.
+  bool tp_sharded = false;
+
+  // Row-major index in the logical tensor of this part's element `local`.
+  int64_t logical_index(int64_t local) const;
+  // Where the part starts in the logical tensor when it is one contiguous range of it
+  // (a block along the leading axis, or the whole tensor); -1 otherwise.
+  int64_t contiguous_logical_offset() const;
 
   bool weight_decay() const { return role == ParamRole::DENSE || role == ParamRole::ROUTER || role == ParamRole::EXPERT || role == ParamRole::OUTPUT; }
 };
@@ -40,16 +50,19 @@ struct ParamSpec {
 class ParamRegistry {
  public:
   int add(std::string name, std::vector<int64_t> shape, ParamRole role, double init_std);
-  // A contiguous part of a larger logical tensor: `shape` rows of `logical_shape` starting
-  // at leading index `first` (experts [first, first + shape[0]) of a stack, say).
-  int add_part(std::string name, std::vector<int64_t> shape, std::vector<int64_t> logical_shape, int64_t first,
-               ParamRole role, double init_std);
+  // Part `index` of `parts` equal blocks of the logical tensor along `axis` (experts
+  // [first, first + E/ep) of a stack along axis 0, a tensor-parallel column block along
+  // axis 1, ...). tp_sharded: the parts are spread over the tensor-parallel group.
+  int add_part(std::string name, std::vector<int64_t> logical_shape, int axis, int parts, int index, ParamRole role,
+               double init_std, bool tp_sharded);
   // Lays the tensors out. The dense region's length is padded to a multiple of
   // dense_multiple elements and the expert region's to a multiple of expert_multiple (so
   // that each divides evenly over the ranks that shard it); padding is never read as a
   // parameter.
   void finalize(int64_t dense_multiple = 64, int64_t expert_multiple = 64);
-  // [begin, end) in elements of the expert region; empty when there are no experts.
+  // Layout: [tensors replicated over tp | tensors sharded over tp | experts]; the first two
+  // together are the dense region [0, expert_begin()).
+  int64_t tp_sharded_begin() const { return tp_sharded_begin_; }
   int64_t expert_begin() const { return expert_begin_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
   const ParamSpec& spec(int id) const { return specs_.at(id); }
@@ -65,7 +78,7 @@ class ParamRegistry {
  private:
   void check_finalized() const;
   std::vector<ParamSpec> specs_;
-  int64_t total_ = 0, expert_begin_ = 0;
+  int64_t total_ = 0, tp_sharded_begin_ = 0, expert_begin_ = 0;
   bool finalized_ = false;
 };
 

@@ -169,7 +169,7 @@ int run(int argc, char** argv) {
           const int64_t at = ps.offset + int64_t(i);
           if (zero1 && !std::any_of(owned.begin(), owned.end(), [&](const ElementRange& r) { return r.begin <= at && at < r.end; }))
             continue;
-          const double err = std::fabs(double(got[i]) - double(want_all[ps.logical_offset + i]));
+          const double err = std::fabs(double(got[i]) - double(want_all[ps.logical_index(int64_t(i))]));
           worst_grad = std::max(worst_grad, err / std::max(scale, 1e-30));
           if (!(err <= tol)) ++bad;
         }
