@@ -116,9 +116,19 @@ ParallelDims check_parallel(const config::Run& run, int world) {
   const config::Parallel& p = run.parallel();
   const ModelSpec spec = model_spec_from(run.model());
   const ParallelDims dims = ParallelDims::make(world, p.tp(), p.ep(), p.etp(), spec.moe_layer_count() > 0 ? spec.moe.num_experts : 0);
-  if (dims.tp > 1 || dims.etp > 1)
-    fail("parallel.tp and parallel.etp must be 1 for now ({}): the model's tensor-parallel layers are not built yet",
-         dims.describe());
+  if (dims.etp > 1)
+    fail("parallel.etp must be 1 for now ({}): experts are not split over tensor-parallel ranks yet", dims.describe());
+  if (dims.tp > 1) {
+    if (spec.heads % dims.tp != 0) fail("parallel.tp ({}) must divide model.heads ({})", dims.tp, spec.heads);
+    if (spec.ffn_dim % dims.tp != 0) fail("parallel.tp ({}) must divide model.ffn_dim ({})", dims.tp, spec.ffn_dim);
+    if (spec.moe.shared_expert_ffn_dim % dims.tp != 0)
+      fail("parallel.tp ({}) must divide model.moe.shared_expert_ffn_dim ({})", dims.tp, spec.moe.shared_expert_ffn_dim);
+    const int64_t tokens = int64_t(run.training().micro_batch_size()) * spec.seq_len;
+    if (tokens % dims.tp != 0)
+      fail("parallel.tp ({}) must divide the tokens of a micro-batch ({} x {})", dims.tp,
+           run.training().micro_batch_size(), spec.seq_len);
+    if (p.zero1()) fail("parallel.zero1 is not supported with tensor parallelism yet (parallel.tp = {})", dims.tp);
+  }
   return dims;
 }
 
@@ -166,8 +176,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
-  const GradientRegions grad_regions = split_gradient_regions(model.grads(), model.registry().expert_begin());
-  const GradientRegions param_regions = split_gradient_regions(model.params(), model.registry().expert_begin());
+  const GradientRegions grad_regions = split_gradient_regions(model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin());
+  const GradientRegions param_regions = split_gradient_regions(model.params(), model.registry().tp_sharded_begin(), model.registry().expert_begin());
   Zero1Shards shards;
   std::vector<ElementRange> owned;
   if (zero1) {

@@ -27,11 +27,16 @@ void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, DType dtype_)
   d_act = arena.take(dtype_, {t, f});
 }
 
-void Attention::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec) {
+void Attention::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp) {
   const int64_t d = spec.dim;
+  tp_ = tp;
   norm_.id = registry.add(prefix + ".attn_norm", {d}, ParamRole::NORM, 0.0);
-  qkv_.id = registry.add(prefix + ".attn.qkv", {3 * d, d}, ParamRole::DENSE, spec.init_std);
-  proj_.id = registry.add(prefix + ".attn.proj", {d, d}, ParamRole::DENSE, spec.init_std / std::sqrt(2.0 * spec.layers));
+  // [3, D, D] is the [3D, D] matrix of q, k and v rows; a tp part keeps its heads' rows of
+  // each, so the part is itself a [q | k | v] matrix for those heads.
+  qkv_.id = registry.add_part(prefix + ".attn.qkv", {3, d, d}, 1, tp.size(), tp.rank(), ParamRole::DENSE,
+                              spec.init_std, true);
+  proj_.id = registry.add_part(prefix + ".attn.proj", {d, d}, 1, tp.size(), tp.rank(), ParamRole::DENSE,
+                               spec.init_std / std::sqrt(2.0 * spec.layers), true);
   rope_theta_ = spec.rope_theta;
   eps_ = spec.norm_eps;
 }
@@ -42,26 +47,28 @@ void Attention::bind(const ParamRegistry& r, const Buffer& params, const Buffer&
   proj_ = bind_param(r, proj_.id, params, grads, dtype, dev);
 }
 
-void Attention::plan(Arena& arena, const LayerDims& dims) {
+void Attention::plan(Arena& arena, const LayerDims& dims, const Tensor& tp_partial) {
   dims_ = dims;
+  dims_.heads = dims.heads / tp_.size();
+  tp_partial_ = tp_partial;
   const DType dt = norm_.value.dtype;
-  const int64_t t = dims.tokens(), d = dims.dim, b = dims.batch, h = dims.heads, s = dims.seq, dh = dims.head_dim;
+  const int64_t t = dims_.tokens(), d = dims_.dim, b = dims_.batch, h = dims_.heads, s = dims_.seq, dh = dims_.head_dim;
   normed_ = arena.take(dt, {t, d});
   rstd_ = arena.take(dt, {t});
-  qkv_out_ = arena.take(dt, {t, 3 * d});
+  qkv_out_ = arena.take(dt, {t, 3 * h * dh});
   q_ = arena.take(dt, {b, h, s, dh});
   k_ = arena.take(dt, {b, h, s, dh});
   v_ = arena.take(dt, {b, h, s, dh});
   probs_ = arena.take(dt, {b * h, s, s});
   ctx_heads_ = arena.take(dt, {b, h, s, dh});
-  ctx_ = arena.take(dt, {t, d});
+  ctx_ = arena.take(dt, {t, h * dh});
 }
 
 void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
-  const int64_t bh = dims_.batch * dims_.heads;
+  const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
   be.rmsnorm_forward(in, norm_.value, eps_, normed_, rstd_);
-  be.gemm(false, true, t, 3 * d, d, 1.0, normed_, qkv_.value, 0.0, qkv_out_);
+  be.gemm(false, true, t, 3 * dl, d, 1.0, normed_, qkv_.value, 0.0, qkv_out_);
   be.split_qkv(qkv_out_, q_, k_, v_);
   be.rope(q_, rope_theta_, +1);
   be.rope(k_, rope_theta_, +1);
@@ -71,29 +78,42 @@ void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
   be.gemm(false, false, s, dh, s, 1.0, probs_, v_, 0.0, ctx_heads_, {bh, s * s, s * dh, s * dh});
   be.merge_heads(ctx_heads_, ctx_.view({dims_.batch, s, dims_.heads, dh}));
   be.copy(in, out);
-  be.gemm(false, true, t, d, d, 1.0, ctx_, proj_.value, 1.0, out);
+  if (!tp_.active()) {
+    be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 1.0, out);
+    return;
+  }
+  // Row-parallel projection: each rank's heads contribute a partial sum.
+  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 0.0, tp_partial_);
+  tp_.sum(tp_partial_);
+  be.axpy(1.0, tp_partial_, out);
 }
 
 void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& sc) {
-  const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
-  const int64_t bh = dims_.batch * dims_.heads;
+  const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim, h = dims_.heads;
+  const int64_t bh = dims_.batch * h, dl = h * dh;
   const double scale = 1.0 / std::sqrt(double(dh));
+  const Tensor d_ctx = sc.d_ctx.prefix({t, dl}), d_ctx_heads = sc.d_ctx_heads.prefix({dims_.batch, h, s, dh});
+  const Tensor dq = sc.dq.prefix({dims_.batch, h, s, dh}), dk = sc.dk.prefix({dims_.batch, h, s, dh}),
+               dv = sc.dv.prefix({dims_.batch, h, s, dh}), d_probs = sc.d_probs.prefix({bh, s, s}),
+               d_qkv = sc.d_qkv.prefix({t, 3 * dl});
   // out = in + ctx proj^T
-  be.gemm(false, false, t, d, d, 1.0, dres, proj_.value, 0.0, sc.d_ctx);
-  be.gemm(true, false, d, d, t, 1.0, dres, ctx_, 1.0, proj_.grad);
-  be.split_heads(sc.d_ctx.view({dims_.batch, s, dims_.heads, dh}), sc.d_ctx_heads);
+  be.gemm(false, false, t, dl, d, 1.0, dres, proj_.value, 0.0, d_ctx);
+  be.gemm(true, false, d, dl, t, 1.0, dres, ctx_, 1.0, proj_.grad);
+  be.split_heads(d_ctx.view({dims_.batch, s, h, dh}), d_ctx_heads);
   // ctx = P v
-  be.gemm(false, true, s, s, dh, 1.0, sc.d_ctx_heads, v_, 0.0, sc.d_probs, {bh, s * dh, s * dh, s * s});
-  be.gemm(true, false, s, dh, s, 1.0, probs_, sc.d_ctx_heads, 0.0, sc.dv, {bh, s * s, s * dh, s * dh});
+  be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
+  be.gemm(true, false, s, dh, s, 1.0, probs_, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
   // P = softmax(scale * q k^T)
-  be.causal_softmax_backward(probs_, sc.d_probs, scale);
-  be.gemm(false, false, s, dh, s, 1.0, sc.d_probs, k_, 0.0, sc.dq, {bh, s * s, s * dh, s * dh});
-  be.gemm(true, false, s, dh, s, 1.0, sc.d_probs, q_, 0.0, sc.dk, {bh, s * s, s * dh, s * dh});
-  be.rope(sc.dq, rope_theta_, -1);
-  be.rope(sc.dk, rope_theta_, -1);
-  be.join_qkv(sc.dq, sc.dk, sc.dv, sc.d_qkv);
-  be.gemm(false, false, t, d, 3 * d, 1.0, sc.d_qkv, qkv_.value, 0.0, sc.d_normed);
-  be.gemm(true, false, 3 * d, d, t, 1.0, sc.d_qkv, normed_, 1.0, qkv_.grad);
+  be.causal_softmax_backward(probs_, d_probs, scale);
+  be.gemm(false, false, s, dh, s, 1.0, d_probs, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
+  be.gemm(true, false, s, dh, s, 1.0, d_probs, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
+  be.rope(dq, rope_theta_, -1);
+  be.rope(dk, rope_theta_, -1);
+  be.join_qkv(dq, dk, dv, d_qkv);
+  // Column-parallel qkv: the input gradient is the sum of every rank's heads' parts.
+  be.gemm(false, false, t, d, 3 * dl, 1.0, d_qkv, qkv_.value, 0.0, sc.d_normed);
+  tp_.sum(sc.d_normed);
+  be.gemm(true, false, 3 * dl, d, t, 1.0, d_qkv, normed_, 1.0, qkv_.grad);
   be.rmsnorm_backward(in, norm_.value, rstd_, sc.d_normed, sc.d_x, norm_.grad);
   be.axpy(1.0, sc.d_x, dres);
 }

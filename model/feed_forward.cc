@@ -17,11 +17,14 @@ char* at(const Tensor& t, int64_t elements) { return static_cast<char*>(t.data) 
 // ---- dense SwiGLU MLP -------------------------------------------------------------------
 
 void SwigluMlp::declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std,
-                        double out_std) {
+                        double out_std, TensorParallel tp) {
   dim_ = dim;
-  ffn_ = ffn;
-  gate_up_.id = registry.add(prefix + ".gate_up", {2 * ffn, dim}, ParamRole::DENSE, std);
-  down_.id = registry.add(prefix + ".down", {dim, ffn}, ParamRole::DENSE, out_std);
+  ffn_ = ffn / tp.size();
+  tp_ = tp;
+  // [2, F, D] is the [2F, D] matrix of gate then up rows; a tp part keeps its hidden units'
+  // rows of both, so it is itself a [gate | up] matrix.
+  gate_up_.id = registry.add_part(prefix + ".gate_up", {2, ffn, dim}, 1, tp.size(), tp.rank(), ParamRole::DENSE, std, true);
+  down_.id = registry.add_part(prefix + ".down", {dim, ffn}, 1, tp.size(), tp.rank(), ParamRole::DENSE, out_std, true);
 }
 
 void SwigluMlp::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
@@ -29,16 +32,25 @@ void SwigluMlp::bind(const ParamRegistry& r, const Buffer& params, const Buffer&
   down_ = bind_param(r, down_.id, params, grads, dtype, dev);
 }
 
-void SwigluMlp::plan(Arena& arena, int64_t tokens) {
+void SwigluMlp::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial) {
   hidden_ = arena.take(gate_up_.value.dtype, {tokens, 2 * ffn_});
   act_ = arena.take(gate_up_.value.dtype, {tokens, ffn_});
+  tp_partial_ = tp_partial;
 }
 
 void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
   const int64_t t = h.rows();
   be.gemm(false, true, t, 2 * ffn_, dim_, 1.0, h, gate_up_.value, 0.0, hidden_);
   be.swiglu_forward(hidden_, act_);
-  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 1.0, out);
+  if (!tp_.active()) {
+    be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 1.0, out);
+    return;
+  }
+  // Row-parallel down projection: each rank's hidden units contribute a partial sum.
+  const Tensor partial = tp_partial_.prefix({t, dim_});
+  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 0.0, partial);
+  tp_.sum(partial);
+  be.axpy(1.0, partial, out);
 }
 
 void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta,
@@ -48,7 +60,20 @@ void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, cons
   be.gemm(false, false, t, ffn_, dim_, 1.0, d_out, down_.value, 0.0, d_act);
   be.gemm(true, false, dim_, ffn_, t, 1.0, d_out, act_, 1.0, down_.grad);
   be.swiglu_backward(hidden_, d_act, d_hidden);
-  be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, beta, d_h);
+  if (!tp_.active()) {
+    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, beta, d_h);
+  } else {
+    // Column-parallel gate_up: the input gradient is the sum of every rank's part.
+    const Tensor partial = tp_partial_.prefix({t, dim_});
+    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, 0.0, partial);
+    tp_.sum(partial);
+    if (beta == 0.0) {
+      be.copy(partial, d_h);
+    } else {
+      if (beta != 1.0) be.scale(d_h, beta);
+      be.axpy(1.0, partial, d_h);
+    }
+  }
   be.gemm(true, false, 2 * ffn_, dim_, t, 1.0, d_hidden, h, 1.0, gate_up_.grad);
 }
 
@@ -76,8 +101,9 @@ void RoutingPlan::build(const std::vector<int32_t>& topk_index, int64_t tokens, 
 // ---- MoE --------------------------------------------------------------------------------
 
 void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
-                             std::shared_ptr<TokenDispatcher> dispatcher) {
+                             std::shared_ptr<TokenDispatcher> dispatcher, TensorParallel tp) {
   moe_ = spec.moe;
+  tp_ = tp;
   dim_ = spec.dim;
   dispatcher_ = std::move(dispatcher);
   SDMOE_ASSERT(dispatcher_ && dispatcher_->local_experts() * dispatcher_->ep_size() == moe_.num_experts,
@@ -91,7 +117,8 @@ void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix,
                                   spec.init_std, false);
   down_.id = registry.add_part(prefix + ".moe.experts.down", {e, d, f}, 0, ep, ep_rank, ParamRole::EXPERT, out_std, false);
   has_shared_ = moe_.shared_expert_ffn_dim > 0;
-  if (has_shared_) shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std);
+  if (has_shared_)
+    shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std, tp);
 }
 
 void MoeFeedForward::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
@@ -102,8 +129,12 @@ void MoeFeedForward::bind(const ParamRegistry& r, const Buffer& params, const Bu
   if (has_shared_) shared_.bind(r, params, grads, dtype, dev);
 }
 
-void MoeFeedForward::plan(Arena& arena, int64_t tokens) {
+void MoeFeedForward::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial) {
   tokens_ = tokens;
+  tp_partial_ = tp_partial;
+  SDMOE_ASSERT(tokens % tp_.size() == 0, "{} tokens do not split over {} tensor-parallel ranks", tokens, tp_.size());
+  slice_tokens_ = tokens / tp_.size();
+  slice_begin_ = slice_tokens_ * tp_.rank();
   const int64_t e = moe_.num_experts, k = moe_.top_k, f = moe_.expert_ffn_dim, n = tokens * k, d = dim_;
   logits_ = arena.take(dtype_, {tokens, e});
   topk_index_ = arena.take(DType::I32, {tokens, k});
@@ -122,7 +153,7 @@ void MoeFeedForward::plan(Arena& arena, int64_t tokens) {
   d_weight_ = arena.take(dtype_, {tokens, k});
   d_logits_ = arena.take(dtype_, {tokens, e});
   aux_grad_ = arena.take(dtype_, {e});
-  if (has_shared_) shared_.plan(arena, tokens);
+  if (has_shared_) shared_.plan(arena, tokens, tp_partial);
 }
 
 template <typename MakeGroup>
@@ -138,7 +169,9 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
   const int64_t f = moe_.expert_ffn_dim, d = dim_;
   if (dispatcher_->local_only()) {
     // The sorted rows are already expert-major: work on them in place.
-    return ExpertRows{routed_in_, hidden_, act_, routed_out_, d_routed_, d_hidden_, d_act_, d_routed_};
+    const Tensor x = routed_in_.prefix({rows, d}), y = routed_out_.prefix({rows, d}), dy = d_routed_.prefix({rows, d});
+    return ExpertRows{x, hidden_.prefix({rows, 2 * f}), act_.prefix({rows, f}), y, dy,
+                      d_hidden_.prefix({rows, 2 * f}), d_act_.prefix({rows, f}), dy};
   }
   // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row. The same
   // two passes as the activations: plan to size the buffer, then carve it.
@@ -171,12 +204,16 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
   be.router_forward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, aux_probs_, lse_);
   std::vector<int32_t> topk(t * k);
   be.copy_to_host(topk_index_, topk.data());
-  plan_.build(topk, t, static_cast<int>(k), static_cast<int>(e));
-  be.copy_from_host(plan_.row_token.data(), row_token_);
-  be.copy_from_host(plan_.slot_row.data(), slot_row_);
+  // This rank's tokens (all of them without tensor parallelism).
+  const int64_t ts = slice_tokens_, t0 = slice_begin_, n = ts * k;
+  plan_.build(std::vector<int32_t>(topk.begin() + t0 * k, topk.begin() + (t0 + ts) * k), ts, static_cast<int>(k),
+              static_cast<int>(e));
+  const Tensor row_token = row_token_.prefix({n}), slot_row = slot_row_.prefix({ts, k});
+  be.copy_from_host(plan_.row_token.data(), row_token);
+  be.copy_from_host(plan_.slot_row.data(), slot_row);
   // Permute tokens by expert, send each row to its expert's rank, run the local experts
   // as one grouped GEMM, send the results back, combine with the router weights.
-  be.gather_rows(h, row_token_, routed_in_);
+  be.gather_rows(h.slice_rows(t0, ts), row_token, routed_in_.prefix({n, d}));
   std::vector<int64_t> rows_per_expert(e);
   for (int x = 0; x < e; ++x) rows_per_expert[x] = plan_.expert_offset[x + 1] - plan_.expert_offset[x];
   dispatcher_->exchange_counts(rows_per_expert);
@@ -190,7 +227,15 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
     return GemmGroup{at(rows_.act, row * f), at(down_.value, x * d * f), at(rows_.y, row * d), rows, d, f};
   });
   dispatcher_->combine(rows_.y, routed_out_);
-  be.combine_rows(routed_out_, slot_row_, &topk_weight_, 1.0, out);
+  const Tensor weight_slice = topk_weight_.slice_rows(t0, ts);
+  if (!tp_.active()) {
+    be.combine_rows(routed_out_, slot_row, &weight_slice, 1.0, out);
+  } else {
+    const Tensor slice = tp_partial_.slice_rows(t0, ts);
+    be.combine_rows(routed_out_, slot_row, &weight_slice, 0.0, slice);
+    tp_.group->all_gather(slice, tp_partial_);
+    be.axpy(1.0, tp_partial_, out);
+  }
   if (has_shared_) shared_.forward(be, h, out);
 
   // Load-balancing loss E * sum_e f_e P_e (f_e: share of routed rows, P_e: mean
@@ -199,8 +244,10 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
   std::vector<double> prob_sum = be.column_sums(aux_probs_);
   expert_load_.assign(e, 0.0);
   stats.min_load = 1.0;
+  std::vector<int64_t> rows_of(e, 0);  // over all T tokens, not only this rank's slice
+  for (int32_t x : topk) ++rows_of[x];
   for (int x = 0; x < e; ++x) {
-    expert_load_[x] = double(plan_.expert_offset[x + 1] - plan_.expert_offset[x]) / double(t * k);
+    expert_load_[x] = double(rows_of[x]) / double(t * k);
     stats.aux_loss += expert_load_[x] * prob_sum[x] / double(t);
     stats.min_load = std::min(stats.min_load, expert_load_[x]);
     stats.max_load = std::max(stats.max_load, expert_load_[x]);
@@ -213,7 +260,10 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
 void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
                               Scratch& sc) {
   const int64_t t = tokens_, e = moe_.num_experts, f = moe_.expert_ffn_dim, d = dim_;
-  be.combine_rows_backward(d_out, routed_out_, slot_row_, topk_weight_, d_routed_, d_weight_);
+  const int64_t ts = slice_tokens_, t0 = slice_begin_, k = moe_.top_k;
+  const Tensor slot_row = slot_row_.prefix({ts, k}), d_weight_slice = d_weight_.slice_rows(t0, ts);
+  be.combine_rows_backward(d_out.slice_rows(t0, ts), routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,
+                           d_weight_slice);
   dispatcher_->dispatch(d_routed_, rows_.dy);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
     return GemmGroup{at(rows_.dy, row * d), at(down_.value, x * d * f), at(rows_.d_act, row * f), rows, f, d};
@@ -229,8 +279,18 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
     return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(rows_.x, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
   });
   dispatcher_->combine(rows_.dx, d_routed_);
-  // Un-permute: each token sums the input gradients of its K rows.
-  be.combine_rows(d_routed_, slot_row_, nullptr, 0.0, d_h);
+  // Un-permute: each token sums the input gradients of its K rows. With tensor
+  // parallelism every rank then gathers the other slices' gradients and top-k weight
+  // gradients, so that the router's backward sees the whole micro-batch.
+  if (!tp_.active()) {
+    be.combine_rows(d_routed_, slot_row, nullptr, 0.0, d_h);
+  } else {
+    const Tensor slice = tp_partial_.slice_rows(t0, ts);
+    be.combine_rows(d_routed_, slot_row, nullptr, 0.0, slice);
+    tp_.group->all_gather(slice, tp_partial_);
+    be.copy(tp_partial_, d_h);
+    tp_.group->all_gather(d_weight_slice, d_weight_);
+  }
 
   // Router: top-k weights, load-balancing and z-loss gradients.
   std::vector<double> aux_grad(e);

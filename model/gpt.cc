@@ -19,6 +19,7 @@ struct GptModel::Block {
 ModelPlacement placement_for(const ProcessGroups& groups, bool zero1) {
   ModelPlacement p;
   p.ep_group = groups.ep;
+  p.tp_group = groups.tp;
   if (zero1) {
     p.dense_multiple = 64 * int64_t(groups.dp->size());
     p.expert_multiple = 64 * int64_t(groups.edp->size());
@@ -35,7 +36,7 @@ int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
                    const ModelPlacement& placement)
-    : spec_(spec), be_(backend), dtype_(dtype), batch_(micro_batch) {
+    : spec_(spec), be_(backend), tp_group_(placement.tp_group), dtype_(dtype), batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
   head_chunk_ = output_head_chunk(spec_, tokens_);
@@ -44,14 +45,15 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   for (int l = 0; l < spec_.layers; ++l) {
     auto block = std::make_unique<Block>();
     const std::string prefix = fmt::format("layers.{}", l);
-    block->attention.declare(registry_, prefix, spec_);
+    const TensorParallel tp{tp_group_.get()};
+    block->attention.declare(registry_, prefix, spec_, tp);
     block->ffn_norm.id = registry_.add(prefix + ".ffn_norm", {d}, ParamRole::NORM, 0.0);
     block->is_moe = spec_.moe.is_moe_layer(l);
     const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
     if (block->is_moe)
       block->moe.declare(registry_, prefix, spec_,
-                         std::make_shared<TokenDispatcher>(placement.ep_group, be_, spec_.moe.num_experts));
-    else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std);
+                         std::make_shared<TokenDispatcher>(placement.ep_group, be_, spec_.moe.num_experts), tp);
+    else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std, tp);
     blocks_.push_back(std::move(block));
   }
   final_norm_.id = registry_.add("final_norm", {d}, ParamRole::NORM, 0.0);
@@ -89,12 +91,13 @@ void GptModel::plan_activations(Arena& arena) {
   targets_ = arena.take(DType::I32, {t});
   stream_.clear();
   for (int i = 0; i < 2 * spec_.layers + 1; ++i) stream_.push_back(arena.take(dtype_, {t, d}));
+  tp_partial_ = tp_group_ && tp_group_->size() > 1 ? arena.take(dtype_, {t, d}) : Tensor{};
   for (auto& b : blocks_) {
-    b->attention.plan(arena, dims);
+    b->attention.plan(arena, dims, tp_partial_);
     b->ffn_normed = arena.take(dtype_, {t, d});
     b->ffn_rstd = arena.take(dtype_, {t});
-    if (b->is_moe) b->moe.plan(arena, t);
-    else b->mlp.plan(arena, t);
+    if (b->is_moe) b->moe.plan(arena, t, tp_partial_);
+    else b->mlp.plan(arena, t, tp_partial_);
   }
   final_normed_ = arena.take(dtype_, {t, d});
   final_rstd_ = arena.take(dtype_, {t});

@@ -21,6 +21,7 @@ struct MicroBatchStats {
 // Where this rank's part of the model sits in the parallel layout.
 struct ModelPlacement {
   std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
+  std::shared_ptr<Communicator> tp_group;  // null: dense layers not split
   // Multiples the dense and expert parameter regions are padded to (ZeRO-1 shards them
   // evenly over the data-parallel and expert-data-parallel ranks).
   int64_t dense_multiple = 64, expert_multiple = 64;
@@ -65,6 +66,8 @@ class GptModel {
 
   ModelSpec spec_;
   Backend& be_;
+  std::shared_ptr<Communicator> tp_group_;
+  Tensor tp_partial_;  // [T,D] partial sums of the row-parallel matrices
   DType dtype_;
   int batch_;
   int64_t tokens_;

@@ -37,6 +37,21 @@ struct Scratch {
   void plan(Arena& arena, const ModelSpec& spec, int batch, DType dtype);
 };
 
+// How a layer is split over the tensor-parallel group (Megatron's column/row-parallel
+// pairs): the first matrix of a pair is split by output rows (attention heads, MLP hidden
+// units), the second by input columns, and the partial outputs of the second are summed
+// over the group. Inputs and outputs of a layer are replicated on every tp rank.
+struct TensorParallel {
+  Communicator* group = nullptr;  // null: not split
+  int size() const { return group ? group->size() : 1; }
+  int rank() const { return group ? group->rank() : 0; }
+  bool active() const { return size() > 1; }
+  // x <- sum over the group of x.
+  void sum(const Tensor& x) const {
+    if (active()) group->all_reduce(x, ReduceOp::SUM);
+  }
+};
+
 // Sizes one layer sees.
 struct LayerDims {
   int64_t batch, seq, dim, heads, head_dim;
@@ -45,16 +60,21 @@ struct LayerDims {
 
 class Attention {
  public:
-  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec);
+  // With tensor parallelism this rank holds heads [rank * H/tp, (rank+1) * H/tp).
+  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp = {});
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, const LayerDims& dims);
+  // dims: the model's sizes (all heads); tp_partial: [T,D] scratch shared by the layers,
+  // used when tensor parallel.
+  void plan(Arena& arena, const LayerDims& dims, const Tensor& tp_partial = {});
   void forward(Backend& be, const Tensor& in, const Tensor& out);
   void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch);
 
  private:
-  LayerDims dims_{};
+  LayerDims dims_{};  // heads: this rank's
+  TensorParallel tp_;
+  Tensor tp_partial_;
   double rope_theta_ = 10000.0, eps_ = 1e-5;
-  Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]
+  Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]; with tp: [3, D/tp, D] and [D, D/tp]
   Tensor normed_, rstd_;      // [T,D], [T]
   Tensor qkv_out_;            // [T,3D] = [B,S,3,H,Dh]
   Tensor q_, k_, v_;          // [B,H,S,Dh], q and k after RoPE
@@ -65,16 +85,20 @@ class Attention {
 // SwiGLU MLP on an already-normalised input, adding its output into `out`.
 class SwigluMlp {
  public:
-  void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std);
+  // With tensor parallelism this rank holds hidden units [rank * F/tp, (rank+1) * F/tp).
+  void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std,
+               TensorParallel tp = {});
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens);
+  void plan(Arena& arena, int64_t tokens, const Tensor& tp_partial = {});
   void forward(Backend& be, const Tensor& h, const Tensor& out);
   // d_h = beta * d_h + d(h) of this MLP.
   void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch);
 
  private:
-  int64_t dim_ = 0, ffn_ = 0;
-  Param gate_up_, down_;  // [2F,D], [D,F]
+  int64_t dim_ = 0, ffn_ = 0;  // ffn_: this rank's hidden units
+  TensorParallel tp_;
+  Tensor tp_partial_;
+  Param gate_up_, down_;  // [2F,D], [D,F]; with tp: [2, F/tp, D] and [D, F/tp]
   Tensor hidden_, act_;   // [T,2F], [T,F]
 };
 
@@ -105,10 +129,16 @@ class MoeFeedForward {
   // dispatcher: how rows reach the experts; its ep group decides which experts this rank
   // holds. Each MoE layer needs its own (it keeps the routing of its forward for the
   // backward).
+  //
+  // With tensor parallelism the router runs on all T tokens on every tp rank (so routing,
+  // the auxiliary and z losses and the router's gradients are those of the whole
+  // micro-batch, identical on the group), but each tp rank sends only its slice of T/tp
+  // tokens to the experts; the slices' outputs (and input gradients) are all-gathered over
+  // tp. The shared expert is split like a dense MLP.
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
-               std::shared_ptr<TokenDispatcher> dispatcher);
+               std::shared_ptr<TokenDispatcher> dispatcher, TensorParallel tp = {});
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens);
+  void plan(Arena& arena, int64_t tokens, const Tensor& tp_partial = {});
   MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
   // loss_scale multiplies the auxiliary and z losses in the gradient, as the cross
   // entropy's own scale does for the main loss.
@@ -122,6 +152,9 @@ class MoeFeedForward {
   ExpertRows expert_rows(Backend& be, int64_t rows);
   MoeSpec moe_{};
   std::shared_ptr<TokenDispatcher> dispatcher_;
+  TensorParallel tp_;
+  Tensor tp_partial_;                       // [T,D] shared scratch (tensor parallel only)
+  int64_t slice_begin_ = 0, slice_tokens_ = 0;  // this tp rank's tokens
   Buffer expert_side_;
   int64_t expert_side_rows_ = 0;
   ExpertRows rows_;

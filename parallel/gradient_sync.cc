@@ -8,13 +8,17 @@
 
 namespace sdmoe {
 
-GradientRegions split_gradient_regions(const Tensor& flat, int64_t expert_begin) {
+GradientRegions split_gradient_regions(const Tensor& flat, int64_t tp_sharded_begin, int64_t expert_begin) {
   const int64_t total = flat.numel();
-  SDMOE_ASSERT(expert_begin >= 0 && expert_begin <= total, "expert region starts at {} of {}", expert_begin, total);
+  SDMOE_ASSERT(0 <= tp_sharded_begin && tp_sharded_begin <= expert_begin && expert_begin <= total,
+               "parameter regions at {}, {} of {}", tp_sharded_begin, expert_begin, total);
   char* base = static_cast<char*>(flat.data);
   const size_t width = dtype_size(flat.dtype);
-  return GradientRegions{Tensor(base, flat.dtype, flat.device, {expert_begin}),
-                         Tensor(base + expert_begin * width, flat.dtype, flat.device, {total - expert_begin})};
+  auto part = [&](int64_t begin, int64_t end) {
+    return Tensor(base + begin * width, flat.dtype, flat.device, {end - begin});
+  };
+  return GradientRegions{part(0, expert_begin), part(expert_begin, total), part(0, tp_sharded_begin),
+                         part(tp_sharded_begin, expert_begin)};
 }
 
 void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups) {
@@ -23,10 +27,11 @@ void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups)
 }
 
 double global_gradient_norm(Backend& backend, const GradientRegions& grads, const ProcessGroups& groups) {
-  std::vector<double> expert_sq{grads.expert.numel() > 0 ? backend.sum_squares(grads.expert) : 0.0};
+  auto sq = [&](const Tensor& t) { return t.numel() > 0 ? backend.sum_squares(t) : 0.0; };
+  std::vector<double> tp_sq{sq(grads.tp_sharded)}, expert_sq{sq(grads.expert)};
+  groups.tp->all_reduce_host(tp_sq, ReduceOp::SUM);
   groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);
-  const double dense_sq = grads.dense.numel() > 0 ? backend.sum_squares(grads.dense) : 0.0;
-  return std::sqrt(dense_sq + expert_sq[0]);
+  return std::sqrt(sq(grads.tp_replicated) + tp_sq[0] + expert_sq[0]);
 }
 
 namespace {

@@ -9,17 +9,22 @@ namespace sdmoe {
 
 struct GradientRegions {
   Tensor dense, expert;
+  // The dense region's two parts: tensors replicated over the tensor-parallel group, then
+  // tensors split over it.
+  Tensor tp_replicated, tp_sharded;
 };
 
-// Splits a flat gradient tensor at `expert_begin` elements.
-GradientRegions split_gradient_regions(const Tensor& flat, int64_t expert_begin);
+// Splits a flat gradient (or parameter) tensor laid out as
+// [tp-replicated | tp-sharded | experts] at the two boundaries (in elements).
+GradientRegions split_gradient_regions(const Tensor& flat, int64_t tp_sharded_begin, int64_t expert_begin);
 
 // Sums dense gradients over groups.dp and expert gradients over groups.edp.
 void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups);
 
-// The norm of the whole model's gradient after reduce_gradients: every rank holds all
-// dense gradients and its ep group's share of the experts, so
-// |g|^2 = |dense|^2 + sum over the ep group of |experts|^2.
+// The norm of the whole model's gradient after reduce_gradients: every rank holds the
+// tp-replicated gradients, its tp group's share of the tp-split ones and its ep group's
+// share of the experts, so
+// |g|^2 = |replicated|^2 + sum over tp of |tp-split|^2 + sum over ep of |experts|^2.
 double global_gradient_norm(Backend& backend, const GradientRegions& grads, const ProcessGroups& groups);
 
 // ZeRO-1. Each region is split evenly over the ranks of its group (the model pads the

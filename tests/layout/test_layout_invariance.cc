@@ -130,8 +130,8 @@ int run(int argc, char** argv) {
   GptModel parallel(spec, *be, DType::F32, kMicroBatch, placement_for(groups, zero1));
   reference.init_parameters(5);
   parallel.init_parameters(5);
-  const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().expert_begin());
-  const GradientRegions params = split_gradient_regions(parallel.params(), parallel.registry().expert_begin());
+  const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().tp_sharded_begin(), parallel.registry().expert_begin());
+  const GradientRegions params = split_gradient_regions(parallel.params(), parallel.registry().tp_sharded_begin(), parallel.registry().expert_begin());
   Zero1Shards shards;
   std::vector<ElementRange> owned;
   if (zero1) {
