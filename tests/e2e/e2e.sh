@@ -50,6 +50,14 @@ mpi_equal)
     END { printf "max |loss(1 rank) - loss(ep 2, ZeRO-1)| = %.2e over %d steps\n", m, NR; exit bad }' || die "ep/ZeRO-1 loss sequence differs"
   # The runs must actually train: the loss moves by far more than the tolerance.
   awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/l1" || die "loss did not decrease"
+  # Tensor parallelism (tp = 2: heads, MLP units and the shared expert split, MoE tokens
+  # sliced over the pair): the same sequence again.
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.tp=2 > "$tmp/tp" 2>&1 || { cat "$tmp/tp"; die "tp=2 run failed"; }
+  grep -q "tp 2 x dp 1" "$tmp/tp" || die "the run did not use tp = 2"
+  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/tp" | awk '{print $5}' > "$tmp/l4"
+  [ "$(wc -l < "$tmp/l4")" -eq 20 ] || die "expected 20 loss lines from the tp run"
+  paste "$tmp/l1" "$tmp/l4" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
+    END { printf "max |loss(1 rank) - loss(tp 2)| = %.2e over %d steps\n", m, NR; exit bad }' || die "tp loss sequence differs"
   val_losses "$tmp/one" > "$tmp/v1"; val_losses "$tmp/two" > "$tmp/v2"
   [ "$(wc -l < "$tmp/v1")" -eq 3 ] && [ "$(wc -l < "$tmp/v2")" -eq 3 ] || die "expected 3 validation losses from each run"
   paste "$tmp/v1" "$tmp/v2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
@@ -87,6 +95,8 @@ bad_input)
   check "heads do not divide dim" "divisible" --config configs/tiny.textproto --set model.heads=5
   check "tp does not divide the ranks" "parallel.tp (3) must divide the number of ranks (2)" --config configs/tiny.textproto --set parallel.tp=3
   check "ep does not divide the experts" "parallel.ep (2) must divide model.moe.num_experts (3)" --config configs/tiny.textproto --set parallel.ep=2 --set model.moe.num_experts=3 --set model.moe.top_k=2
+  check "tp does not divide the heads" "parallel.tp (2) must divide model.heads (1)" --config configs/tiny.textproto --set parallel.tp=2 --set model.heads=1
+  check "expert tensor parallelism" "parallel.etp must be 1" --config configs/tiny.textproto --set parallel.etp=2
   check "NCCL without a GPU" "parallel.comm_backend NCCL" --config configs/tiny.textproto --set device=CPU --set parallel.comm_backend=NCCL
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   ;;
