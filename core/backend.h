@@ -93,6 +93,8 @@ class Backend {
                             std::span<const GemmGroup> groups, double beta) = 0;
 
   // ---- embedding, norm, activation ----------------------------------------------------
+  // A negative id is a token whose row lives on another rank (a vocabulary-parallel
+  // table): its output row is zero and it adds no gradient.
   virtual void embedding_forward(const Tensor& ids /*I32 [T]*/, const Tensor& table /*[V,D]*/,
                                  const Tensor& out /*[T,D]*/) = 0;
   virtual void embedding_backward(const Tensor& ids /*[T]*/, const Tensor& dout /*[T,D]*/,
@@ -124,10 +126,14 @@ class Backend {
   virtual void causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) = 0;
 
   // ---- loss ---------------------------------------------------------------------------
-  // Per-token loss and log-sum-exp; targets < 0 are ignored (loss 0, gradient 0).
+  // Per-token loss and log-sum-exp. A target of kTargetOnOtherShard is a class outside
+  // these logits (a vocabulary-parallel shard): loss = lse, and the gradient is the
+  // softmax alone. Other negative targets are ignored (loss 0, gradient 0).
+  static constexpr int32_t kTargetOnOtherShard = -2;
   virtual void cross_entropy_forward(const Tensor& logits /*[T,V]*/, const Tensor& targets /*I32 [T]*/,
                                      const Tensor& losses /*[T]*/, const Tensor& lse /*[T]*/) = 0;
-  // logits are overwritten with scale * (softmax(logits) - onehot(target)).
+  // logits are overwritten with scale * (softmax(logits) - onehot(target)), the softmax
+  // normalised by the given lse (for a vocabulary-parallel shard: the whole row's).
   virtual void cross_entropy_backward(const Tensor& logits, const Tensor& targets,
                                       const Tensor& lse, double scale) = 0;
 

@@ -120,6 +120,8 @@ ParallelDims check_parallel(const config::Run& run, int world) {
     fail("parallel.etp must be 1 for now ({}): experts are not split over tensor-parallel ranks yet", dims.describe());
   if (dims.tp > 1) {
     if (spec.heads % dims.tp != 0) fail("parallel.tp ({}) must divide model.heads ({})", dims.tp, spec.heads);
+    if (spec.vocab_size % dims.tp != 0)
+      fail("parallel.tp ({}) must divide model.vocab_size ({})", dims.tp, spec.vocab_size);
     if (spec.ffn_dim % dims.tp != 0) fail("parallel.tp ({}) must divide model.ffn_dim ({})", dims.tp, spec.ffn_dim);
     if (spec.moe.shared_expert_ffn_dim % dims.tp != 0)
       fail("parallel.tp ({}) must divide model.moe.shared_expert_ffn_dim ({})", dims.tp, spec.moe.shared_expert_ffn_dim);

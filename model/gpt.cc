@@ -41,7 +41,15 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   tokens_ = int64_t(batch_) * spec_.seq_len;
   head_chunk_ = output_head_chunk(spec_, tokens_);
   const int64_t d = spec_.dim;
-  embedding_.id = registry_.add("embedding", {spec_.vocab_size, d}, ParamRole::EMBEDDING, spec_.init_std);
+  // Vocabulary-parallel: each tp rank holds rows [vocab_begin_, vocab_begin_ + V/tp) of
+  // the embedding (and of the output projection).
+  const TensorParallel vocab_tp{tp_group_.get()};
+  SDMOE_ASSERT(spec_.vocab_size % vocab_tp.size() == 0, "vocabulary {} does not split over {} ranks", spec_.vocab_size,
+               vocab_tp.size());
+  vocab_local_ = spec_.vocab_size / vocab_tp.size();
+  vocab_begin_ = int64_t(vocab_tp.rank()) * vocab_local_;
+  embedding_.id = registry_.add_part("embedding", {spec_.vocab_size, d}, 0, vocab_tp.size(), vocab_tp.rank(),
+                                     ParamRole::EMBEDDING, spec_.init_std, true);
   for (int l = 0; l < spec_.layers; ++l) {
     auto block = std::make_unique<Block>();
     const std::string prefix = fmt::format("layers.{}", l);
@@ -58,7 +66,8 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   }
   final_norm_.id = registry_.add("final_norm", {d}, ParamRole::NORM, 0.0);
   output_.id = spec_.tie_embeddings ? embedding_.id
-                                    : registry_.add("output", {spec_.vocab_size, d}, ParamRole::OUTPUT, spec_.init_std);
+                                    : registry_.add_part("output", {spec_.vocab_size, d}, 0, vocab_tp.size(),
+                                                         vocab_tp.rank(), ParamRole::OUTPUT, spec_.init_std, true);
 
   registry_.finalize(placement.dense_multiple, placement.expert_multiple);
   const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
@@ -101,7 +110,7 @@ void GptModel::plan_activations(Arena& arena) {
   }
   final_normed_ = arena.take(dtype_, {t, d});
   final_rstd_ = arena.take(dtype_, {t});
-  logits_ = arena.take(dtype_, {head_chunk_, spec_.vocab_size});
+  logits_ = arena.take(dtype_, {head_chunk_, vocab_local_});
   losses_ = arena.take(dtype_, {head_chunk_, 1});
   lse_ = arena.take(dtype_, {head_chunk_});
   d_final_ = arena.take(dtype_, {t, d});
@@ -137,6 +146,55 @@ void GptModel::init_parameters(uint64_t seed) {
   }
 }
 
+double GptModel::combine_vocab_shards(const Tensor& losses, const Tensor& lse, const int32_t* targets,
+                                      const TensorParallel& tp) {
+  // Each shard has the log-sum-exp of its logits and, where it holds the target, loss =
+  // lse - target logit (else loss = lse). The row's log-sum-exp is
+  // M + log(sum_shards exp(lse_s - M)) with M the largest lse_s, and the target logit is
+  // summed from the one shard that has it. The whole row's lse then replaces the shard's
+  // on the device, for the backward's softmax.
+  const int64_t rows = lse.numel();
+  std::vector<double> shard_lse(rows), shard_loss(rows), target_logit(rows);
+  copy_to_host_f64(lse, shard_lse);
+  copy_to_host_f64(losses, shard_loss);
+  std::vector<double> row_max = shard_lse, sum_exp(rows);
+  tp.group->all_reduce_host(row_max, ReduceOp::MAX);
+  for (int64_t r = 0; r < rows; ++r) {
+    sum_exp[r] = std::exp(shard_lse[r] - row_max[r]);
+    target_logit[r] = shard_lse[r] - shard_loss[r];  // 0 unless this shard holds the target
+  }
+  tp.group->all_reduce_host(sum_exp, ReduceOp::SUM);
+  tp.group->all_reduce_host(target_logit, ReduceOp::SUM);
+  double loss_sum = 0.0;
+  std::vector<double> row_lse(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    row_lse[r] = row_max[r] + std::log(sum_exp[r]);
+    if (targets[r] >= 0 || targets[r] == Backend::kTargetOnOtherShard) loss_sum += row_lse[r] - target_logit[r];
+  }
+  copy_from_host_f64(row_lse, lse);
+  return loss_sum;
+}
+
+void GptModel::copy_to_host_f64(const Tensor& x, std::vector<double>& out) {
+  out.resize(x.numel());
+  if (x.dtype == DType::F64) {
+    be_.copy_to_host(x, out.data());
+    return;
+  }
+  std::vector<float> f(x.numel());
+  be_.copy_to_host(x, f.data());
+  std::copy(f.begin(), f.end(), out.begin());
+}
+
+void GptModel::copy_from_host_f64(const std::vector<double>& in, const Tensor& x) {
+  if (x.dtype == DType::F64) {
+    be_.copy_from_host(in.data(), x);
+    return;
+  }
+  const std::vector<float> f(in.begin(), in.end());
+  be_.copy_from_host(f.data(), x);
+}
+
 void GptModel::zero_grads() { be_.fill(grads(), 0.0); }
 
 MicroBatchStats GptModel::forward_backward(const int32_t* tokens, double loss_scale) {
@@ -158,12 +216,22 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     if (ids[i] < 0 || ids[i] >= v) fail("token id {} is outside the model vocabulary of {}", ids[i], v);
     if (targets[i] >= v) fail("token id {} is outside the model vocabulary of {}", targets[i], v);
   }
+  // Ids and targets as this rank's vocabulary shard sees them (unchanged without tp).
+  const TensorParallel tp{tp_group_.get()};
+  if (tp.active())
+    for (int64_t i = 0; i < t; ++i) {
+      const bool id_here = ids[i] >= vocab_begin_ && ids[i] < vocab_begin_ + vocab_local_;
+      ids[i] = id_here ? ids[i] - int32_t(vocab_begin_) : -1;
+      const bool target_here = targets[i] >= vocab_begin_ && targets[i] < vocab_begin_ + vocab_local_;
+      if (targets[i] >= 0) targets[i] = target_here ? targets[i] - int32_t(vocab_begin_) : Backend::kTargetOnOtherShard;
+    }
   be_.copy_from_host(ids.data(), ids_);
   be_.copy_from_host(targets.data(), targets_);
 
   MicroBatchStats stats;
   stats.tokens = t;
   be_.embedding_forward(ids_, embedding_.value, stream_[0]);
+  tp.sum(stream_[0]);  // each token's row came from the one rank that holds it
   for (int l = 0; l < spec_.layers; ++l) {
     Block& b = *blocks_[l];
     const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
@@ -184,16 +252,19 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
   // once. In training each chunk's backward runs right away.
   for (int64_t row = 0; row < t; row += head_chunk_) {
-    const int64_t rows = std::min(head_chunk_, t - row);
-    Tensor h = final_normed_.slice_rows(row, rows), logits = logits_.prefix({rows, v});
+    const int64_t rows = std::min(head_chunk_, t - row), vl = vocab_local_;
+    Tensor h = final_normed_.slice_rows(row, rows), logits = logits_.prefix({rows, vl});
     Tensor losses = losses_.prefix({rows, 1}), lse = lse_.prefix({rows}), tgt = targets_.slice_rows(row, rows);
-    be_.gemm(false, true, rows, v, d, 1.0, h, output_.value, 0.0, logits);
+    be_.gemm(false, true, rows, vl, d, 1.0, h, output_.value, 0.0, logits);
     be_.cross_entropy_forward(logits, tgt, losses, lse);
-    stats.loss_sum += be_.column_sums(losses)[0];
+    if (!tp.active()) stats.loss_sum += be_.column_sums(losses)[0];
+    else stats.loss_sum += combine_vocab_shards(losses, lse, &targets[row], tp);
     if (!train) continue;
     be_.cross_entropy_backward(logits, tgt, lse, loss_scale / double(t));
-    be_.gemm(false, false, rows, d, v, 1.0, logits, output_.value, 0.0, d_final_.slice_rows(row, rows));
-    be_.gemm(true, false, v, d, rows, 1.0, logits, h, 1.0, output_.grad);
+    const Tensor d_h = d_final_.slice_rows(row, rows);
+    be_.gemm(false, false, rows, d, vl, 1.0, logits, output_.value, 0.0, d_h);
+    tp.sum(d_h);  // every shard's logits depend on h
+    be_.gemm(true, false, vl, d, rows, 1.0, logits, h, 1.0, output_.grad);
   }
   if (!train) return stats;
 

@@ -62,6 +62,13 @@ class GptModel {
   struct Block;
   void plan_activations(Arena& arena);
   void init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed);
+  // Vocabulary-parallel cross-entropy: combines the shards' per-row results over tp,
+  // leaves the whole row's lse in `lse` and returns the chunk's summed loss.
+  // targets: the chunk's targets as this shard sees them (host).
+  double combine_vocab_shards(const Tensor& losses, const Tensor& lse, const int32_t* targets,
+                              const TensorParallel& tp);
+  void copy_to_host_f64(const Tensor& x, std::vector<double>& out);
+  void copy_from_host_f64(const std::vector<double>& in, const Tensor& x);
   MicroBatchStats run(const int32_t* tokens, bool train, double loss_scale);
 
   ModelSpec spec_;
@@ -72,6 +79,7 @@ class GptModel {
   int batch_;
   int64_t tokens_;
   int64_t head_chunk_;  // rows of logits materialised at once
+  int64_t vocab_local_ = 0, vocab_begin_ = 0;  // this rank's vocabulary shard
   ParamRegistry registry_;
   std::vector<std::unique_ptr<Block>> blocks_;
   Param embedding_, final_norm_, output_;

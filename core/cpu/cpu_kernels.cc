@@ -22,8 +22,9 @@ void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const
     using T = decltype(z);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
-      SDMOE_ASSERT(id[t] >= 0 && id[t] < vocab, "token id {} outside vocabulary {}", id[t], vocab);
-      std::copy_n(table.ptr<T>() + int64_t(id[t]) * dim, dim, out.ptr<T>() + t * dim);
+      SDMOE_ASSERT(id[t] < vocab, "token id {} outside vocabulary {}", id[t], vocab);
+      if (id[t] < 0) std::fill_n(out.ptr<T>() + t * dim, dim, T(0));  // row on another rank
+      else std::copy_n(table.ptr<T>() + int64_t(id[t]) * dim, dim, out.ptr<T>() + t * dim);
     }
   });
 }
@@ -35,6 +36,7 @@ void CpuBackend::embedding_backward(const Tensor& ids, const Tensor& dout, const
     using T = decltype(z);
     // Sequential over tokens: repeated ids must accumulate in a fixed order.
     for (int64_t t = 0; t < tokens; ++t) {
+      if (id[t] < 0) continue;  // row on another rank
       T* row = dtable.ptr<T>() + int64_t(id[t]) * dim;
       const T* g = dout.ptr<T>() + t * dim;
       for (int64_t d = 0; d < dim; ++d) row[d] += g[d];
@@ -261,7 +263,7 @@ void CpuBackend::cross_entropy_forward(const Tensor& logits, const Tensor& targe
       for (int i = 0; i < kLanes; ++i) sum += double(part[i]);
       const double l = double(mx) + std::log(sum);
       lse.ptr<T>()[r] = T(l);
-      losses.ptr<T>()[r] = tgt[r] < 0 ? T(0) : T(l - double(row[tgt[r]]));
+      losses.ptr<T>()[r] = tgt[r] == kTargetOnOtherShard ? T(l) : tgt[r] < 0 ? T(0) : T(l - double(row[tgt[r]]));
     }
   });
 }
@@ -275,14 +277,14 @@ void CpuBackend::cross_entropy_backward(const Tensor& logits, const Tensor& targ
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       T* row = logits.ptr<T>() + r * vocab;
-      if (tgt[r] < 0) {
+      if (tgt[r] < 0 && tgt[r] != kTargetOnOtherShard) {
         std::fill_n(row, vocab, T(0));
         continue;
       }
       const T l = lse.ptr<T>()[r], sc = T(scale);
 #pragma omp simd
       for (int64_t v = 0; v < vocab; ++v) row[v] = sc * exp_of<T>(row[v] - l);
-      row[tgt[r]] -= T(scale);
+      if (tgt[r] >= 0) row[tgt[r]] -= T(scale);
     }
   });
 }

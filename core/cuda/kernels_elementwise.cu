@@ -154,14 +154,14 @@ __global__ void transpose_kernel(const float* in, float* out, int64_t rows, int6
 }
 
 // ---- embedding ----------------------------------------------------------------------------
-// Out-of-range ids cannot abort from a kernel; their rows become NaN so the loss shows it.
+// Negative ids are rows on another rank (vocabulary-parallel): zero. Ids beyond the
+// table cannot abort from a kernel; their rows become NaN so the loss shows it.
 __global__ void embedding_forward_kernel(const int32_t* ids, const float* table, float* out, int64_t vocab,
                                          int64_t dim) {
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
-  const bool ok = id >= 0 && id < vocab;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-    out[t * dim + d] = ok ? table[int64_t(id) * dim + d] : __int_as_float(0x7fc00000);
+    out[t * dim + d] = id < 0 ? 0.0f : id < vocab ? table[int64_t(id) * dim + d] : __int_as_float(0x7fc00000);
 }
 
 __global__ void iota_kernel(int32_t* x, int64_t n) {

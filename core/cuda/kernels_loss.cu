@@ -1,6 +1,7 @@
 // Cross-entropy over the vocabulary. Kernels first, host launchers last.
 #include <cmath>
 
+#include "core/backend.h"
 #include "core/cuda/cuda_kernels.cuh"
 
 namespace sdmoe::cuda {
@@ -32,8 +33,12 @@ __global__ void cross_entropy_forward_kernel(const float* logits, const int32_t*
     const double l = double(mx) + log(double(total));
     lse_out[r] = static_cast<float>(l);
     const int32_t t = targets[r];
-    // A target beyond the vocabulary cannot abort from a kernel: its loss becomes NaN.
-    losses[r] = t < 0 ? 0.0f : (t < vocab ? static_cast<float>(l - double(row[t])) : NAN);
+    // A target beyond the vocabulary cannot abort from a kernel: its loss becomes NaN. A
+    // target on another vocabulary shard contributes lse alone.
+    losses[r] = t == Backend::kTargetOnOtherShard ? static_cast<float>(l)
+                : t < 0                           ? 0.0f
+                : t < vocab                       ? static_cast<float>(l - double(row[t]))
+                                                  : NAN;
   }
 }
 
@@ -43,7 +48,7 @@ __global__ void cross_entropy_backward_kernel(float* logits, const int32_t* targ
   const int64_t r = blockIdx.x;
   float* row = logits + r * vocab;
   const int32_t t = targets[r];
-  if (t < 0) {
+  if (t < 0 && t != Backend::kTargetOnOtherShard) {
     for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) row[v] = 0.0f;
     return;
   }

@@ -490,7 +490,8 @@ TEST(CudaBackend, GroupedGemmBf16) {
 TEST(CudaBackend, Embedding) {
   if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const int64_t vocab = 50, dim = 300, tokens = 1000;  // many repeated ids
-  const auto ids = randint(tokens, 0, vocab, 40);
+  auto ids = randint(tokens, 0, vocab, 40);
+  for (int64_t t = 0; t < tokens; t += 9) ids[t] = -1;  // rows on another rank
   Twin id = twin({tokens}, ids), table = twin({vocab, dim}, randn(vocab * dim, 41)), out = twin(DType::F32, {tokens, dim});
   cpu().embedding_forward(id.c, table.c, out.c);
   gpu().embedding_forward(id.g, table.g, out.g);
@@ -615,6 +616,7 @@ TEST(CudaBackend, CrossEntropy) {
   for (int64_t v = 0; v < vocab; ++v) logits[3 * vocab + v] += 30.0f;  // a shifted row
   auto targets = randint(rows, 0, int32_t(vocab), 101);
   for (int64_t r = 0; r < rows; r += 7) targets[r] = -1;  // ignored tokens
+  for (int64_t r = 5; r < rows; r += 11) targets[r] = sdmoe::Backend::kTargetOnOtherShard;
   Twin z = twin({rows, vocab}, logits), t = twin({rows}, targets);
   Twin loss = twin(DType::F32, {rows}), lse = twin(DType::F32, {rows});
   cpu().cross_entropy_forward(z.c, t.c, loss.c, lse.c);
