@@ -201,8 +201,8 @@ void bench_collectives(Communicator& comm, Backend& be, int reps, bool root) {
 
 // ---- part 2: the token dispatcher ---------------------------------------------------------
 
-// Routing of one repetition: each token picks k distinct experts uniformly at random
-// (no load balancing), so every peer gets (p-1)/p of the rows on average.
+// Routing of one repetition: each token picks k distinct experts uniformly at random, as
+// an untrained router roughly does; on average (p-1)/p of a rank's rows leave it.
 std::vector<int64_t> random_rows_per_expert(const Options& o, int rank, int rep) {
   std::vector<int64_t> rows(o.experts, 0);
   std::vector<int64_t> chosen;
@@ -220,7 +220,7 @@ std::vector<int64_t> random_rows_per_expert(const Options& o, int rank, int rep)
 
 void bench_dispatcher(const std::shared_ptr<Communicator>& comm, Backend& be, const Options& o, bool root) {
   const int p = comm->size(), rank = comm->rank();
-  TokenDispatcher dispatcher(comm, be, int(o.experts));
+  TokenDispatcher dispatcher(comm, nullptr, be, int(o.experts));
   const int64_t sent_rows = o.tokens * o.top_k, width = o.dim;
   Buffer sorted_buf(be, size_t(sent_rows * width * 4));
   const Tensor sorted(sorted_buf.data(), DType::F32, be.device(), {sent_rows, width});

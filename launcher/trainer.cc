@@ -116,8 +116,8 @@ ParallelDims check_parallel(const config::Run& run, int world) {
   const config::Parallel& p = run.parallel();
   const ModelSpec spec = model_spec_from(run.model());
   const ParallelDims dims = ParallelDims::make(world, p.tp(), p.ep(), p.etp(), spec.moe_layer_count() > 0 ? spec.moe.num_experts : 0);
-  if (dims.etp > 1)
-    fail("parallel.etp must be 1 for now ({}): experts are not split over tensor-parallel ranks yet", dims.describe());
+  if (dims.etp > 1 && spec.moe.expert_ffn_dim % dims.etp != 0)
+    fail("parallel.etp ({}) must divide model.moe.expert_ffn_dim ({})", dims.etp, spec.moe.expert_ffn_dim);
   if (dims.tp > 1) {
     if (spec.heads % dims.tp != 0) fail("parallel.tp ({}) must divide model.heads ({})", dims.tp, spec.heads);
     if (spec.vocab_size % dims.tp != 0)

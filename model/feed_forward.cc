@@ -111,11 +111,16 @@ void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix,
   const int64_t e = moe_.num_experts, f = moe_.expert_ffn_dim, d = spec.dim;
   const double out_std = spec.init_std / std::sqrt(2.0 * spec.layers);
   router_.id = registry.add(prefix + ".moe.router", {e, d}, ParamRole::ROUTER, spec.init_std);
-  // This rank's experts: a block of the logical [E, ...] stacks.
-  const int ep = dispatcher_->ep_size(), ep_rank = dispatcher_->ep_rank();
-  gate_up_.id = registry.add_part(prefix + ".moe.experts.gate_up", {e, 2 * f, d}, 0, ep, ep_rank, ParamRole::EXPERT,
-                                  spec.init_std, false);
-  down_.id = registry.add_part(prefix + ".moe.experts.down", {e, d, f}, 0, ep, ep_rank, ParamRole::EXPERT, out_std, false);
+  // This rank's experts (a block of the stack over ep) and, with etp, its block of each
+  // expert's hidden units: gate_up is [E, 2, Fe, D] (gate rows, then up rows), down [E, D, Fe].
+  const ParamRegistry::Split over_ep{0, dispatcher_->ep_size(), dispatcher_->ep_rank()};
+  const int etp = dispatcher_->etp_size(), etp_rank = dispatcher_->etp_rank();
+  SDMOE_ASSERT(f % etp == 0, "MoE layer {}: expert_ffn_dim {} does not split over {} ranks", prefix, f, etp);
+  expert_ffn_local_ = f / etp;
+  gate_up_.id = registry.add_block(prefix + ".moe.experts.gate_up", {e, 2, f, d}, {over_ep, {2, etp, etp_rank}},
+                                   ParamRole::EXPERT, spec.init_std, false);
+  down_.id = registry.add_block(prefix + ".moe.experts.down", {e, d, f}, {over_ep, {2, etp, etp_rank}},
+                                ParamRole::EXPERT, out_std, false);
   has_shared_ = moe_.shared_expert_ffn_dim > 0;
   if (has_shared_)
     shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std, tp);
@@ -135,7 +140,7 @@ void MoeFeedForward::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial
   SDMOE_ASSERT(tokens % tp_.size() == 0, "{} tokens do not split over {} tensor-parallel ranks", tokens, tp_.size());
   slice_tokens_ = tokens / tp_.size();
   slice_begin_ = slice_tokens_ * tp_.rank();
-  const int64_t e = moe_.num_experts, k = moe_.top_k, f = moe_.expert_ffn_dim, n = tokens * k, d = dim_;
+  const int64_t e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, n = tokens * k, d = dim_;
   logits_ = arena.take(dtype_, {tokens, e});
   topk_index_ = arena.take(DType::I32, {tokens, k});
   topk_weight_ = arena.take(dtype_, {tokens, k});
@@ -166,7 +171,7 @@ void MoeFeedForward::run_experts(Backend& be, bool trans_a, bool trans_b, double
 }
 
 ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
-  const int64_t f = moe_.expert_ffn_dim, d = dim_;
+  const int64_t f = expert_ffn_local_, d = dim_;
   if (dispatcher_->local_only()) {
     // The sorted rows are already expert-major: work on them in place.
     const Tensor x = routed_in_.prefix({rows, d}), y = routed_out_.prefix({rows, d}), dy = d_routed_.prefix({rows, d});
@@ -198,7 +203,7 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
 }
 
 MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out) {
-  const int64_t t = tokens_, e = moe_.num_experts, k = moe_.top_k, f = moe_.expert_ffn_dim, d = dim_;
+  const int64_t t = tokens_, e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, d = dim_;
   // Route.
   be.gemm(false, true, t, e, d, 1.0, h, router_.value, 0.0, logits_);
   be.router_forward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, aux_probs_, lse_);
@@ -259,7 +264,7 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
 
 void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
                               Scratch& sc) {
-  const int64_t t = tokens_, e = moe_.num_experts, f = moe_.expert_ffn_dim, d = dim_;
+  const int64_t t = tokens_, e = moe_.num_experts, f = expert_ffn_local_, d = dim_;
   const int64_t ts = slice_tokens_, t0 = slice_begin_, k = moe_.top_k;
   const Tensor slot_row = slot_row_.prefix({ts, k}), d_weight_slice = d_weight_.slice_rows(t0, ts);
   be.combine_rows_backward(d_out.slice_rows(t0, ts), routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,

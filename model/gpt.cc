@@ -20,6 +20,7 @@ ModelPlacement placement_for(const ProcessGroups& groups, bool zero1) {
   ModelPlacement p;
   p.ep_group = groups.ep;
   p.tp_group = groups.tp;
+  p.etp_group = groups.etp;
   if (zero1) {
     p.dense_multiple = 64 * int64_t(groups.dp->size());
     p.expert_multiple = 64 * int64_t(groups.edp->size());
@@ -60,7 +61,8 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
     const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
     if (block->is_moe)
       block->moe.declare(registry_, prefix, spec_,
-                         std::make_shared<TokenDispatcher>(placement.ep_group, be_, spec_.moe.num_experts), tp);
+                         std::make_shared<TokenDispatcher>(placement.ep_group, placement.etp_group, be_, spec_.moe.num_experts),
+                         tp);
     else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std, tp);
     blocks_.push_back(std::move(block));
   }

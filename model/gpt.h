@@ -22,6 +22,7 @@ struct MicroBatchStats {
 struct ModelPlacement {
   std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
   std::shared_ptr<Communicator> tp_group;  // null: dense layers not split
+  std::shared_ptr<Communicator> etp_group;  // null: experts not split
   // Multiples the dense and expert parameter regions are padded to (ZeRO-1 shards them
   // evenly over the data-parallel and expert-data-parallel ranks).
   int64_t dense_multiple = 64, expert_multiple = 64;

@@ -159,6 +159,7 @@ class MoeFeedForward {
   int64_t expert_side_rows_ = 0;
   ExpertRows rows_;
   int64_t dim_ = 0, tokens_ = 0;
+  int64_t expert_ffn_local_ = 0;  // this rank's hidden units of each expert (Fe / etp)
   DType dtype_ = DType::F32;
   Param router_, gate_up_, down_;  // [E,D], [E,2Fe,D], [E,D,Fe]
   bool has_shared_ = false;

@@ -10,36 +10,65 @@ int ParamRegistry::add(std::string name, std::vector<int64_t> shape, ParamRole r
 
 int ParamRegistry::add_part(std::string name, std::vector<int64_t> logical_shape, int axis, int parts, int index,
                             ParamRole role, double init_std, bool tp_sharded) {
+  return add_block(std::move(name), std::move(logical_shape), {Split{axis, parts, index}}, role, init_std, tp_sharded);
+}
+
+int ParamRegistry::add_block(std::string name, std::vector<int64_t> logical_shape, std::vector<Split> splits,
+                             ParamRole role, double init_std, bool tp_sharded) {
   SDMOE_ASSERT(!finalized_, "parameter {} declared after the layout was fixed", name);
   SDMOE_ASSERT(!logical_shape.empty() && logical_shape.size() <= 4, "parameter {} rank", name);
-  SDMOE_ASSERT(axis >= 0 && axis < int(logical_shape.size()) && parts >= 1 && index >= 0 && index < parts,
-               "parameter {}: part {} of {} along axis {}", name, index, parts, axis);
-  SDMOE_ASSERT(logical_shape[axis] % parts == 0, "parameter {}: {} does not split into {} parts", name,
-               logical_shape[axis], parts);
-  std::vector<int64_t> shape = logical_shape;
-  shape[axis] /= parts;
+  std::vector<int64_t> shape = logical_shape, first(logical_shape.size(), 0);
+  bool split_at_all = false;
+  for (const Split& sp : splits) {
+    SDMOE_ASSERT(sp.axis >= 0 && sp.axis < int(logical_shape.size()) && sp.parts >= 1 && sp.index >= 0 &&
+                     sp.index < sp.parts && shape[sp.axis] == logical_shape[sp.axis],
+                 "parameter {}: part {} of {} along axis {}", name, sp.index, sp.parts, sp.axis);
+    SDMOE_ASSERT(logical_shape[sp.axis] % sp.parts == 0, "parameter {}: {} does not split into {} parts", name,
+                 logical_shape[sp.axis], sp.parts);
+    shape[sp.axis] /= sp.parts;
+    first[sp.axis] = int64_t(sp.index) * shape[sp.axis];
+    split_at_all = split_at_all || sp.parts > 1;
+  }
   ParamSpec s{std::move(name), shape, role, init_std};
   s.numel = 1;
   for (int64_t d : s.shape) s.numel *= d;
   s.logical_shape = std::move(logical_shape);
-  s.shard_axis = axis;
-  s.shard_first = int64_t(index) * shape[axis];
-  s.tp_sharded = tp_sharded && parts > 1;
+  s.part_first = std::move(first);
+  s.tp_sharded = tp_sharded && split_at_all;
   specs_.push_back(std::move(s));
   return static_cast<int>(specs_.size()) - 1;
 }
 
 int64_t ParamSpec::logical_index(int64_t local) const {
-  int64_t inner = 1;
-  for (size_t i = shard_axis + 1; i < shape.size(); ++i) inner *= shape[i];
-  const int64_t mid = shape[shard_axis], outer_index = local / (inner * mid), m = (local / inner) % mid,
-                i = local % inner;
-  return (outer_index * logical_shape[shard_axis] + shard_first + m) * inner + i;
+  int64_t index = 0, rest = local, stride = 1;
+  // Digits of `local` in the part's shape, last axis fastest, shifted to the part's place.
+  std::vector<int64_t> digit(shape.size());
+  for (int a = int(shape.size()) - 1; a >= 0; --a) {
+    digit[a] = rest % shape[a];
+    rest /= shape[a];
+  }
+  for (int a = int(shape.size()) - 1; a >= 0; --a) {
+    index += (digit[a] + part_first[a]) * stride;
+    stride *= logical_shape[a];
+  }
+  return index;
 }
 
 int64_t ParamSpec::contiguous_logical_offset() const {
-  for (int a = 0; a < shard_axis; ++a)
-    if (shape[a] != 1) return shape[shard_axis] == logical_shape[shard_axis] ? 0 : -1;
+  // Contiguous when, past the first axis that is cut short, every axis is whole, and
+  // before it every axis has extent 1.
+  const int n = int(shape.size());
+  int cut = n;
+  for (int a = 0; a < n; ++a)
+    if (shape[a] != logical_shape[a]) {
+      cut = a;
+      break;
+    }
+  if (cut == n) return 0;  // the whole tensor
+  for (int a = cut + 1; a < n; ++a)
+    if (shape[a] != logical_shape[a]) return -1;
+  for (int a = 0; a < cut; ++a)
+    if (shape[a] != 1) return -1;
   return numel == 0 ? 0 : logical_index(0);
 }
 

@@ -26,11 +26,10 @@ struct ParamSpec {
   double init_std;             // 0: initialised to one (norm gains)
   int64_t offset = 0;          // elements from the start of the category buffer
   int64_t numel = 0;
-  // The whole (logical) tensor and this rank's block of it: indices
-  // [shard_first, shard_first + shape[shard_axis]) along shard_axis, all of the others.
+  // The whole (logical) tensor and this rank's block of it: along each axis a, indices
+  // [part_first[a], part_first[a] + shape[a]).
   std::vector<int64_t> logical_shape;
-  int shard_axis = 0;
-  int64_t shard_first = 0;
+  std::vector<int64_t> part_first;
   // Split over the tensor-parallel group (each tp rank holds a different block); such
   // tensors are not replicated over tp, so the gradient norm sums them over it.
   bool tp_sharded = false;
@@ -55,6 +54,13 @@ class ParamRegistry {
   // axis 1, ...). tp_sharded: the parts are spread over the tensor-parallel group.
   int add_part(std::string name, std::vector<int64_t> logical_shape, int axis, int parts, int index, ParamRole role,
                double init_std, bool tp_sharded);
+  // A block split along two axes (an expert stack over ep along axis 0 and each expert's
+  // hidden units over etp along another).
+  struct Split {
+    int axis = 0, parts = 1, index = 0;
+  };
+  int add_block(std::string name, std::vector<int64_t> logical_shape, std::vector<Split> splits, ParamRole role,
+                double init_std, bool tp_sharded);
   // Lays the tensors out. The dense region's length is padded to a multiple of
   // dense_multiple elements and the expert region's to a multiple of expert_multiple (so
   // that each divides evenly over the ranks that shard it); padding is never read as a

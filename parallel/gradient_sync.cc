@@ -30,7 +30,8 @@ double global_gradient_norm(Backend& backend, const GradientRegions& grads, cons
   auto sq = [&](const Tensor& t) { return t.numel() > 0 ? backend.sum_squares(t) : 0.0; };
   std::vector<double> tp_sq{sq(grads.tp_sharded)}, expert_sq{sq(grads.expert)};
   groups.tp->all_reduce_host(tp_sq, ReduceOp::SUM);
-  groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);
+  groups.ep->all_reduce_host(expert_sq, ReduceOp::SUM);   // other experts
+  groups.etp->all_reduce_host(expert_sq, ReduceOp::SUM);  // other parts of the same experts
   return std::sqrt(sq(grads.tp_replicated) + tp_sq[0] + expert_sq[0]);
 }
 

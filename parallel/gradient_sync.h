@@ -24,7 +24,7 @@ void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups)
 // The norm of the whole model's gradient after reduce_gradients: every rank holds the
 // tp-replicated gradients, its tp group's share of the tp-split ones and its ep group's
 // share of the experts, so
-// |g|^2 = |replicated|^2 + sum over tp of |tp-split|^2 + sum over ep of |experts|^2.
+// |g|^2 = |replicated|^2 + sum over tp of |tp-split|^2 + sum over ep x etp of |experts|^2.
 double global_gradient_norm(Backend& backend, const GradientRegions& grads, const ProcessGroups& groups);
 
 // ZeRO-1. Each region is split evenly over the ranks of its group (the model pads the

@@ -24,43 +24,58 @@ namespace sdmoe {
 
 class TokenDispatcher {
  public:
-  // ep_group null means a group of one (no expert parallelism).
-  TokenDispatcher(std::shared_ptr<Communicator> ep_group, Backend& backend, int num_experts);
+  // ep_group / etp_group null means a group of one. With expert tensor parallelism (etp)
+  // each expert's hidden units are split over the etp group: after the ep exchange the
+  // etp ranks all-gather their rows (every part of an expert sees every row) and, on the
+  // way back, sum their partial outputs and return each rank its own rows.
+  TokenDispatcher(std::shared_ptr<Communicator> ep_group, std::shared_ptr<Communicator> etp_group, Backend& backend,
+                  int num_experts);
 
   int ep_size() const { return ep_size_; }
   int ep_rank() const { return ep_rank_; }
+  int etp_size() const { return etp_size_; }
+  int etp_rank() const { return etp_rank_; }
   int local_experts() const { return local_experts_; }
   int first_local_expert() const { return ep_rank_ * local_experts_; }
-  bool local_only() const { return ep_size_ == 1; }
+  bool local_only() const { return ep_size_ == 1 && etp_size_ == 1; }
 
   // Phase 1. rows_per_expert[e] (e over all E experts) is how many of this rank's rows,
-  // sorted by expert, go to expert e. Collective over the ep group.
+  // sorted by expert, go to expert e. Collective over the ep (and etp) group.
   void exchange_counts(std::span<const int64_t> rows_per_expert);
-  // Rows this rank's experts process in this micro-batch, and where each local expert's
-  // rows start in the expert-major layout ([local_experts + 1] offsets).
-  int64_t received_rows() const { return received_rows_; }
+  // Rows this rank's expert parts process in this micro-batch, and where each local
+  // expert's rows start in the expert-major layout ([local_experts + 1] offsets).
+  int64_t received_rows() const { return local_offsets_.back(); }
   const std::vector<int64_t>& local_expert_offsets() const { return local_offsets_; }
   int64_t sent_rows() const { return sent_rows_; }
 
   // Phase 2: sorted [sent_rows, W] -> expert_major [received_rows, W]. Collective.
   void dispatch(const Tensor& sorted, const Tensor& expert_major);
-  // Phase 3: expert_major [received_rows, W] -> sorted [sent_rows, W]. Collective.
+  // Phase 3: expert_major [received_rows, W] -> sorted [sent_rows, W]; with etp the rows
+  // hold partial sums, added up over the etp group here. Collective.
   void combine(const Tensor& expert_major, const Tensor& sorted);
 
  private:
-  void ensure_staging(int64_t bytes);
+  // Rows arrive in blocks [peer][local expert] (counts[p * El + j]); the expert-major
+  // order is [local expert][peer]. Fills the two device index tensors of one stage.
+  struct Permutation {
+    std::vector<int64_t> rows_per_peer, expert_offsets;
+    int64_t rows = 0;
+    Tensor to_expert_major, to_peer_major;  // I32 [rows] each
+  };
+  void build(Permutation& perm, const std::vector<int64_t>& counts, int peers, Buffer& buffer, int64_t& capacity);
+  // Scratch carved per call: [rows, width] tensors of the dtype.
+  Tensor scratch(int slot, int64_t rows, int64_t width, DType dtype);
 
-  std::shared_ptr<Communicator> group_;
+  std::shared_ptr<Communicator> ep_group_, etp_group_;
   Backend& backend_;
-  int num_experts_, ep_size_ = 1, ep_rank_ = 0, local_experts_;
-  int64_t sent_rows_ = 0, received_rows_ = 0;
-  std::vector<int64_t> send_rows_per_peer_, recv_rows_per_peer_;  // [ep]
-  std::vector<int64_t> local_offsets_;                              // [local_experts + 1]
-  // Device index tensors: expert-major row i comes from source-major row to_expert_major[i],
-  // and source-major row j from expert-major row to_source_major[j].
-  Buffer index_buffer_, staging_;
-  int64_t index_capacity_ = 0, staging_capacity_ = 0;
-  Tensor to_expert_major_, to_source_major_;
+  int num_experts_, ep_size_ = 1, ep_rank_ = 0, etp_size_ = 1, etp_rank_ = 0, local_experts_;
+  int64_t sent_rows_ = 0;
+  std::vector<int64_t> send_rows_per_peer_;  // [ep] rows this rank sends in the ep exchange
+  Permutation ep_perm_, etp_perm_;
+  std::vector<int64_t> local_offsets_;       // [local_experts + 1]
+  Buffer ep_index_, etp_index_, staging_;
+  int64_t ep_index_capacity_ = 0, etp_index_capacity_ = 0, staging_capacity_ = 0;
+  int64_t staging_slot_rows_ = 0, staging_width_ = 0;
 };
 
 }  // namespace sdmoe

@@ -96,7 +96,7 @@ bad_input)
   check "tp does not divide the ranks" "parallel.tp (3) must divide the number of ranks (2)" --config configs/tiny.textproto --set parallel.tp=3
   check "ep does not divide the experts" "parallel.ep (2) must divide model.moe.num_experts (3)" --config configs/tiny.textproto --set parallel.ep=2 --set model.moe.num_experts=3 --set model.moe.top_k=2
   check "tp does not divide the heads" "parallel.tp (2) must divide model.heads (1)" --config configs/tiny.textproto --set parallel.tp=2 --set model.heads=1
-  check "expert tensor parallelism" "parallel.etp must be 1" --config configs/tiny.textproto --set parallel.etp=2
+  check "etp does not divide the expert width" "parallel.etp (2) must divide model.moe.expert_ffn_dim (63)" --config configs/tiny.textproto --set parallel.etp=2 --set model.moe.expert_ffn_dim=63
   check "NCCL without a GPU" "parallel.comm_backend NCCL" --config configs/tiny.textproto --set device=CPU --set parallel.comm_backend=NCCL
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   ;;

@@ -193,7 +193,7 @@ struct MoeHarness {
   Buffer acts;
   explicit MoeHarness(const ModelSpec& s) : spec(s) {
     t = batch * spec.seq_len;
-    moe.declare(p.reg, "layers.1", spec, std::make_shared<TokenDispatcher>(nullptr, be(), spec.moe.num_experts));
+    moe.declare(p.reg, "layers.1", spec, std::make_shared<TokenDispatcher>(nullptr, nullptr, be(), spec.moe.num_experts));
     p.allocate();
     moe.bind(p.reg, p.params, p.grads, DType::F64, Device::CPU);
     Arena planner(Device::CPU);
