@@ -188,6 +188,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
              {shards.expert_begin, shards.expert_begin + shards.expert_count}};
   }
   AdamW optimizer(model, job.optimizer, owned);
+  Buffer zero1_scratch;  // reduce-scatter output, reused every step
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
 
@@ -251,7 +252,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     OptimizerStepResult opt;
     if (zero1) {
-      reduce_scatter_gradients(grad_regions, shards, be, groups);
+      reduce_scatter_gradients(grad_regions, shards, be, groups, zero1_scratch);
       opt = optimizer.step(step, zero1_gradient_norm(be, grad_regions, shards, groups));
       gather_parameters(param_regions, groups);
     } else {
@@ -277,7 +278,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
     const int eval_interval = run.training().eval_interval();
-    if ((eval_interval > 0 && r.step % eval_interval == 0) || r.step == run.training().steps()) r.val_loss = validate();
+    // eval_interval 0 turns validation off entirely (its batch count is then unchecked).
+    if (eval_interval > 0 && (r.step % eval_interval == 0 || r.step == run.training().steps())) r.val_loss = validate();
     if (!std::isfinite(r.loss)) {
       if (root) std::fprintf(stderr, "sdmoe_pretrain: error: loss became %f at step %ld\n", r.loss, (long)r.step);
       return 3;

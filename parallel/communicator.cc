@@ -1,5 +1,6 @@
 #include "parallel/communicator.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <map>
@@ -74,8 +75,15 @@ void MpiCommunicator::all_reduce(const Tensor& x, ReduceOp op) {
   if (size_ == 1) return;
   bytes_sent_ += 2 * uint64_t(size_ - 1) * x.bytes() / uint64_t(size_);
   void* buf = stage_in(x, send_staging_);
-  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(x.numel(), "all_reduce"), mpi_reduce_type(x.dtype),
-                                mpi_op(op), comm_));
+  // In pieces of at most 2^30 elements: MPI counts are ints, and a large model's dense
+  // gradient is one tensor.
+  constexpr int64_t kPiece = int64_t(1) << 30;
+  const size_t width = dtype_size(x.dtype);
+  for (int64_t begin = 0; begin < x.numel(); begin += kPiece) {
+    const int64_t count = std::min(kPiece, x.numel() - begin);
+    SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, static_cast<char*>(buf) + begin * width, static_cast<int>(count),
+                                  mpi_reduce_type(x.dtype), mpi_op(op), comm_));
+  }
   stage_out(x, send_staging_);
 }
 

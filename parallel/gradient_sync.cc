@@ -63,11 +63,12 @@ Zero1Shards zero1_shards(const GradientRegions& regions, const Tensor& flat, con
 }
 
 void reduce_scatter_gradients(const GradientRegions& grads, const Zero1Shards& shards, Backend& backend,
-                              const ProcessGroups& groups) {
+                              const ProcessGroups& groups, Buffer& scratch) {
   // Through a separate shard-sized buffer: reduce-scatter may not write over its input.
   const int64_t most = std::max(shards.dense_count, shards.expert_count);
   if (most == 0) return;
-  Buffer scratch(backend, size_t(most) * dtype_size(grads.dense.dtype));
+  const size_t bytes = size_t(most) * dtype_size(grads.dense.dtype);
+  if (scratch.bytes() < bytes) scratch = Buffer(backend, bytes);
   auto one = [&](const Tensor& region, Communicator& group, int64_t count) {
     if (count == 0) return;
     const Tensor out(scratch.data(), region.dtype, region.device, {count});

@@ -3,6 +3,7 @@
 // group, and this rank's experts, replicated on every rank of an expert-data-parallel
 // group. Each region is summed over its own group.
 #pragma once
+#include "core/buffer.h"
 #include "parallel/communicator.h"
 
 namespace sdmoe {
@@ -39,8 +40,10 @@ Zero1Shards zero1_shards(const GradientRegions& regions, const Tensor& flat, con
 // Sums the gradients and leaves this rank's shard of the sum in place in `grads` (the rest
 // of the buffer is then stale): reduce-scatter of the dense region over groups.dp and of
 // the expert region over groups.edp.
+// `scratch` is a buffer the caller keeps between steps (grown on first use), so that no
+// step allocates device memory.
 void reduce_scatter_gradients(const GradientRegions& grads, const Zero1Shards& shards, Backend& backend,
-                              const ProcessGroups& groups);
+                              const ProcessGroups& groups, Buffer& scratch);
 
 // |g| from the shards alone: every element of the model lies in exactly one rank's shard
 // (tensor parallelism aside, which ZeRO-1 does not support yet).

@@ -81,12 +81,18 @@ class NcclCommunicator final : public Communicator {
     const ncclDataType_t type = nccl_type(send.dtype);
     const char* src = static_cast<const char*>(send.data);
     char* dst = static_cast<char*>(recv.data);
+    int64_t total_send = 0, total_recv = 0;
+    for (int p = 0; p < size(); ++p) {
+      SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
+      total_send += send_counts[p];
+      total_recv += recv_counts[p];
+    }
+    SDMOE_ASSERT(total_send <= send.numel() && total_recv <= recv.numel(), "all_to_all: counts exceed the tensors");
     int64_t soff = 0, roff = 0;
     // Point-to-point pairs inside one group call: NCCL schedules them together, so no
     // ordering of peers can deadlock. Zero counts post nothing.
     SDMOE_CHECK_NCCL(ncclGroupStart());
     for (int p = 0; p < size(); ++p) {
-      SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
       if (send_counts[p] > 0)
         SDMOE_CHECK_NCCL(ncclSend(src + soff * width, size_t(send_counts[p]), type, p, comm_, stream_));
       if (recv_counts[p] > 0)
@@ -96,7 +102,6 @@ class NcclCommunicator final : public Communicator {
       roff += recv_counts[p];
     }
     SDMOE_CHECK_NCCL(ncclGroupEnd());
-    SDMOE_ASSERT(soff <= send.numel() && roff <= recv.numel(), "all_to_all: counts exceed the tensors");
   }
 
   void broadcast(const Tensor& x, int root) override {

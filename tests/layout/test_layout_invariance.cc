@@ -140,6 +140,7 @@ int run(int argc, char** argv) {
              {shards.expert_begin, shards.expert_begin + shards.expert_count}};
   }
   AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer(), owned);
+  Buffer zero1_scratch;
 
   int failures = 0;
   double worst_grad = 0.0, worst_loss = 0.0;
@@ -150,7 +151,7 @@ int run(int argc, char** argv) {
     const double ref_loss = accumulate(reference, step, 0, kGlobalBatch, loss_scale, &ref_tokens) / ref_tokens;
     std::vector<double> sums{0.0, 0.0};
     sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1]);
-    if (zero1) reduce_scatter_gradients(grads, shards, *be, groups);
+    if (zero1) reduce_scatter_gradients(grads, shards, *be, groups, zero1_scratch);
     else reduce_gradients(grads, groups);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const double par_loss = sums[0] / sums[1];
