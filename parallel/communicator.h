@@ -96,10 +96,13 @@ class MpiCommunicator final : public Communicator {
   void* stage_target(const Tensor& x, std::vector<char>& staging);
   void stage_out(const Tensor& x, const std::vector<char>& staging);
 
+  void ring_reduce_scatter(const void* src, void* dst, int64_t block, DType dtype, ReduceOp op);
+  static void add_block(const char* a, const char* b, char* out, int64_t n, DType dtype, ReduceOp op);
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   Backend& backend_;
   int rank_ = 0, size_ = 1;
-  std::vector<char> send_staging_, recv_staging_;
+  std::vector<char> send_staging_, recv_staging_, ring_acc_, ring_incoming_;
 };
 
 // True when this binary has NCCL (built with CUDA and NCCL found).
