@@ -174,7 +174,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
-  GptModel model(job.model, be, DType::F32, job.micro_batch, placement_for(groups, run.parallel().zero1()));
+  GptModel model(job.model, be, DType::F32, job.micro_batch, placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()));
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
@@ -196,8 +196,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   const int64_t tokens_per_step = int64_t(run.training().global_batch_size()) * job.model.seq_len;
   const double micro_batches = double(job.accumulation) * dims.dp;
   if (root) {
-    std::printf("sdmoe_pretrain: %d rank(s), %s, collectives over %s, backend %s\n", dims.world,
-                dims.describe().c_str(), comm_kind == CommBackend::NCCL ? "NCCL" : "MPI", be.name().c_str());
+    std::printf("sdmoe_pretrain: %d rank(s), %s%s, collectives over %s, backend %s\n", dims.world,
+                dims.describe().c_str(), run.parallel().sequence_parallel() && dims.tp > 1 ? " (sequence parallel)" : "",
+                comm_kind == CommBackend::NCCL ? "NCCL" : "MPI", be.name().c_str());
     std::printf("model: %s, %.2fM parameters, %.1f MFLOP per token\n", job.model.summary().c_str(),
                 model.registry().total_elements() / 1e6, job.model.train_flops_per_token() / 1e6);
     std::printf("data: %s (%ld train / %ld validation tokens), %d micro-batch(es) of %d per rank per step\n",
@@ -256,7 +257,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       opt = optimizer.step(step, zero1_gradient_norm(be, grad_regions, shards, groups));
       gather_parameters(param_regions, groups);
     } else {
-      reduce_gradients(grad_regions, groups);
+      reduce_gradients(grad_regions, groups, run.parallel().sequence_parallel() && dims.tp > 1);
       opt = optimizer.step(step, global_gradient_norm(be, grad_regions, groups));
     }
     be.synchronize();

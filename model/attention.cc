@@ -47,14 +47,14 @@ void Attention::bind(const ParamRegistry& r, const Buffer& params, const Buffer&
   proj_ = bind_param(r, proj_.id, params, grads, dtype, dev);
 }
 
-void Attention::plan(Arena& arena, const LayerDims& dims, const Tensor& tp_partial) {
+void Attention::plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch) {
   dims_ = dims;
   dims_.heads = dims.heads / tp_.size();
-  tp_partial_ = tp_partial;
+  tps_ = tp_scratch;
   const DType dt = norm_.value.dtype;
   const int64_t t = dims_.tokens(), d = dims_.dim, b = dims_.batch, h = dims_.heads, s = dims_.seq, dh = dims_.head_dim;
   normed_ = arena.take(dt, {t, d});
-  rstd_ = arena.take(dt, {t});
+  rstd_ = arena.take(dt, {tp_.split_sequence() ? t / tp_.size() : t});
   qkv_out_ = arena.take(dt, {t, 3 * h * dh});
   q_ = arena.take(dt, {b, h, s, dh});
   k_ = arena.take(dt, {b, h, s, dh});
@@ -67,7 +67,14 @@ void Attention::plan(Arena& arena, const LayerDims& dims, const Tensor& tp_parti
 void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
   const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
-  be.rmsnorm_forward(in, norm_.value, eps_, normed_, rstd_);
+  if (tp_.split_sequence()) {
+    // in: this rank's rows. Normalise them, then gather every rank's.
+    const Tensor mine = normed_.slice_rows(int64_t(tp_.rank()) * in.rows(), in.rows());
+    be.rmsnorm_forward(in, norm_.value, eps_, mine, rstd_);
+    tp_.gather_rows(mine, normed_, be);
+  } else {
+    be.rmsnorm_forward(in, norm_.value, eps_, normed_, rstd_);
+  }
   be.gemm(false, true, t, 3 * dl, d, 1.0, normed_, qkv_.value, 0.0, qkv_out_);
   be.split_qkv(qkv_out_, q_, k_, v_);
   be.rope(q_, rope_theta_, +1);
@@ -83,9 +90,15 @@ void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
     return;
   }
   // Row-parallel projection: each rank's heads contribute a partial sum.
-  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 0.0, tp_partial_);
-  tp_.sum(tp_partial_);
-  be.axpy(1.0, tp_partial_, out);
+  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 0.0, tps_.partial);
+  if (tp_.split_sequence()) {
+    const Tensor local = tps_.local.prefix({out.rows(), d});
+    tp_.reduce_scatter_rows(tps_.partial, local);
+    be.axpy(1.0, local, out);
+  } else {
+    tp_.sum(tps_.partial);
+    be.axpy(1.0, tps_.partial, out);
+  }
 }
 
 void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& sc) {
@@ -96,9 +109,14 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
   const Tensor dq = sc.dq.prefix({dims_.batch, h, s, dh}), dk = sc.dk.prefix({dims_.batch, h, s, dh}),
                dv = sc.dv.prefix({dims_.batch, h, s, dh}), d_probs = sc.d_probs.prefix({bh, s, s}),
                d_qkv = sc.d_qkv.prefix({t, 3 * dl});
-  // out = in + ctx proj^T
-  be.gemm(false, false, t, dl, d, 1.0, dres, proj_.value, 0.0, d_ctx);
-  be.gemm(true, false, d, dl, t, 1.0, dres, ctx_, 1.0, proj_.grad);
+  // out = in + ctx proj^T; with sequence parallelism dres holds this rank's rows only.
+  Tensor dres_all = dres;
+  if (tp_.split_sequence()) {
+    dres_all = tps_.gathered;
+    tp_.gather_rows(dres, dres_all, be);
+  }
+  be.gemm(false, false, t, dl, d, 1.0, dres_all, proj_.value, 0.0, d_ctx);
+  be.gemm(true, false, d, dl, t, 1.0, dres_all, ctx_, 1.0, proj_.grad);
   be.split_heads(d_ctx.view({dims_.batch, s, h, dh}), d_ctx_heads);
   // ctx = P v
   be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
@@ -112,10 +130,19 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
   be.join_qkv(dq, dk, dv, d_qkv);
   // Column-parallel qkv: the input gradient is the sum of every rank's heads' parts.
   be.gemm(false, false, t, d, 3 * dl, 1.0, d_qkv, qkv_.value, 0.0, sc.d_normed);
-  tp_.sum(sc.d_normed);
   be.gemm(true, false, 3 * dl, d, t, 1.0, d_qkv, normed_, 1.0, qkv_.grad);
-  be.rmsnorm_backward(in, norm_.value, rstd_, sc.d_normed, sc.d_x, norm_.grad);
-  be.axpy(1.0, sc.d_x, dres);
+  Tensor d_normed = sc.d_normed;
+  if (tp_.split_sequence()) {
+    // This rank's rows of the summed gradient; its norm gain's gradient is then a partial
+    // sum over tokens, completed over tp with the other replicated gradients.
+    d_normed = tps_.local.prefix({in.rows(), d});
+    tp_.reduce_scatter_rows(sc.d_normed, d_normed);
+  } else {
+    tp_.sum(sc.d_normed);
+  }
+  const Tensor d_x = sc.d_x.prefix({in.rows(), d});
+  be.rmsnorm_backward(in, norm_.value, rstd_, d_normed, d_x, norm_.grad);
+  be.axpy(1.0, d_x, dres);
 }
 
 }  // namespace sdmoe

@@ -32,10 +32,10 @@ void SwigluMlp::bind(const ParamRegistry& r, const Buffer& params, const Buffer&
   down_ = bind_param(r, down_.id, params, grads, dtype, dev);
 }
 
-void SwigluMlp::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial) {
+void SwigluMlp::plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch) {
   hidden_ = arena.take(gate_up_.value.dtype, {tokens, 2 * ffn_});
   act_ = arena.take(gate_up_.value.dtype, {tokens, ffn_});
-  tp_partial_ = tp_partial;
+  tps_ = tp_scratch;
 }
 
 void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
@@ -47,31 +47,48 @@ void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
     return;
   }
   // Row-parallel down projection: each rank's hidden units contribute a partial sum.
-  const Tensor partial = tp_partial_.prefix({t, dim_});
+  const Tensor partial = tps_.partial.prefix({t, dim_});
   be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 0.0, partial);
-  tp_.sum(partial);
-  be.axpy(1.0, partial, out);
+  if (tp_.split_sequence()) {
+    const Tensor local = tps_.local.prefix({out.rows(), dim_});
+    tp_.reduce_scatter_rows(partial, local);
+    be.axpy(1.0, local, out);
+  } else {
+    tp_.sum(partial);
+    be.axpy(1.0, partial, out);
+  }
 }
 
 void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta,
                          Scratch& sc) {
   const int64_t t = h.rows();
   Tensor d_act = sc.d_act.prefix({t, ffn_}), d_hidden = sc.d_hidden.prefix({t, 2 * ffn_});
-  be.gemm(false, false, t, ffn_, dim_, 1.0, d_out, down_.value, 0.0, d_act);
-  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out, act_, 1.0, down_.grad);
+  Tensor d_out_all = d_out;
+  if (tp_.split_sequence()) {
+    d_out_all = tps_.gathered.prefix({t, dim_});
+    tp_.gather_rows(d_out, d_out_all, be);
+  }
+  be.gemm(false, false, t, ffn_, dim_, 1.0, d_out_all, down_.value, 0.0, d_act);
+  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out_all, act_, 1.0, down_.grad);
   be.swiglu_backward(hidden_, d_act, d_hidden);
   if (!tp_.active()) {
     be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, beta, d_h);
   } else {
     // Column-parallel gate_up: the input gradient is the sum of every rank's part.
-    const Tensor partial = tp_partial_.prefix({t, dim_});
+    const Tensor partial = tps_.partial.prefix({t, dim_});
     be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, 0.0, partial);
-    tp_.sum(partial);
+    Tensor summed = partial;
+    if (tp_.split_sequence()) {
+      summed = tps_.local.prefix({d_h.rows(), dim_});
+      tp_.reduce_scatter_rows(partial, summed);
+    } else {
+      tp_.sum(partial);
+    }
     if (beta == 0.0) {
-      be.copy(partial, d_h);
+      be.copy(summed, d_h);
     } else {
       if (beta != 1.0) be.scale(d_h, beta);
-      be.axpy(1.0, partial, d_h);
+      be.axpy(1.0, summed, d_h);
     }
   }
   be.gemm(true, false, 2 * ffn_, dim_, t, 1.0, d_hidden, h, 1.0, gate_up_.grad);
@@ -134,9 +151,9 @@ void MoeFeedForward::bind(const ParamRegistry& r, const Buffer& params, const Bu
   if (has_shared_) shared_.bind(r, params, grads, dtype, dev);
 }
 
-void MoeFeedForward::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial) {
+void MoeFeedForward::plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch) {
   tokens_ = tokens;
-  tp_partial_ = tp_partial;
+  tps_ = tp_scratch;
   SDMOE_ASSERT(tokens % tp_.size() == 0, "{} tokens do not split over {} tensor-parallel ranks", tokens, tp_.size());
   slice_tokens_ = tokens / tp_.size();
   slice_begin_ = slice_tokens_ * tp_.rank();
@@ -158,7 +175,7 @@ void MoeFeedForward::plan(Arena& arena, int64_t tokens, const Tensor& tp_partial
   d_weight_ = arena.take(dtype_, {tokens, k});
   d_logits_ = arena.take(dtype_, {tokens, e});
   aux_grad_ = arena.take(dtype_, {e});
-  if (has_shared_) shared_.plan(arena, tokens, tp_partial);
+  if (has_shared_) shared_.plan(arena, tokens, tp_scratch);
 }
 
 template <typename MakeGroup>
@@ -233,13 +250,14 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
   });
   dispatcher_->combine(rows_.y, routed_out_);
   const Tensor weight_slice = topk_weight_.slice_rows(t0, ts);
-  if (!tp_.active()) {
+  if (!tp_.active() || tp_.split_sequence()) {
+    // out holds exactly this rank's tokens (all of them without tp).
     be.combine_rows(routed_out_, slot_row, &weight_slice, 1.0, out);
   } else {
-    const Tensor slice = tp_partial_.slice_rows(t0, ts);
+    const Tensor slice = tps_.partial.slice_rows(t0, ts);
     be.combine_rows(routed_out_, slot_row, &weight_slice, 0.0, slice);
-    tp_.group->all_gather(slice, tp_partial_);
-    be.axpy(1.0, tp_partial_, out);
+    tp_.group->all_gather(slice, tps_.partial);
+    be.axpy(1.0, tps_.partial, out);
   }
   if (has_shared_) shared_.forward(be, h, out);
 
@@ -267,7 +285,9 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
   const int64_t t = tokens_, e = moe_.num_experts, f = expert_ffn_local_, d = dim_;
   const int64_t ts = slice_tokens_, t0 = slice_begin_, k = moe_.top_k;
   const Tensor slot_row = slot_row_.prefix({ts, k}), d_weight_slice = d_weight_.slice_rows(t0, ts);
-  be.combine_rows_backward(d_out.slice_rows(t0, ts), routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,
+  // d_out: this rank's rows already with sequence parallelism, else all T.
+  const Tensor d_out_mine = tp_.split_sequence() ? d_out : d_out.slice_rows(t0, ts);
+  be.combine_rows_backward(d_out_mine, routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,
                            d_weight_slice);
   dispatcher_->dispatch(d_routed_, rows_.dy);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
@@ -287,13 +307,13 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
   // Un-permute: each token sums the input gradients of its K rows. With tensor
   // parallelism every rank then gathers the other slices' gradients and top-k weight
   // gradients, so that the router's backward sees the whole micro-batch.
-  if (!tp_.active()) {
+  if (!tp_.active() || tp_.split_sequence()) {
     be.combine_rows(d_routed_, slot_row, nullptr, 0.0, d_h);
   } else {
-    const Tensor slice = tp_partial_.slice_rows(t0, ts);
+    const Tensor slice = tps_.partial.slice_rows(t0, ts);
     be.combine_rows(d_routed_, slot_row, nullptr, 0.0, slice);
-    tp_.group->all_gather(slice, tp_partial_);
-    be.copy(tp_partial_, d_h);
+    tp_.group->all_gather(slice, tps_.partial);
+    be.copy(tps_.partial, d_h);
     tp_.group->all_gather(d_weight_slice, d_weight_);
   }
 
@@ -308,10 +328,22 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
     be.copy_from_host(aux_grad.data(), aux_host_view);
   }
   const double z_grad_scale = moe_.z_loss_coef * 2.0 / double(t) * loss_scale;
-  be.router_backward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, d_weight_, aux_grad_,
-                     lse_, z_grad_scale, d_logits_);
-  be.gemm(false, false, t, d, e, 1.0, d_logits_, router_.value, 1.0, d_h);
-  be.gemm(true, false, e, d, t, 1.0, d_logits_, h, 1.0, router_.grad);
+  if (tp_.split_sequence()) {
+    // This rank's tokens only: its rows of d_h and a partial sum of the router's gradient
+    // (completed over tp with the other replicated gradients). The auxiliary gradient and
+    // the z-loss scale are the whole micro-batch's.
+    const Tensor d_logits = d_logits_.slice_rows(t0, ts);
+    be.router_backward(logits_.slice_rows(t0, ts), moe_.router_score, moe_.normalize_topk,
+                       topk_index_.slice_rows(t0, ts), topk_weight_.slice_rows(t0, ts), d_weight_slice, aux_grad_,
+                       lse_.slice_rows(t0, ts), z_grad_scale, d_logits);
+    be.gemm(false, false, ts, d, e, 1.0, d_logits, router_.value, 1.0, d_h);
+    be.gemm(true, false, e, d, ts, 1.0, d_logits, h.slice_rows(t0, ts), 1.0, router_.grad);
+  } else {
+    be.router_backward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, d_weight_,
+                       aux_grad_, lse_, z_grad_scale, d_logits_);
+    be.gemm(false, false, t, d, e, 1.0, d_logits_, router_.value, 1.0, d_h);
+    be.gemm(true, false, e, d, t, 1.0, d_logits_, h, 1.0, router_.grad);
+  }
   if (has_shared_) shared_.backward(be, h, d_out, d_h, 1.0, sc);
 }
 

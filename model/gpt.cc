@@ -16,8 +16,9 @@ struct GptModel::Block {
   Tensor ffn_normed, ffn_rstd;  // [T,D], [T]
 };
 
-ModelPlacement placement_for(const ProcessGroups& groups, bool zero1) {
+ModelPlacement placement_for(const ProcessGroups& groups, bool zero1, bool sequence_parallel) {
   ModelPlacement p;
+  p.sequence_parallel = sequence_parallel;
   p.ep_group = groups.ep;
   p.tp_group = groups.tp;
   p.etp_group = groups.etp;
@@ -37,7 +38,12 @@ int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
                    const ModelPlacement& placement)
-    : spec_(spec), be_(backend), tp_group_(placement.tp_group), dtype_(dtype), batch_(micro_batch) {
+    : spec_(spec),
+      be_(backend),
+      tp_group_(placement.tp_group),
+      sequence_parallel_(placement.sequence_parallel && placement.tp_group && placement.tp_group->size() > 1),
+      dtype_(dtype),
+      batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
   head_chunk_ = output_head_chunk(spec_, tokens_);
@@ -54,7 +60,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   for (int l = 0; l < spec_.layers; ++l) {
     auto block = std::make_unique<Block>();
     const std::string prefix = fmt::format("layers.{}", l);
-    const TensorParallel tp{tp_group_.get()};
+    const TensorParallel tp{tp_group_.get(), placement.sequence_parallel};
     block->attention.declare(registry_, prefix, spec_, tp);
     block->ffn_norm.id = registry_.add(prefix + ".ffn_norm", {d}, ParamRole::NORM, 0.0);
     block->is_moe = spec_.moe.is_moe_layer(l);
@@ -97,27 +103,50 @@ GptModel::~GptModel() = default;
 
 void GptModel::plan_activations(Arena& arena) {
   const int64_t t = tokens_, d = spec_.dim;
+  // Rows of the residual stream this rank holds: all, or its T/tp with sequence parallelism.
+  const int64_t rows = sequence_parallel_ ? t / tp_group_->size() : t;
   const LayerDims dims{batch_, spec_.seq_len, d, spec_.heads, spec_.head_dim()};
   ids_ = arena.take(DType::I32, {t});
   targets_ = arena.take(DType::I32, {t});
   stream_.clear();
-  for (int i = 0; i < 2 * spec_.layers + 1; ++i) stream_.push_back(arena.take(dtype_, {t, d}));
-  tp_partial_ = tp_group_ && tp_group_->size() > 1 ? arena.take(dtype_, {t, d}) : Tensor{};
+  for (int i = 0; i < 2 * spec_.layers + 1; ++i) stream_.push_back(arena.take(dtype_, {rows, d}));
+  tp_scratch_ = TpScratch{};
+  if (tp_group_ && tp_group_->size() > 1) {
+    tp_scratch_.partial = arena.take(dtype_, {t, d});
+    if (sequence_parallel_) {
+      tp_scratch_.gathered = arena.take(dtype_, {t, d});
+      tp_scratch_.local = arena.take(dtype_, {rows, d});
+    }
+  }
   for (auto& b : blocks_) {
-    b->attention.plan(arena, dims, tp_partial_);
+    b->attention.plan(arena, dims, tp_scratch_);
     b->ffn_normed = arena.take(dtype_, {t, d});
-    b->ffn_rstd = arena.take(dtype_, {t});
-    if (b->is_moe) b->moe.plan(arena, t, tp_partial_);
-    else b->mlp.plan(arena, t, tp_partial_);
+    b->ffn_rstd = arena.take(dtype_, {rows});
+    if (b->is_moe) b->moe.plan(arena, t, tp_scratch_);
+    else b->mlp.plan(arena, t, tp_scratch_);
   }
   final_normed_ = arena.take(dtype_, {t, d});
-  final_rstd_ = arena.take(dtype_, {t});
+  final_rstd_ = arena.take(dtype_, {rows});
   logits_ = arena.take(dtype_, {head_chunk_, vocab_local_});
   losses_ = arena.take(dtype_, {head_chunk_, 1});
   lse_ = arena.take(dtype_, {head_chunk_});
   d_final_ = arena.take(dtype_, {t, d});
-  d_stream_ = arena.take(dtype_, {t, d});
+  d_final_local_ = sequence_parallel_ ? arena.take(dtype_, {rows, d}) : d_final_;
+  d_stream_ = arena.take(dtype_, {rows, d});
   scratch_.plan(arena, spec_, batch_, dtype_);
+}
+
+// The normalised residual stream for all T tokens: with sequence parallelism this rank
+// normalises its rows and gathers the others'.
+void GptModel::norm_all_rows(const Tensor& x, const Tensor& weight, const Tensor& normed, const Tensor& rstd) {
+  if (!sequence_parallel_) {
+    be_.rmsnorm_forward(x, weight, spec_.norm_eps, normed, rstd);
+    return;
+  }
+  const TensorParallel tp{tp_group_.get(), true};
+  const Tensor mine = normed.slice_rows(int64_t(tp.rank()) * x.rows(), x.rows());
+  be_.rmsnorm_forward(x, weight, spec_.norm_eps, mine, rstd);
+  tp.gather_rows(mine, normed, be_);
 }
 
 void GptModel::init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed) {
@@ -219,7 +248,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     if (targets[i] >= v) fail("token id {} is outside the model vocabulary of {}", targets[i], v);
   }
   // Ids and targets as this rank's vocabulary shard sees them (unchanged without tp).
-  const TensorParallel tp{tp_group_.get()};
+  const TensorParallel tp{tp_group_.get(), sequence_parallel_};
   if (tp.active())
     for (int64_t i = 0; i < t; ++i) {
       const bool id_here = ids[i] >= vocab_begin_ && ids[i] < vocab_begin_ + vocab_local_;
@@ -232,13 +261,19 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
 
   MicroBatchStats stats;
   stats.tokens = t;
-  be_.embedding_forward(ids_, embedding_.value, stream_[0]);
-  tp.sum(stream_[0]);  // each token's row came from the one rank that holds it
+  // Each token's row comes from the one vocabulary shard that holds it.
+  if (tp.split_sequence()) {
+    be_.embedding_forward(ids_, embedding_.value, tp_scratch_.partial);
+    tp.reduce_scatter_rows(tp_scratch_.partial, stream_[0]);
+  } else {
+    be_.embedding_forward(ids_, embedding_.value, stream_[0]);
+    tp.sum(stream_[0]);
+  }
   for (int l = 0; l < spec_.layers; ++l) {
     Block& b = *blocks_[l];
     const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
     b.attention.forward(be_, in, mid);
-    be_.rmsnorm_forward(mid, b.ffn_norm.value, spec_.norm_eps, b.ffn_normed, b.ffn_rstd);
+    norm_all_rows(mid, b.ffn_norm.value, b.ffn_normed, b.ffn_rstd);
     be_.copy(mid, out);
     if (b.is_moe) {
       MoeStats m = b.moe.forward(be_, b.ffn_normed, out);
@@ -249,7 +284,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
       b.mlp.forward(be_, b.ffn_normed, out);
     }
   }
-  be_.rmsnorm_forward(stream_[2 * spec_.layers], final_norm_.value, spec_.norm_eps, final_normed_, final_rstd_);
+  norm_all_rows(stream_[2 * spec_.layers], final_norm_.value, final_normed_, final_rstd_);
 
   // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
   // once. In training each chunk's backward runs right away.
@@ -265,23 +300,30 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     be_.cross_entropy_backward(logits, tgt, lse, loss_scale / double(t));
     const Tensor d_h = d_final_.slice_rows(row, rows);
     be_.gemm(false, false, rows, d, vl, 1.0, logits, output_.value, 0.0, d_h);
-    tp.sum(d_h);  // every shard's logits depend on h
+    if (!tp.split_sequence()) tp.sum(d_h);  // every shard's logits depend on h (summed below with SP)
     be_.gemm(true, false, vl, d, rows, 1.0, logits, h, 1.0, output_.grad);
   }
   if (!train) return stats;
 
-  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.value, final_rstd_, d_final_, d_stream_,
+  if (tp.split_sequence()) tp.reduce_scatter_rows(d_final_, d_final_local_);
+  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.value, final_rstd_, d_final_local_, d_stream_,
                        final_norm_.grad);
   for (int l = spec_.layers - 1; l >= 0; --l) {
     Block& b = *blocks_[l];
     const Tensor& mid = stream_[2 * l + 1];
-    if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, scratch_.d_normed, loss_scale, scratch_);
-    else b.mlp.backward(be_, b.ffn_normed, d_stream_, scratch_.d_normed, 0.0, scratch_);
-    be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, scratch_.d_normed, scratch_.d_x, b.ffn_norm.grad);
-    be_.axpy(1.0, scratch_.d_x, d_stream_);
+    const Tensor d_normed = scratch_.d_normed.prefix({mid.rows(), d}), d_x = scratch_.d_x.prefix({mid.rows(), d});
+    if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, d_normed, loss_scale, scratch_);
+    else b.mlp.backward(be_, b.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
+    be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
+    be_.axpy(1.0, d_x, d_stream_);
     b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
   }
-  be_.embedding_backward(ids_, d_stream_, embedding_.grad);
+  if (tp.split_sequence()) {
+    tp.gather_rows(d_stream_, tp_scratch_.gathered, be_);
+    be_.embedding_backward(ids_, tp_scratch_.gathered, embedding_.grad);
+  } else {
+    be_.embedding_backward(ids_, d_stream_, embedding_.grad);
+  }
   return stats;
 }
 

@@ -23,6 +23,7 @@ struct ModelPlacement {
   std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
   std::shared_ptr<Communicator> tp_group;  // null: dense layers not split
   std::shared_ptr<Communicator> etp_group;  // null: experts not split
+  bool sequence_parallel = false;            // with tp > 1: split the residual stream by tokens
   // Multiples the dense and expert parameter regions are padded to (ZeRO-1 shards them
   // evenly over the data-parallel and expert-data-parallel ranks).
   int64_t dense_multiple = 64, expert_multiple = 64;
@@ -30,7 +31,7 @@ struct ModelPlacement {
 
 // The placement for this rank's process groups; with zero1 the parameter regions are
 // padded to divide evenly over the ranks that shard them.
-ModelPlacement placement_for(const ProcessGroups& groups, bool zero1);
+ModelPlacement placement_for(const ProcessGroups& groups, bool zero1, bool sequence_parallel = false);
 
 class GptModel {
  public:
@@ -63,6 +64,7 @@ class GptModel {
   struct Block;
   void plan_activations(Arena& arena);
   void init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed);
+  void norm_all_rows(const Tensor& x, const Tensor& weight, const Tensor& normed, const Tensor& rstd);
   // Vocabulary-parallel cross-entropy: combines the shards' per-row results over tp,
   // leaves the whole row's lse in `lse` and returns the chunk's summed loss.
   // targets: the chunk's targets as this shard sees them (host).
@@ -75,7 +77,8 @@ class GptModel {
   ModelSpec spec_;
   Backend& be_;
   std::shared_ptr<Communicator> tp_group_;
-  Tensor tp_partial_;  // [T,D] partial sums of the row-parallel matrices
+  bool sequence_parallel_;
+  TpScratch tp_scratch_;
   DType dtype_;
   int batch_;
   int64_t tokens_;
@@ -91,6 +94,7 @@ class GptModel {
   Tensor final_normed_, final_rstd_;  // [T,D], [T]
   Tensor logits_, losses_, lse_;    // [C,V], [C], [C]
   Tensor d_final_;                  // [T,D]
+  Tensor d_final_local_;            // this rank's rows of it (sequence parallel), else d_final_
   Tensor d_stream_;                 // [T,D] residual gradient
 };
 

@@ -41,15 +41,41 @@ struct Scratch {
 // pairs): the first matrix of a pair is split by output rows (attention heads, MLP hidden
 // units), the second by input columns, and the partial outputs of the second are summed
 // over the group. Inputs and outputs of a layer are replicated on every tp rank.
+//
+// With sequence parallelism the residual stream between the layers is split by tokens too:
+// each tp rank holds rows [rank * T/tp, (rank+1) * T/tp) of it, normalises only those, and
+// the layer all-gathers the normalised rows before its first matrix and reduce-scatters
+// the partial outputs of its second (instead of one all-reduce); the backward mirrors it.
 struct TensorParallel {
   Communicator* group = nullptr;  // null: not split
+  bool sequence_parallel = false;
   int size() const { return group ? group->size() : 1; }
   int rank() const { return group ? group->rank() : 0; }
   bool active() const { return size() > 1; }
+  bool split_sequence() const { return active() && sequence_parallel; }
   // x <- sum over the group of x.
   void sum(const Tensor& x) const {
     if (active()) group->all_reduce(x, ReduceOp::SUM);
   }
+  // full [T, D] <- every rank's rows, given this rank's `local` [T/tp, D] (copied into its
+  // block of `full` unless it is already there).
+  void gather_rows(const Tensor& local, const Tensor& full, Backend& be) const {
+    const Tensor mine = full.slice_rows(int64_t(rank()) * local.rows(), local.rows());
+    if (mine.data != local.data) be.copy(local, mine);
+    group->all_gather(mine, full);
+  }
+  // local [T/tp, D] <- this rank's rows of the sum over the group of `full` [T, D].
+  void reduce_scatter_rows(const Tensor& full, const Tensor& local) const {
+    group->reduce_scatter(full, local, ReduceOp::SUM);
+  }
+};
+
+// Shared [T, D] and [T/tp, D] scratch for the tensor-parallel collectives, used by one
+// layer at a time.
+struct TpScratch {
+  Tensor partial;   // [T,D] partial sums of a row-parallel matrix
+  Tensor gathered;  // [T,D] sequence parallel: an all-gathered gradient
+  Tensor local;     // [T/tp,D] sequence parallel: a reduce-scattered result
 };
 
 // Sizes one layer sees.
@@ -65,14 +91,14 @@ class Attention {
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
   // dims: the model's sizes (all heads); tp_partial: [T,D] scratch shared by the layers,
   // used when tensor parallel.
-  void plan(Arena& arena, const LayerDims& dims, const Tensor& tp_partial = {});
+  void plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch = {});
   void forward(Backend& be, const Tensor& in, const Tensor& out);
   void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch);
 
  private:
   LayerDims dims_{};  // heads: this rank's
   TensorParallel tp_;
-  Tensor tp_partial_;
+  TpScratch tps_;
   double rope_theta_ = 10000.0, eps_ = 1e-5;
   Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]; with tp: [3, D/tp, D] and [D, D/tp]
   Tensor normed_, rstd_;      // [T,D], [T]
@@ -89,7 +115,9 @@ class SwigluMlp {
   void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std,
                TensorParallel tp = {});
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens, const Tensor& tp_partial = {});
+  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {});
+  // h: [T,D] (all tokens). out and d_out: [T,D], or this rank's [T/tp,D] rows with
+  // sequence parallelism; d_h likewise.
   void forward(Backend& be, const Tensor& h, const Tensor& out);
   // d_h = beta * d_h + d(h) of this MLP.
   void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch);
@@ -97,7 +125,7 @@ class SwigluMlp {
  private:
   int64_t dim_ = 0, ffn_ = 0;  // ffn_: this rank's hidden units
   TensorParallel tp_;
-  Tensor tp_partial_;
+  TpScratch tps_;
   Param gate_up_, down_;  // [2F,D], [D,F]; with tp: [2, F/tp, D] and [D, F/tp]
   Tensor hidden_, act_;   // [T,2F], [T,F]
 };
@@ -138,7 +166,7 @@ class MoeFeedForward {
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
                std::shared_ptr<TokenDispatcher> dispatcher, TensorParallel tp = {});
   void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens, const Tensor& tp_partial = {});
+  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {});
   MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
   // loss_scale multiplies the auxiliary and z losses in the gradient, as the cross
   // entropy's own scale does for the main loss.
@@ -153,7 +181,7 @@ class MoeFeedForward {
   MoeSpec moe_{};
   std::shared_ptr<TokenDispatcher> dispatcher_;
   TensorParallel tp_;
-  Tensor tp_partial_;                       // [T,D] shared scratch (tensor parallel only)
+  TpScratch tps_;
   int64_t slice_begin_ = 0, slice_tokens_ = 0;  // this tp rank's tokens
   Buffer expert_side_;
   int64_t expert_side_rows_ = 0;

@@ -21,7 +21,8 @@ GradientRegions split_gradient_regions(const Tensor& flat, int64_t tp_sharded_be
                          part(tp_sharded_begin, expert_begin)};
 }
 
-void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups) {
+void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups, bool sequence_parallel) {
+  if (sequence_parallel) groups.tp->all_reduce(grads.tp_replicated, ReduceOp::SUM);
   groups.dp->all_reduce(grads.dense, ReduceOp::SUM);
   groups.edp->all_reduce(grads.expert, ReduceOp::SUM);
 }

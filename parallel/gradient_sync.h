@@ -19,8 +19,10 @@ struct GradientRegions {
 // [tp-replicated | tp-sharded | experts] at the two boundaries (in elements).
 GradientRegions split_gradient_regions(const Tensor& flat, int64_t tp_sharded_begin, int64_t expert_begin);
 
-// Sums dense gradients over groups.dp and expert gradients over groups.edp.
-void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups);
+// Sums dense gradients over groups.dp and expert gradients over groups.edp. With sequence
+// parallelism the tp-replicated tensors (norm gains, routers) hold partial sums over this
+// rank's tokens, which are first summed over groups.tp.
+void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups, bool sequence_parallel = false);
 
 // The norm of the whole model's gradient after reduce_gradients: every rank holds the
 // tp-replicated gradients, its tp group's share of the tp-split ones and its ep group's

@@ -50,10 +50,11 @@ mpi_equal)
     END { printf "max |loss(1 rank) - loss(ep 2, ZeRO-1)| = %.2e over %d steps\n", m, NR; exit bad }' || die "ep/ZeRO-1 loss sequence differs"
   # The runs must actually train: the loss moves by far more than the tolerance.
   awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/l1" || die "loss did not decrease"
-  # Tensor parallelism (tp = 2: heads, MLP units and the shared expert split, MoE tokens
-  # sliced over the pair): the same sequence again.
-  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.tp=2 > "$tmp/tp" 2>&1 || { cat "$tmp/tp"; die "tp=2 run failed"; }
-  grep -q "tp 2 x dp 1" "$tmp/tp" || die "the run did not use tp = 2"
+  # Tensor parallelism with sequence parallelism (tp = 2: heads, MLP units, the shared
+  # expert and the vocabulary split, the residual stream and MoE tokens split by tokens
+  # over the pair): the same sequence again.
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true > "$tmp/tp" 2>&1 || { cat "$tmp/tp"; die "tp=2 run failed"; }
+  grep -q "tp 2 x dp 1" "$tmp/tp" && grep -q "sequence parallel" "$tmp/tp" || die "the run did not use tp = 2 with sequence parallelism"
   grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/tp" | awk '{print $5}' > "$tmp/l4"
   [ "$(wc -l < "$tmp/l4")" -eq 20 ] || die "expected 20 loss lines from the tp run"
   paste "$tmp/l1" "$tmp/l4" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}

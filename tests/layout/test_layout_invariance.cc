@@ -2,7 +2,7 @@
 // produce the gradients and the loss sequence of the same model on one rank with the same
 // seed and global batch.
 //
-//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X] [--device cpu|cuda] [--zero1 1]
+//   mpirun -np N test_layout_invariance --tp T --ep E [--etp X] [--device cpu|cuda] [--zero1 1] [--sp 1]
 //
 // With --device cuda every rank uses its node's GPU (ranks may share one: collectives go
 // over MPI, staged through host memory); without a visible GPU the run reports itself
@@ -96,13 +96,14 @@ std::vector<float> host(Backend& be, const Tensor& t) {
 
 int run(int argc, char** argv) {
   int tp = 1, ep = 1, etp = 1;
-  bool cuda = false, zero1 = false;
+  bool cuda = false, zero1 = false, sequence_parallel = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tp")) tp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--etp")) etp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--device")) cuda = !std::strcmp(argv[i + 1], "cuda");
     else if (!std::strcmp(argv[i], "--zero1")) zero1 = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--sp")) sequence_parallel = std::atoi(argv[i + 1]) != 0;
   }
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -127,7 +128,7 @@ int run(int argc, char** argv) {
   const double loss_scale = 1.0 / double(kGlobalBatch / kMicroBatch);
 
   GptModel reference(spec, *be, DType::F32, kMicroBatch);
-  GptModel parallel(spec, *be, DType::F32, kMicroBatch, placement_for(groups, zero1));
+  GptModel parallel(spec, *be, DType::F32, kMicroBatch, placement_for(groups, zero1, sequence_parallel));
   reference.init_parameters(5);
   parallel.init_parameters(5);
   const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().tp_sharded_begin(), parallel.registry().expert_begin());
@@ -152,7 +153,7 @@ int run(int argc, char** argv) {
     std::vector<double> sums{0.0, 0.0};
     sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1]);
     if (zero1) reduce_scatter_gradients(grads, shards, *be, groups, zero1_scratch);
-    else reduce_gradients(grads, groups);
+    else reduce_gradients(grads, groups, sequence_parallel && tp > 1);
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const double par_loss = sums[0] / sums[1];
 
