@@ -282,7 +282,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     // eval_interval 0 turns validation off entirely (its batch count is then unchecked).
     if (eval_interval > 0 && (r.step % eval_interval == 0 || r.step == run.training().steps())) r.val_loss = validate();
     if (!std::isfinite(r.loss)) {
-      if (root) std::fprintf(stderr, "sdmoe_pretrain: error: loss became %f at step %ld\n", r.loss, (long)r.step);
+      // Every rank sees the same all-reduced loss, so every rank stops here together.
+      std::fprintf(stderr, "sdmoe_pretrain: error: loss became %f at step %ld\n", r.loss, (long)r.step);
       return 3;
     }
     if (root && (r.step % run.training().log_interval() == 0 || r.val_loss >= 0)) {

@@ -99,6 +99,9 @@ bad_input)
   check "tp does not divide the heads" "parallel.tp (2) must divide model.heads (1)" --config configs/tiny.textproto --set parallel.tp=2 --set model.heads=1
   check "etp does not divide the expert width" "parallel.etp (2) must divide model.moe.expert_ffn_dim (63)" --config configs/tiny.textproto --set parallel.etp=2 --set model.moe.expert_ffn_dim=63
   check "NCCL without a GPU" "parallel.comm_backend NCCL" --config configs/tiny.textproto --set device=CPU --set parallel.comm_backend=NCCL
+  # Found late: a learning rate that makes the loss diverge. Every rank stops at the
+  # same step (the loss is all-reduced), with status 3.
+  check "diverging loss" "loss became" --config configs/tiny.textproto --set optimizer.lr=1e9 --set optimizer.grad_clip=0 --set training.eval_interval=0
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   ;;
 *) die "unknown check $what" ;;
