@@ -8,6 +8,11 @@
 namespace sdmoe {
 
 // One allocation on one backend, freed when the Buffer dies.
+// A range [begin, end) of elements of a flat buffer (a region, a shard).
+struct ElementRange {
+  int64_t begin = 0, end = 0;
+};
+
 class Buffer {
  public:
   Buffer() = default;

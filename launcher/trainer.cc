@@ -178,17 +178,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
-  const GradientRegions grad_regions = split_gradient_regions(model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin());
-  const GradientRegions param_regions = split_gradient_regions(model.params(), model.registry().tp_sharded_begin(), model.registry().expert_begin());
-  Zero1Shards shards;
-  std::vector<ElementRange> owned;
-  if (zero1) {
-    shards = zero1_shards(grad_regions, model.grads(), groups);
-    owned = {{shards.dense_begin, shards.dense_begin + shards.dense_count},
-             {shards.expert_begin, shards.expert_begin + shards.expert_count}};
-  }
-  AdamW optimizer(model, job.optimizer, owned);
-  Buffer zero1_scratch;  // reduce-scatter output, reused every step
+  GradientSync sync(model.params(), model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin(),
+                    groups, be, zero1, run.parallel().sequence_parallel());
+  AdamW optimizer(model, job.optimizer, sync.owned());
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
 
@@ -251,15 +243,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       }
     }
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
-    OptimizerStepResult opt;
-    if (zero1) {
-      reduce_scatter_gradients(grad_regions, shards, be, groups, zero1_scratch);
-      opt = optimizer.step(step, zero1_gradient_norm(be, grad_regions, shards, groups));
-      gather_parameters(param_regions, groups);
-    } else {
-      reduce_gradients(grad_regions, groups, run.parallel().sequence_parallel() && dims.tp > 1);
-      opt = optimizer.step(step, global_gradient_norm(be, grad_regions, groups));
-    }
+    const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
+    sync.after_update();
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

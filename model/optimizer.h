@@ -25,11 +25,6 @@ struct OptimizerStepResult {
   double clip_factor;   // multiplier applied to the gradient (1 when not clipped)
 };
 
-// A range [begin, end) of elements of the model's flat parameter buffer.
-struct ElementRange {
-  int64_t begin = 0, end = 0;
-};
-
 class AdamW {
  public:
   // Updates the whole model, or only `ranges` of its flat buffer (ZeRO-1: this rank's

@@ -101,4 +101,34 @@ void gather_parameters(const GradientRegions& params, const ProcessGroups& group
   one(params.expert, *groups.edp);
 }
 
+GradientSync::GradientSync(const Tensor& params, const Tensor& grads, int64_t tp_sharded_begin, int64_t expert_begin,
+                           const ProcessGroups& groups, Backend& backend, bool zero1, bool sequence_parallel)
+    : grads_(split_gradient_regions(grads, tp_sharded_begin, expert_begin)),
+      params_(split_gradient_regions(params, tp_sharded_begin, expert_begin)),
+      groups_(groups),
+      backend_(backend),
+      zero1_(zero1),
+      sequence_parallel_(sequence_parallel && groups.tp->size() > 1) {
+  if (!zero1_) {
+    owned_ = {{0, grads.numel()}};
+    return;
+  }
+  shards_ = zero1_shards(grads_, grads, groups);
+  owned_ = {{shards_.dense_begin, shards_.dense_begin + shards_.dense_count},
+            {shards_.expert_begin, shards_.expert_begin + shards_.expert_count}};
+}
+
+double GradientSync::reduce() {
+  if (zero1_) {
+    reduce_scatter_gradients(grads_, shards_, backend_, groups_, scratch_);
+    return zero1_gradient_norm(backend_, grads_, shards_, groups_);
+  }
+  reduce_gradients(grads_, groups_, sequence_parallel_);
+  return global_gradient_norm(backend_, grads_, groups_);
+}
+
+void GradientSync::after_update() {
+  if (zero1_) gather_parameters(params_, groups_);
+}
+
 }  // namespace sdmoe

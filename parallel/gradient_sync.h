@@ -56,4 +56,28 @@ double zero1_gradient_norm(Backend& backend, const GradientRegions& grads, const
 // place so that every rank holds the whole updated model again.
 void gather_parameters(const GradientRegions& params, const ProcessGroups& groups);
 
+// The step's gradient synchronisation as the trainer runs it, one object per model:
+//   reduce()        after the last micro-batch's backward: the reductions above (or,
+//                   with ZeRO-1, the reduce-scatter); returns the global gradient norm;
+//   after_update()  after the optimizer: with ZeRO-1, the parameter all-gather.
+// owned() is what this rank's optimizer updates: everything, or its ZeRO-1 shards.
+class GradientSync {
+ public:
+  GradientSync(const Tensor& params, const Tensor& grads, int64_t tp_sharded_begin, int64_t expert_begin,
+               const ProcessGroups& groups, Backend& backend, bool zero1, bool sequence_parallel);
+  double reduce();
+  void after_update();
+  const std::vector<ElementRange>& owned() const { return owned_; }
+  bool zero1() const { return zero1_; }
+
+ private:
+  GradientRegions grads_, params_;
+  const ProcessGroups& groups_;
+  Backend& backend_;
+  bool zero1_, sequence_parallel_;
+  Zero1Shards shards_;
+  std::vector<ElementRange> owned_;
+  Buffer scratch_;
+};
+
 }  // namespace sdmoe

@@ -131,17 +131,10 @@ int run(int argc, char** argv) {
   GptModel parallel(spec, *be, DType::F32, kMicroBatch, placement_for(groups, zero1, sequence_parallel));
   reference.init_parameters(5);
   parallel.init_parameters(5);
-  const GradientRegions grads = split_gradient_regions(parallel.grads(), parallel.registry().tp_sharded_begin(), parallel.registry().expert_begin());
-  const GradientRegions params = split_gradient_regions(parallel.params(), parallel.registry().tp_sharded_begin(), parallel.registry().expert_begin());
-  Zero1Shards shards;
-  std::vector<ElementRange> owned;
-  if (zero1) {
-    shards = zero1_shards(grads, parallel.grads(), groups);
-    owned = {{shards.dense_begin, shards.dense_begin + shards.dense_count},
-             {shards.expert_begin, shards.expert_begin + shards.expert_count}};
-  }
+  GradientSync sync(parallel.params(), parallel.grads(), parallel.registry().tp_sharded_begin(),
+                    parallel.registry().expert_begin(), groups, *be, zero1, sequence_parallel);
+  const std::vector<ElementRange>& owned = sync.owned();
   AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer(), owned);
-  Buffer zero1_scratch;
 
   int failures = 0;
   double worst_grad = 0.0, worst_loss = 0.0;
@@ -152,8 +145,7 @@ int run(int argc, char** argv) {
     const double ref_loss = accumulate(reference, step, 0, kGlobalBatch, loss_scale, &ref_tokens) / ref_tokens;
     std::vector<double> sums{0.0, 0.0};
     sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1]);
-    if (zero1) reduce_scatter_gradients(grads, shards, *be, groups, zero1_scratch);
-    else reduce_gradients(grads, groups, sequence_parallel && tp > 1);
+    const double grad_norm = sync.reduce();
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const double par_loss = sums[0] / sums[1];
 
@@ -167,9 +159,9 @@ int run(int argc, char** argv) {
         const double tol = 1e-5 * scale + 1e-9;
         int64_t bad = 0;
         for (size_t i = 0; i < got.size(); ++i) {
-          // With ZeRO-1 only this rank's shards hold reduced gradients.
+          // Only what this rank owns holds reduced gradients (with ZeRO-1: its shards).
           const int64_t at = ps.offset + int64_t(i);
-          if (zero1 && !std::any_of(owned.begin(), owned.end(), [&](const ElementRange& r) { return r.begin <= at && at < r.end; }))
+          if (!std::any_of(owned.begin(), owned.end(), [&](const ElementRange& r) { return r.begin <= at && at < r.end; }))
             continue;
           const double err = std::fabs(double(got[i]) - double(want_all[ps.logical_index(int64_t(i))]));
           worst_grad = std::max(worst_grad, err / std::max(scale, 1e-30));
@@ -183,9 +175,8 @@ int run(int argc, char** argv) {
       }
     }
     const OptimizerStepResult r = ref_opt.step(step);
-    const OptimizerStepResult p = par_opt.step(
-        step, zero1 ? zero1_gradient_norm(*be, grads, shards, groups) : global_gradient_norm(*be, grads, groups));
-    if (zero1) gather_parameters(params, groups);
+    const OptimizerStepResult p = par_opt.step(step, grad_norm);
+    sync.after_update();
     worst_loss = std::max(worst_loss, std::fabs(ref_loss - par_loss));
     if (!(std::fabs(ref_loss - par_loss) <= 1e-5) || !(std::fabs(r.grad_norm - p.grad_norm) <= 1e-5 * r.grad_norm)) {
       std::fprintf(stderr, "rank %d step %d: loss %.8f vs %.8f, grad norm %.8f vs %.8f\n", rank, step, par_loss,
