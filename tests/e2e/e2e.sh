@@ -31,38 +31,37 @@ mpi_equal)
   # must agree to 1e-4 (typically 1e-6) over 20 AdamW steps. The validation passes (steps
   # 0, 10 and 20, 8 micro-batches over all ranks) must evaluate the same sequences too.
   common=(--config configs/tiny.textproto --set training.steps=20 --set training.eval_interval=10 --set training.eval_batches=8 --set training.log_interval=1 --set threads=1)
+  losses() { grep -o '^step [0-9]*/20 | loss [0-9.]*' "$1" | awk '{print $5}'; }
+  # same_sequence LABEL FILE_A FILE_B COUNT: the two columns agree to 1e-4, COUNT values each.
+  same_sequence() {
+    [ "$(wc -l < "$2")" -eq "$4" ] && [ "$(wc -l < "$3")" -eq "$4" ] || die "$1: expected $4 values from each run"
+    paste "$2" "$3" | awk -v what="$1" '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
+      END { printf "max |%s| = %.2e over %d values\n", what, m, NR; exit bad }' || die "$1: sequences differ"
+  }
+  # parallel_run NAME EXPECTED_LAYOUT_TEXT ARGS...: 2 ranks, loss sequence equal to one rank's.
+  parallel_run() {
+    local name="$1" layout="$2"; shift 2
+    mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "$@" > "$tmp/$name" 2>&1 || { cat "$tmp/$name"; die "$name run failed"; }
+    grep -q -- "$layout" "$tmp/$name" || die "the $name run did not use $layout"
+    losses "$tmp/$name" > "$tmp/$name.loss"
+    same_sequence "loss(1 rank) - loss($name)" "$tmp/one.loss" "$tmp/$name.loss" 20
+  }
   "$bin/sdmoe_pretrain" "${common[@]}" > "$tmp/one" 2>&1 || { cat "$tmp/one"; die "1-rank run failed"; }
-  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" > "$tmp/two" 2>&1 || { cat "$tmp/two"; die "2-rank run failed"; }
-  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/one" | awk '{print $5}' > "$tmp/l1"
-  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/two" | awk '{print $5}' > "$tmp/l2"
-  [ "$(wc -l < "$tmp/l1")" -eq 20 ] && [ "$(wc -l < "$tmp/l2")" -eq 20 ] || die "expected 20 loss lines from each run"
-  grep -q "tp 1 x dp 2" "$tmp/two" || die "the 2-rank run did not use 2 data-parallel ranks"
-  paste "$tmp/l1" "$tmp/l2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
-    END { printf "max |loss(1 rank) - loss(2 ranks)| = %.2e over %d steps\n", m, NR; exit bad }' || die "loss sequences differ"
+  losses "$tmp/one" > "$tmp/one.loss"
+  # The runs must actually train: the loss moves by far more than the tolerance.
+  awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/one.loss" || die "loss did not decrease"
+  parallel_run dp2 "tp 1 x dp 2"
   # Expert parallelism (ep = 2: each rank holds 2 of the 4 experts, tokens cross over
   # all-to-all) with ZeRO-1 (moments sharded, gradients reduce-scattered, parameters
-  # all-gathered): the same sequence again.
-  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set parallel.zero1=true > "$tmp/ep" 2>&1 || { cat "$tmp/ep"; die "ep=2 ZeRO-1 run failed"; }
-  grep -q "ep 2 x edp 1" "$tmp/ep" && grep -q "ZeRO-1" "$tmp/ep" || die "the run did not use ep = 2 with ZeRO-1"
-  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/ep" | awk '{print $5}' > "$tmp/l3"
-  [ "$(wc -l < "$tmp/l3")" -eq 20 ] || die "expected 20 loss lines from the ep run"
-  paste "$tmp/l1" "$tmp/l3" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
-    END { printf "max |loss(1 rank) - loss(ep 2, ZeRO-1)| = %.2e over %d steps\n", m, NR; exit bad }' || die "ep/ZeRO-1 loss sequence differs"
-  # The runs must actually train: the loss moves by far more than the tolerance.
-  awk 'NR == 1 {a = $1} END {exit !(a - $1 > 0.5)}' "$tmp/l1" || die "loss did not decrease"
+  # all-gathered).
+  parallel_run ep2_zero1 "ZeRO-1" --set parallel.ep=2 --set parallel.zero1=true
+  grep -q "ep 2 x edp 1" "$tmp/ep2_zero1" || die "the ep2_zero1 run did not use ep = 2"
   # Tensor parallelism with sequence parallelism (tp = 2: heads, MLP units, the shared
   # expert and the vocabulary split, the residual stream and MoE tokens split by tokens
-  # over the pair): the same sequence again.
-  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.tp=2 --set parallel.sequence_parallel=true > "$tmp/tp" 2>&1 || { cat "$tmp/tp"; die "tp=2 run failed"; }
-  grep -q "tp 2 x dp 1" "$tmp/tp" && grep -q "sequence parallel" "$tmp/tp" || die "the run did not use tp = 2 with sequence parallelism"
-  grep -o '^step [0-9]*/20 | loss [0-9.]*' "$tmp/tp" | awk '{print $5}' > "$tmp/l4"
-  [ "$(wc -l < "$tmp/l4")" -eq 20 ] || die "expected 20 loss lines from the tp run"
-  paste "$tmp/l1" "$tmp/l4" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
-    END { printf "max |loss(1 rank) - loss(tp 2)| = %.2e over %d steps\n", m, NR; exit bad }' || die "tp loss sequence differs"
-  val_losses "$tmp/one" > "$tmp/v1"; val_losses "$tmp/two" > "$tmp/v2"
-  [ "$(wc -l < "$tmp/v1")" -eq 3 ] && [ "$(wc -l < "$tmp/v2")" -eq 3 ] || die "expected 3 validation losses from each run"
-  paste "$tmp/v1" "$tmp/v2" | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > 1e-4) bad = 1}
-    END { printf "max |val_loss(1 rank) - val_loss(2 ranks)| = %.2e over %d passes\n", m, NR; exit bad }' || die "validation losses differ"
+  # over the pair).
+  parallel_run tp2_sp "tp 2 x dp 1 | etp 1 x ep 1 x edp 2 (sequence parallel)" --set parallel.tp=2 --set parallel.sequence_parallel=true
+  val_losses "$tmp/one" > "$tmp/v1"; val_losses "$tmp/dp2" > "$tmp/v2"
+  same_sequence "val_loss(1 rank) - val_loss(dp2)" "$tmp/v1" "$tmp/v2" 3
   ;;
 bad_input)
   # Each case: both ranks exit nonzero within the time limit, each printing one line.
