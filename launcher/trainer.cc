@@ -178,8 +178,12 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
+  GradientSyncOptions sync_options{zero1, run.parallel().sequence_parallel(),
+                                   int64_t(run.parallel().gradient_bucket_mb() * 1e6 / double(dtype_size(model.dtype()))),
+                                   model.gradient_ready_ranges()};
   GradientSync sync(model.params(), model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin(),
-                    groups, be, zero1, run.parallel().sequence_parallel());
+                    groups, be, std::move(sync_options));
+  model.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   AdamW optimizer(model, job.optimizer, sync.owned());
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
@@ -232,6 +236,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     std::vector<double> sums(4 + 2 * moe_layers, 0.0);
     for (int micro = 0; micro < job.accumulation; ++micro) {
       train_loader.next(job.micro_batch, tokens);
+      if (micro == job.accumulation - 1) sync.expect_backward();  // reduce buckets as they finish
       MicroBatchStats s = model.forward_backward(tokens.data(), 1.0 / micro_batches);
       sums[0] += s.loss_sum;
       sums[1] += double(s.tokens);

@@ -57,6 +57,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   vocab_begin_ = int64_t(vocab_tp.rank()) * vocab_local_;
   embedding_.id = registry_.add_part("embedding", {spec_.vocab_size, d}, 0, vocab_tp.size(), vocab_tp.rank(),
                                      ParamRole::EMBEDDING, spec_.init_std, true);
+  ready_stage_.assign(registry_.specs().size(), spec_.layers + 1);  // the embedding
   for (int l = 0; l < spec_.layers; ++l) {
     auto block = std::make_unique<Block>();
     const std::string prefix = fmt::format("layers.{}", l);
@@ -71,12 +72,14 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
                          tp);
     else block->mlp.declare(registry_, prefix + ".mlp", d, spec_.ffn_dim, spec_.init_std, out_std, tp);
     blocks_.push_back(std::move(block));
+    ready_stage_.resize(registry_.specs().size(), spec_.layers - l);
   }
   final_norm_.id = registry_.add("final_norm", {d}, ParamRole::NORM, 0.0);
   output_.id = spec_.tie_embeddings ? embedding_.id
                                     : registry_.add_part("output", {spec_.vocab_size, d}, 0, vocab_tp.size(),
                                                          vocab_tp.rank(), ParamRole::OUTPUT, spec_.init_std, true);
 
+  ready_stage_.resize(registry_.specs().size(), 0);  // final norm, untied output
   registry_.finalize(placement.dense_multiple, placement.expert_multiple);
   const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
   params_ = Buffer(be_, bytes);
@@ -100,6 +103,15 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
 }
 
 GptModel::~GptModel() = default;
+
+std::vector<GradientReadyRange> GptModel::gradient_ready_ranges() const {
+  std::vector<GradientReadyRange> out;
+  for (size_t id = 0; id < registry_.specs().size(); ++id) {
+    const ParamSpec& s = registry_.spec(int(id));
+    out.push_back({s.offset, s.offset + s.numel, ready_stage_[id]});
+  }
+  return out;
+}
 
 void GptModel::plan_activations(Arena& arena) {
   const int64_t t = tokens_, d = spec_.dim;
@@ -308,6 +320,10 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   if (tp.split_sequence()) tp.reduce_scatter_rows(d_final_, d_final_local_);
   be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.value, final_rstd_, d_final_local_, d_stream_,
                        final_norm_.grad);
+  auto stage_done = [&](int stage) {
+    if (backward_hook_) backward_hook_(stage);
+  };
+  stage_done(0);
   for (int l = spec_.layers - 1; l >= 0; --l) {
     Block& b = *blocks_[l];
     const Tensor& mid = stream_[2 * l + 1];
@@ -317,6 +333,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
     be_.axpy(1.0, d_x, d_stream_);
     b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
+    stage_done(spec_.layers - l);
   }
   if (tp.split_sequence()) {
     tp.gather_rows(d_stream_, tp_scratch_.gathered, be_);
@@ -324,6 +341,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   } else {
     be_.embedding_backward(ids_, d_stream_, embedding_.grad);
   }
+  stage_done(spec_.layers + 1);
   return stats;
 }
 

@@ -3,10 +3,12 @@
 // holds it: whole dense tensors, and the block of experts its expert-parallel group gives
 // it. The only communication inside is the MoE layers' token dispatch over that group.
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
 #include "model/layers.h"
+#include "parallel/gradient_sync.h"
 
 namespace sdmoe {
 
@@ -57,6 +59,14 @@ class GptModel {
   MicroBatchStats forward_backward(const int32_t* tokens, double loss_scale);
   MicroBatchStats forward_only(const int32_t* tokens);
 
+  // The backward runs in stages: 0 is the output head and final norm, layers - l is
+  // block l, layers + 1 the embedding. The hook is called as each stage finishes, so
+  // that the gradients it completed can be reduced while the rest of the backward runs.
+  void set_backward_hook(std::function<void(int stage)> hook) { backward_hook_ = std::move(hook); }
+  int backward_stages() const { return spec_.layers + 2; }
+  // Every tensor's range in the flat gradient and the stage after which it is final.
+  std::vector<GradientReadyRange> gradient_ready_ranges() const;
+
   // Rows of logits the output head materialises at once for `tokens` tokens per micro-batch.
   static int64_t output_head_chunk(const ModelSpec& spec, int64_t tokens);
 
@@ -76,6 +86,8 @@ class GptModel {
 
   ModelSpec spec_;
   Backend& be_;
+  std::function<void(int)> backward_hook_;
+  std::vector<int> ready_stage_;  // per parameter id
   std::shared_ptr<Communicator> tp_group_;
   bool sequence_parallel_;
   TpScratch tp_scratch_;

@@ -87,6 +87,56 @@ void MpiCommunicator::all_reduce(const Tensor& x, ReduceOp op) {
   stage_out(x, send_staging_);
 }
 
+namespace {
+
+class CompletedCollective final : public PendingCollective {
+ public:
+  void wait() override {}
+};
+
+class MpiPendingCollective final : public PendingCollective {
+ public:
+  explicit MpiPendingCollective(std::vector<MPI_Request> requests) : requests_(std::move(requests)) {}
+  void wait() override {
+    if (requests_.empty()) return;
+    SDMOE_CHECK_MPI(MPI_Waitall(int(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE));
+    requests_.clear();
+  }
+
+ private:
+  std::vector<MPI_Request> requests_;
+};
+
+}  // namespace
+
+std::unique_ptr<PendingCollective> Communicator::all_reduce_async(const Tensor& x, ReduceOp op) {
+  all_reduce(x, op);
+  return std::make_unique<CompletedCollective>();
+}
+
+std::unique_ptr<PendingCollective> Communicator::reduce_scatter_async(const Tensor& in, const Tensor& out,
+                                                                      ReduceOp op) {
+  reduce_scatter(in, out, op);
+  return std::make_unique<CompletedCollective>();
+}
+
+std::unique_ptr<PendingCollective> MpiCommunicator::all_reduce_async(const Tensor& x, ReduceOp op) {
+  // Device memory would need its staging buffer kept per request; it goes blocking.
+  if (size_ == 1 || x.device != Device::CPU) return Communicator::all_reduce_async(x, op);
+  bytes_sent_ += 2 * uint64_t(size_ - 1) * x.bytes() / uint64_t(size_);
+  constexpr int64_t kPiece = int64_t(1) << 30;
+  const size_t width = dtype_size(x.dtype);
+  std::vector<MPI_Request> requests;
+  for (int64_t begin = 0; begin < x.numel(); begin += kPiece) {
+    const int64_t count = std::min(kPiece, x.numel() - begin);
+    MPI_Request request = MPI_REQUEST_NULL;
+    SDMOE_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(x.data) + begin * width, static_cast<int>(count),
+                                   mpi_reduce_type(x.dtype), mpi_op(op), comm_, &request));
+    requests.push_back(request);
+  }
+  return std::make_unique<MpiPendingCollective>(std::move(requests));
+}
+
 void MpiCommunicator::all_gather(const Tensor& in, const Tensor& out) {
   SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
   SDMOE_ASSERT(out.numel() == in.numel() * size_, "all_gather: out has {} elements for {} ranks x {}", out.numel(),

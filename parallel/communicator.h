@@ -24,6 +24,16 @@ namespace sdmoe {
 
 enum class ReduceOp : uint8_t { SUM, MAX };
 
+// A collective started by one of the *_async calls. wait() completes it: afterwards its
+// tensors hold the result for the host and for work queued later on the backend's stream.
+// Until then they must be neither read nor written. Not waiting is only allowed when the
+// job is ending with an error (the request is then abandoned, not completed).
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -47,6 +57,14 @@ class Communicator {
                           std::span<const int64_t> recv_counts) = 0;
   virtual void broadcast(const Tensor& x, int root) = 0;
   virtual void barrier() = 0;
+
+  // The same collectives, started now and completed by wait(), so that they overlap the
+  // work that follows (a gradient bucket against the rest of the backward). MPI on host
+  // memory: nonblocking MPI, progressed inside later MPI calls and in wait(); NCCL: on a
+  // communication stream ordered after the work queued so far on the backend's stream.
+  // Otherwise (MPI staging device memory) the blocking collective, already complete.
+  virtual std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op);
+  virtual std::unique_ptr<PendingCollective> reduce_scatter_async(const Tensor& in, const Tensor& out, ReduceOp op);
 
   // Small host-side collectives (statistics, token counts, agreement on errors).
   virtual void all_reduce_host(std::vector<double>& values, ReduceOp op) = 0;
@@ -84,6 +102,7 @@ class MpiCommunicator final : public Communicator {
                   std::span<const int64_t> recv_counts) override;
   void broadcast(const Tensor& x, int root) override;
   void barrier() override;
+  std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op) override;
   void all_reduce_host(std::vector<double>& values, ReduceOp op) override;
   std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override;
 

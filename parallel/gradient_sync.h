@@ -2,7 +2,17 @@
 // ParamRegistry::finalize): dense tensors, replicated on every rank of a data-parallel
 // group, and this rank's experts, replicated on every rank of an expert-data-parallel
 // group. Each region is summed over its own group.
+//
+// The reduction runs in buckets: contiguous ranges of a region, cut at tensor boundaries,
+// each launched as soon as the backward has finished every tensor in it, so that on a GPU
+// (NCCL on a communication stream) and over nonblocking MPI the communication overlaps
+// the rest of the backward. Buckets are cut from the end of each region, because the
+// layout follows the model's declaration order and the backward finishes the last layers
+// first.
 #pragma once
+#include <memory>
+#include <vector>
+
 #include "core/buffer.h"
 #include "parallel/communicator.h"
 
@@ -19,65 +29,86 @@ struct GradientRegions {
 // [tp-replicated | tp-sharded | experts] at the two boundaries (in elements).
 GradientRegions split_gradient_regions(const Tensor& flat, int64_t tp_sharded_begin, int64_t expert_begin);
 
-// Sums dense gradients over groups.dp and expert gradients over groups.edp. With sequence
-// parallelism the tp-replicated tensors (norm gains, routers) hold partial sums over this
-// rank's tokens, which are first summed over groups.tp.
-void reduce_gradients(const GradientRegions& grads, const ProcessGroups& groups, bool sequence_parallel = false);
-
-// The norm of the whole model's gradient after reduce_gradients: every rank holds the
-// tp-replicated gradients, its tp group's share of the tp-split ones and its ep group's
-// share of the experts, so
-// |g|^2 = |replicated|^2 + sum over tp of |tp-split|^2 + sum over ep x etp of |experts|^2.
-double global_gradient_norm(Backend& backend, const GradientRegions& grads, const ProcessGroups& groups);
-
-// ZeRO-1. Each region is split evenly over the ranks of its group (the model pads the
-// regions to make that exact); a rank's shard of a region is the block at its rank.
-struct Zero1Shards {
-  int64_t dense_begin = 0, dense_count = 0;    // elements, in the flat buffer
-  int64_t expert_begin = 0, expert_count = 0;
+// Elements [begin, end) of the flat gradient receive their last contribution in the
+// backward stage `stage` (stages are numbered in the order the backward finishes them).
+struct GradientReadyRange {
+  int64_t begin = 0, end = 0;
+  int stage = 0;
 };
 
-Zero1Shards zero1_shards(const GradientRegions& regions, const Tensor& flat, const ProcessGroups& groups);
+// One bucket: a range of one region, the groups it is summed over, and when it is ready.
+struct GradientBucket {
+  int64_t begin = 0, end = 0;  // elements of the flat buffer
+  int ready_stage = 0;         // launchable once the backward finished this stage
+  bool expert = false;         // expert region (summed over edp), else dense (over dp)
+  bool tp_first = false;       // sequence parallel: summed over tp before dp
+};
 
-// Sums the gradients and leaves this rank's shard of the sum in place in `grads` (the rest
-// of the buffer is then stale): reduce-scatter of the dense region over groups.dp and of
-// the expert region over groups.edp.
-// `scratch` is a buffer the caller keeps between steps (grown on first use), so that no
-// step allocates device memory.
-void reduce_scatter_gradients(const GradientRegions& grads, const Zero1Shards& shards, Backend& backend,
-                              const ProcessGroups& groups, Buffer& scratch);
+// Cuts [region_begin, region_end) into buckets of at least `bucket_elements` (the first
+// cut may leave less), from the end of the region towards its start, cutting at the
+// starts of ready ranges and rounding each cut up to a multiple of `granularity` elements
+// from region_begin (ZeRO-1 splits each bucket evenly over its group). A bucket's ready
+// stage is the latest stage of the ranges it overlaps; elements no range covers
+// (padding) never delay a bucket. bucket_elements <= 0: one bucket. Empty `ready`: every
+// bucket waits for the end of the backward (stage kAfterBackward).
+constexpr int kAfterBackward = 1 << 30;
+std::vector<GradientBucket> plan_gradient_buckets(int64_t region_begin, int64_t region_end,
+                                                  const std::vector<GradientReadyRange>& ready,
+                                                  int64_t bucket_elements, int64_t granularity);
 
-// |g| from the shards alone: every element of the model lies in exactly one rank's shard
-// (tensor parallelism aside, which ZeRO-1 does not support yet).
-double zero1_gradient_norm(Backend& backend, const GradientRegions& grads, const Zero1Shards& shards,
-                           const ProcessGroups& groups);
-
-// After the optimizer updated this rank's shards of the parameters: all-gather them in
-// place so that every rank holds the whole updated model again.
-void gather_parameters(const GradientRegions& params, const ProcessGroups& groups);
+struct GradientSyncOptions {
+  bool zero1 = false;
+  bool sequence_parallel = false;
+  int64_t bucket_elements = 0;             // <= 0: one bucket per region
+  std::vector<GradientReadyRange> ready;   // empty: nothing launches before reduce()
+};
 
 // The step's gradient synchronisation as the trainer runs it, one object per model:
-//   reduce()        after the last micro-batch's backward: the reductions above (or,
-//                   with ZeRO-1, the reduce-scatter); returns the global gradient norm;
-//   after_update()  after the optimizer: with ZeRO-1, the parameter all-gather.
-// owned() is what this rank's optimizer updates: everything, or its ZeRO-1 shards.
+//   expect_backward()       before the last micro-batch's backward: arms the buckets;
+//   backward_stage_done(s)  called by the model's backward as it finishes stage s:
+//                           launches every armed bucket that is now complete;
+//   reduce()                after the backward: launches what is left, waits for all,
+//                           and returns the global gradient norm;
+//   after_update()          after the optimizer: with ZeRO-1, the parameter all-gather.
+// Dense buckets are all-reduced over groups.dp (with sequence parallelism the
+// tp-replicated ones, partial sums over this rank's tokens, over groups.tp first), expert
+// buckets over groups.edp. With ZeRO-1 each bucket is reduce-scattered instead: the rank
+// at position r of the group keeps block r of every bucket, and owned() lists those
+// blocks, which are what this rank's optimizer updates.
 class GradientSync {
  public:
   GradientSync(const Tensor& params, const Tensor& grads, int64_t tp_sharded_begin, int64_t expert_begin,
-               const ProcessGroups& groups, Backend& backend, bool zero1, bool sequence_parallel);
+               const ProcessGroups& groups, Backend& backend, GradientSyncOptions options);
+  ~GradientSync();
+  void expect_backward() { armed_ = true; }
+  void backward_stage_done(int stage);
   double reduce();
   void after_update();
   const std::vector<ElementRange>& owned() const { return owned_; }
-  bool zero1() const { return zero1_; }
+  const std::vector<GradientBucket>& buckets() const { return buckets_; }
+  // Buckets launched by backward_stage_done since the last reduce().
+  int launched_during_backward() const { return launched_during_backward_; }
+  bool zero1() const { return options_.zero1; }
 
  private:
-  GradientRegions grads_, params_;
+  Communicator& group_of(const GradientBucket& b) const { return b.expert ? *groups_.edp : *groups_.dp; }
+  Tensor range(const Tensor& flat, int64_t begin, int64_t end) const;
+  void launch(size_t index);
+  double gradient_norm();
+
+  Tensor params_, grads_;
+  GradientRegions regions_;
   const ProcessGroups& groups_;
   Backend& backend_;
-  bool zero1_, sequence_parallel_;
-  Zero1Shards shards_;
+  GradientSyncOptions options_;
+  std::vector<GradientBucket> buckets_;
+  std::vector<int64_t> shard_scratch_offset_;   // ZeRO-1: where each bucket's block lands
+  std::vector<std::unique_ptr<PendingCollective>> pending_;  // per bucket, null when idle
+  std::vector<char> launched_;                              // per bucket, this step
   std::vector<ElementRange> owned_;
   Buffer scratch_;
+  bool armed_ = false;
+  int launched_during_backward_ = 0;
 };
 
 }  // namespace sdmoe

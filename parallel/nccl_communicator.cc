@@ -1,6 +1,9 @@
 // NCCL communicator: collectives on device memory, enqueued on the backend's stream so they
-// are ordered with the compute around them without host synchronisation. Host-side
-// collectives (counts, statistics) go over an MPI communicator of the same ranks.
+// are ordered with the compute around them without host synchronisation. The *_async
+// collectives go on a second, communication stream that waits for an event recorded on
+// the backend's stream, so they overlap the compute queued after them; wait() makes the
+// backend's stream wait for their completion event in turn. Host-side collectives
+// (counts, statistics) go over an MPI communicator of the same ranks.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -24,6 +27,32 @@ ncclDataType_t nccl_type(DType t) {
 
 ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::SUM ? ncclSum : ncclMax; }
 
+cudaEvent_t record_event(cudaStream_t stream) {
+  cudaEvent_t event = nullptr;
+  SDMOE_CHECK_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  SDMOE_CHECK_CUDA(cudaEventRecord(event, stream));
+  return event;
+}
+
+// Completion of work on the communication stream, as seen by the compute stream.
+class StreamPendingCollective final : public PendingCollective {
+ public:
+  StreamPendingCollective(cudaEvent_t done, cudaStream_t compute) : done_(done), compute_(compute) {}
+  ~StreamPendingCollective() override {
+    if (done_) cudaEventDestroy(done_);  // unwaited: the job is failing; errors ignored
+  }
+  void wait() override {
+    if (!done_) return;
+    SDMOE_CHECK_CUDA(cudaStreamWaitEvent(compute_, done_, 0));
+    SDMOE_CHECK_CUDA(cudaEventDestroy(done_));
+    done_ = nullptr;
+  }
+
+ private:
+  cudaEvent_t done_;
+  cudaStream_t compute_;
+};
+
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(MPI_Comm comm, Backend& backend)
@@ -38,18 +67,27 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
-    if (comm_) ncclCommDestroy(comm_);  // teardown: errors ignored
+    // Teardown: errors ignored.
+    if (comm_) ncclCommDestroy(comm_);
+    if (comm_stream_) cudaStreamDestroy(comm_stream_);
   }
 
   int rank() const override { return host_.rank(); }
   int size() const override { return host_.size(); }
   std::string kind() const override { return "nccl"; }
 
-  void all_reduce(const Tensor& x, ReduceOp op) override {
-    if (size() == 1 || x.numel() == 0) return;
-    bytes_sent_ += 2 * uint64_t(size() - 1) * x.bytes() / uint64_t(size());
-    SDMOE_CHECK_NCCL(
-        ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), nccl_op(op), comm_, stream_));
+  void all_reduce(const Tensor& x, ReduceOp op) override { all_reduce_on(x, op, stream_); }
+
+  std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op) override {
+    const cudaStream_t side = begin_async();
+    all_reduce_on(x, op, side);
+    return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
+  }
+
+  std::unique_ptr<PendingCollective> reduce_scatter_async(const Tensor& in, const Tensor& out, ReduceOp op) override {
+    const cudaStream_t side = begin_async();
+    reduce_scatter_on(in, out, op, side);
+    return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
   }
 
   void all_gather(const Tensor& in, const Tensor& out) override {
@@ -62,13 +100,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
-    SDMOE_ASSERT(in.dtype == out.dtype, "reduce_scatter: dtypes differ");
-    SDMOE_ASSERT(in.numel() == out.numel() * size(), "reduce_scatter: in has {} elements for {} ranks x {}",
-                 in.numel(), size(), out.numel());
-    if (out.numel() == 0) return;
-    bytes_sent_ += uint64_t(size() - 1) * in.bytes() / uint64_t(size());
-    SDMOE_CHECK_NCCL(ncclReduceScatter(in.data, out.data, size_t(out.numel()), nccl_type(in.dtype), nccl_op(op),
-                                       comm_, stream_));
+    reduce_scatter_on(in, out, op, stream_);
   }
 
   void all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
@@ -122,9 +154,36 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  void all_reduce_on(const Tensor& x, ReduceOp op, cudaStream_t stream) {
+    if (size() == 1 || x.numel() == 0) return;
+    bytes_sent_ += 2 * uint64_t(size() - 1) * x.bytes() / uint64_t(size());
+    SDMOE_CHECK_NCCL(
+        ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), nccl_op(op), comm_, stream));
+  }
+
+  void reduce_scatter_on(const Tensor& in, const Tensor& out, ReduceOp op, cudaStream_t stream) {
+    SDMOE_ASSERT(in.dtype == out.dtype, "reduce_scatter: dtypes differ");
+    SDMOE_ASSERT(in.numel() == out.numel() * size(), "reduce_scatter: in has {} elements for {} ranks x {}",
+                 in.numel(), size(), out.numel());
+    if (out.numel() == 0) return;
+    bytes_sent_ += uint64_t(size() - 1) * in.bytes() / uint64_t(size());
+    SDMOE_CHECK_NCCL(ncclReduceScatter(in.data, out.data, size_t(out.numel()), nccl_type(in.dtype), nccl_op(op),
+                                       comm_, stream));
+  }
+
+  // The communication stream, made to wait for everything queued so far on the backend's.
+  cudaStream_t begin_async() {
+    if (!comm_stream_) SDMOE_CHECK_CUDA(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
+    const cudaEvent_t ready = record_event(stream_);
+    SDMOE_CHECK_CUDA(cudaStreamWaitEvent(comm_stream_, ready, 0));
+    SDMOE_CHECK_CUDA(cudaEventDestroy(ready));  // released once the wait is satisfied
+    return comm_stream_;
+  }
+
   MpiCommunicator host_;
   Backend& backend_;
   cudaStream_t stream_;
+  cudaStream_t comm_stream_ = nullptr;
   ncclComm_t comm_ = nullptr;
 };
 

@@ -75,12 +75,15 @@ OptimizerSpec test_optimizer() {
 }
 
 // One step over sequences [first, first + count) of the global batch, in micro-batches.
-double accumulate(GptModel& model, int step, int first, int count, double loss_scale, double* tokens_out) {
+// With `sync`, the last micro-batch's backward reduces its gradient buckets as they finish.
+double accumulate(GptModel& model, int step, int first, int count, double loss_scale, double* tokens_out,
+                  GradientSync* sync = nullptr) {
   const ModelSpec& spec = model.spec();
   std::vector<int32_t> tokens(kMicroBatch * (spec.seq_len + 1));
   double loss_sum = 0.0;
   for (int m = 0; m < count / kMicroBatch; ++m) {
     for (int b = 0; b < kMicroBatch; ++b) sequence(spec, step, first + m * kMicroBatch + b, &tokens[b * (spec.seq_len + 1)]);
+    if (sync && m == count / kMicroBatch - 1) sync->expect_backward();
     MicroBatchStats s = model.forward_backward(tokens.data(), loss_scale);
     loss_sum += s.loss_sum;
     *tokens_out += double(s.tokens);
@@ -97,6 +100,8 @@ std::vector<float> host(Backend& be, const Tensor& t) {
 int run(int argc, char** argv) {
   int tp = 1, ep = 1, etp = 1;
   bool cuda = false, zero1 = false, sequence_parallel = false;
+  // Small gradient buckets, so that every layout reduces several of them during the backward.
+  int64_t bucket_elements = 4096;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tp")) tp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(argv[i + 1]);
@@ -104,6 +109,7 @@ int run(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--device")) cuda = !std::strcmp(argv[i + 1], "cuda");
     else if (!std::strcmp(argv[i], "--zero1")) zero1 = std::atoi(argv[i + 1]) != 0;
     else if (!std::strcmp(argv[i], "--sp")) sequence_parallel = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--bucket")) bucket_elements = std::atoll(argv[i + 1]);
   }
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -132,7 +138,9 @@ int run(int argc, char** argv) {
   reference.init_parameters(5);
   parallel.init_parameters(5);
   GradientSync sync(parallel.params(), parallel.grads(), parallel.registry().tp_sharded_begin(),
-                    parallel.registry().expert_begin(), groups, *be, zero1, sequence_parallel);
+                    parallel.registry().expert_begin(), groups, *be,
+                    GradientSyncOptions{zero1, sequence_parallel, bucket_elements, parallel.gradient_ready_ranges()});
+  parallel.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   const std::vector<ElementRange>& owned = sync.owned();
   AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer(), owned);
 
@@ -144,8 +152,15 @@ int run(int argc, char** argv) {
     double ref_tokens = 0.0;
     const double ref_loss = accumulate(reference, step, 0, kGlobalBatch, loss_scale, &ref_tokens) / ref_tokens;
     std::vector<double> sums{0.0, 0.0};
-    sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1]);
+    sums[0] = accumulate(parallel, step, groups.dp->rank() * per_rank, per_rank, loss_scale, &sums[1], &sync);
+    const int launched_early = sync.launched_during_backward();
     const double grad_norm = sync.reduce();
+    // The buckets before the embedding's must go out while the backward still runs.
+    if (step == 0 && sync.buckets().size() > 1 && launched_early == 0) {
+      std::fprintf(stderr, "rank %d: none of %zu gradient buckets was launched during the backward\n", rank,
+                   sync.buckets().size());
+      ++failures;
+    }
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const double par_loss = sums[0] / sums[1];
 

@@ -23,6 +23,7 @@
 #include "core/buffer.h"
 #include "core/check.h"
 #include "parallel/communicator.h"
+#include "parallel/gradient_sync.h"
 #include "parallel/parallel_dims.h"
 
 namespace sdmoe {
@@ -217,6 +218,77 @@ void check_reduce_scatter(Communicator& c, DType dt) {
 TEST_P(WorldComm, ReduceScatter) {
   check_reduce_scatter<float>(comm(), DType::F32);
   check_reduce_scatter<double>(comm(), DType::F64);
+}
+
+// ---- async collectives ----------------------------------------------------------------
+// Several started before any is waited (as gradient buckets are), completed in reverse
+// order; the results must be those of the blocking collectives above.
+TEST_P(WorldComm, AsyncCollectivesInFlightTogether) {
+  const int p = comm().size(), r = comm().rank();
+  const int64_t n = 29, block = 7;
+  std::vector<float> a(n), b(n), expected_a(n), expected_b(n), rs_in(p * block), expected_rs(block);
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = float((r + 1) * (i + 1));
+    b[i] = float(r * 3 - i);
+    expected_a[i] = float(p * (p + 1) / 2 * (i + 1));
+    expected_b[i] = float(3 * p * (p - 1) / 2 - p * i);
+  }
+  for (int64_t k = 0; k < p * block; ++k) rs_in[k] = float((r + 2) * (k + 1));
+  for (int64_t i = 0; i < block; ++i) expected_rs[i] = float((p * (p + 1) / 2 + p) * (r * block + i + 1));
+  DeviceArray da = upload(DType::F32, a), db = upload(DType::F32, b), din = upload(DType::F32, rs_in);
+  DeviceArray dout = device_array(DType::F32, block);
+  auto first = comm().all_reduce_async(da.t, ReduceOp::SUM);
+  auto second = comm().reduce_scatter_async(din.t, dout.t, ReduceOp::SUM);
+  auto third = comm().all_reduce_async(db.t, ReduceOp::SUM);
+  third->wait();
+  second->wait();
+  first->wait();
+  EXPECT_EQ(download<float>(da.t), expected_a);
+  EXPECT_EQ(download<float>(db.t), expected_b);
+  EXPECT_EQ(download<float>(dout.t), expected_rs);
+}
+
+// ---- gradient buckets --------------------------------------------------------------------
+// Tensors as ready ranges: [begin, end) with the backward stage that finishes them.
+TEST(GradientBuckets, CutAtTensorStartsFromTheEnd) {
+  // Region [100, 400): tensors of 50 elements, declared in order, the later ones finished
+  // earlier in the backward (stage 5 first ... stage 0 last).
+  std::vector<GradientReadyRange> ready;
+  for (int t = 0; t < 6; ++t) ready.push_back({100 + 50 * t, 150 + 50 * t, 5 - t});
+  const auto buckets = plan_gradient_buckets(100, 400, ready, 120, 1);
+  // From the end: [250, 400) is the first range of >= 120 cut at a tensor start, then
+  // [100, 250) holds the rest.
+  ASSERT_EQ(buckets.size(), 2u);
+  EXPECT_EQ(buckets[0].begin, 250);
+  EXPECT_EQ(buckets[0].end, 400);
+  EXPECT_EQ(buckets[0].ready_stage, 2);  // waits for the tensor at [250, 300)
+  EXPECT_EQ(buckets[1].begin, 100);
+  EXPECT_EQ(buckets[1].end, 250);
+  EXPECT_EQ(buckets[1].ready_stage, 5);
+}
+
+TEST(GradientBuckets, GranularityPaddingAndDefaults) {
+  std::vector<GradientReadyRange> ready{{0, 30, 3}, {30, 61, 2}, {61, 90, 1}};  // [90, 96) is padding
+  // Cuts rounded up to multiples of 4: the start 61 becomes 64, 30 becomes 32.
+  const auto zero1 = plan_gradient_buckets(0, 96, ready, 20, 4);
+  ASSERT_EQ(zero1.size(), 3u);
+  EXPECT_EQ(zero1[0].begin, 64);
+  EXPECT_EQ(zero1[0].end, 96);
+  EXPECT_EQ(zero1[0].ready_stage, 1);  // the padding does not delay it
+  EXPECT_EQ(zero1[1].begin, 32);
+  EXPECT_EQ(zero1[1].ready_stage, 2);
+  EXPECT_EQ(zero1[2].begin, 0);
+  EXPECT_EQ(zero1[2].end, 32);
+  EXPECT_EQ(zero1[2].ready_stage, 3);  // holds elements 30, 31 of the stage-2 tensor too
+  for (const auto& b : zero1) EXPECT_EQ((b.end - b.begin) % 4, 0);
+  // No bucket size: one bucket. No readiness: it waits for the end of the backward.
+  const auto one = plan_gradient_buckets(0, 96, ready, 0, 1);
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0].ready_stage, 3);
+  const auto unknown = plan_gradient_buckets(0, 96, {}, 20, 1);
+  ASSERT_EQ(unknown.size(), 1u);
+  EXPECT_EQ(unknown[0].ready_stage, kAfterBackward);
+  EXPECT_TRUE(plan_gradient_buckets(50, 50, ready, 20, 1).empty());
 }
 
 // ---- exchange_counts and all_to_all ------------------------------------------------------
