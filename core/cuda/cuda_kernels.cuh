@@ -115,6 +115,9 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as
 
 // ---- launchers: elementwise, reductions, norms, optimizer (kernels_elementwise.cu) -------
 void launch_fill(void* x, DType dtype, int64_t n, double value, cudaStream_t s);
+// device[i] = host[i] for i < count, in stream order: the pointers travel as kernel
+// arguments, so no pinned staging buffer and no host synchronisation is needed.
+void launch_write_pointers(const void* const* host, int64_t count, const void** device, cudaStream_t s);
 
 // Sustained fp32 FMA FLOP/s of the device, timed on `stream` (synchronises it).
 double measure_fma_peak(int device, cudaStream_t stream);

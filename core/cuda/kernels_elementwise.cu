@@ -1,3 +1,4 @@
+#include <algorithm>
 // Elementwise ops, deterministic reductions, casts, init, embedding, RMSNorm, SwiGLU and
 // AdamW. Kernels first, host launchers last.
 //
@@ -266,6 +267,32 @@ void* Workspace::get(size_t bytes) {
   SDMOE_CHECK_CUDA(cudaMallocAsync(&data_, want, stream_));
   capacity_ = want;
   return data_;
+}
+
+namespace {
+
+// Well under the 4 KiB kernel-parameter limit.
+constexpr int kPointersPerLaunch = 256;
+struct PointerBlock {
+  const void* p[kPointersPerLaunch];
+  int count;
+};
+
+__global__ void write_pointers_kernel(PointerBlock block, const void** out) {
+  const int i = threadIdx.x;
+  if (i < block.count) out[i] = block.p[i];
+}
+
+}  // namespace
+
+void launch_write_pointers(const void* const* host, int64_t count, const void** device, cudaStream_t s) {
+  for (int64_t first = 0; first < count; first += kPointersPerLaunch) {
+    PointerBlock block{};
+    block.count = int(std::min<int64_t>(kPointersPerLaunch, count - first));
+    for (int i = 0; i < block.count; ++i) block.p[i] = host[first + i];
+    write_pointers_kernel<<<1, kPointersPerLaunch, 0, s>>>(block, device + first);
+    SDMOE_CHECK_CUDA(cudaGetLastError());
+  }
 }
 
 void launch_fill(void* x, DType dtype, int64_t n, double value, cudaStream_t s) {
