@@ -179,9 +179,34 @@ OptimizerSpec optimizer_spec_from(const config::Optimizer& o, int64_t total_step
   s.eps = o.eps();
   s.weight_decay = o.weight_decay();
   s.grad_clip = o.grad_clip();
+  s.sgd = o.algorithm() == config::Optimizer::SGD;
   if (s.lr <= 0 || s.min_lr < 0 || s.min_lr > s.lr) fail("optimizer: need 0 <= min_lr <= lr and lr > 0");
   if (s.warmup_steps < 0) fail("optimizer.warmup_steps must be >= 0");
   if (s.beta1 < 0 || s.beta1 >= 1 || s.beta2 < 0 || s.beta2 >= 1) fail("optimizer: betas must be in [0, 1)");
+  return s;
+}
+
+SdmoeSpec sdmoe_spec_from(const config::Sdmoe& c) {
+  SdmoeSpec s;
+  s.enabled = c.enabled();
+  s.rank = c.rank();
+  s.refresh_interval = c.refresh_interval();
+  s.basis = c.basis() == config::Sdmoe::LAYER_SHARED ? SdmoeBasis::LAYER_SHARED : SdmoeBasis::PER_EXPERT;
+  if (c.matrices_size() > 0) {
+    s.matrices.clear();
+    for (int m : c.matrices()) {
+      const SdmoeMatrix which = m == config::Sdmoe::GATE ? SdmoeMatrix::GATE
+                                : m == config::Sdmoe::UP ? SdmoeMatrix::UP
+                                                         : SdmoeMatrix::DOWN;
+      if (s.selects(which)) fail("sdmoe.matrices lists {} twice", sdmoe_matrix_name(which));
+      s.matrices.push_back(which);
+    }
+  }
+  s.lr_mult_common = c.lr_mult_common();
+  s.lr_mult_unique = c.lr_mult_unique();
+  s.solver = c.solver() == config::Sdmoe::SUBSPACE_ITERATION ? SdmoeSolver::SUBSPACE_ITERATION : SdmoeSolver::EXACT;
+  s.subspace_iterations = c.subspace_iterations();
+  s.async = c.async();
   return s;
 }
 

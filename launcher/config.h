@@ -6,6 +6,7 @@
 #include "launcher/config.pb.h"
 #include "model/model_spec.h"
 #include "model/optimizer.h"
+#include "model/sdmoe.h"
 
 namespace sdmoe {
 
@@ -22,5 +23,7 @@ std::string config_reference();
 
 ModelSpec model_spec_from(const config::Model& model);
 OptimizerSpec optimizer_spec_from(const config::Optimizer& opt, int64_t total_steps);
+// Throws sdmoe::Error on a repeated matrix; validate() checks the rest against the model.
+SdmoeSpec sdmoe_spec_from(const config::Sdmoe& sdmoe);
 
 }  // namespace sdmoe

@@ -13,6 +13,8 @@
 #include "data/token_dataset.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
+#include "model/sdmoe.h"
+#include "model/spectral_service.h"
 #include "parallel/gradient_sync.h"
 
 namespace sdmoe {
@@ -21,6 +23,7 @@ namespace {
 struct Job {
   ModelSpec model;
   OptimizerSpec optimizer;
+  SdmoeSpec sdmoe;
   int micro_batch = 0, accumulation = 0;
   std::shared_ptr<const data::TokenDataset> train, validation;
 };
@@ -47,6 +50,8 @@ Job check_job(const config::Run& run, int dp) {
   job.micro_batch = t.micro_batch_size();
   job.accumulation = t.global_batch_size() / (t.micro_batch_size() * dp);
   job.optimizer = optimizer_spec_from(run.optimizer(), t.steps());
+  job.sdmoe = sdmoe_spec_from(run.sdmoe());
+  job.sdmoe.validate(job.model);
 
   const std::string& path = run.data().path();
   if (path.empty()) fail("data.path is not set");
@@ -131,6 +136,11 @@ ParallelDims check_parallel(const config::Run& run, int world) {
            run.training().micro_batch_size(), spec.seq_len);
     if (p.zero1()) fail("parallel.zero1 is not supported with tensor parallelism yet (parallel.tp = {})", dims.tp);
   }
+  if (run.sdmoe().enabled()) {
+    // SD-MoE projects whole expert matrices in the optimizer step.
+    if (dims.etp > 1) fail("sdmoe is not supported with parallel.etp > 1 yet (parallel.etp = {})", dims.etp);
+    if (p.zero1()) fail("sdmoe is not supported with parallel.zero1 yet");
+  }
   return dims;
 }
 
@@ -184,7 +194,20 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   GradientSync sync(model.params(), model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin(),
                     groups, be, std::move(sync_options));
   model.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
-  AdamW optimizer(model, job.optimizer, sync.owned());
+  std::unique_ptr<SpectralDecomposition> decomposition;
+  std::unique_ptr<SpectralService> spectral;
+  if (job.sdmoe.enabled) {
+    decomposition = std::make_unique<SpectralDecomposition>(be, model.dtype(), model.registry(), job.sdmoe);
+    std::vector<int> routers(job.model.layers, -1);
+    for (size_t id = 0; id < model.registry().specs().size(); ++id) {
+      const ParamSpec& ps = model.registry().spec(int(id));
+      int layer = -1;
+      if (ps.role == ParamRole::ROUTER && std::sscanf(ps.name.c_str(), "layers.%d.", &layer) == 1) routers[layer] = int(id);
+    }
+    spectral = std::make_unique<SpectralService>(*decomposition, model.registry(), model.params(), model.grads(),
+                                                 routers, groups.edp, groups.ep);
+  }
+  AdamW optimizer(model, job.optimizer, sync.owned(), decomposition.get());
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
 
@@ -205,6 +228,25 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     std::printf("peak fp32 %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s", peak / 1e9,
                 resolved_config_text(run).c_str());
     std::fflush(stdout);
+  }
+  auto print_spectral = [&](int64_t step, const RefreshReport& rep) {
+    if (!root) return;
+    std::printf("sdmoe refresh after step %ld | %.3f s compute, %.3f s communication, %ld jobs on rank 0 | staleness %ld\n",
+                (long)step, rep.compute_seconds, rep.comm_seconds, (long)rep.jobs_computed, (long)rep.staleness);
+    for (const SpectralMetrics& m : rep.metrics)
+      std::printf("  layer %d %-4s overlap U %.3f V %.3f | tail U %.3f V %.3f | grad U %.3f V %.3f | router %.3f\n", m.layer,
+                  sdmoe_matrix_name(m.matrix), m.overlap_left, m.overlap_right, m.tail_overlap_left,
+                  m.tail_overlap_right, m.grad_overlap_left, m.grad_overlap_right, m.router_alignment);
+    std::fflush(stdout);
+  };
+  if (spectral) {
+    // Initialisation splits each W with its own top-k bases (moments are still zero).
+    const RefreshReport first = spectral->refresh(0, optimizer.first_moments());
+    if (root)
+      std::printf("sdmoe: %zu expert matrix types, rank %d, refresh every %d steps, %.2f MB of bases and unique moments per rank\n",
+                  decomposition->targets().size(), job.sdmoe.rank, job.sdmoe.refresh_interval,
+                  double(decomposition->added_elements()) * 4 / 1e6);
+    print_spectral(0, first);
   }
 
   auto validate = [&]() {
@@ -250,6 +292,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
     sync.after_update();
+    RefreshReport refresh;
+    const bool refreshed = spectral && spectral->due(step + 1);
+    if (refreshed) refresh = spectral->refresh(step + 1, optimizer.first_moments());
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -265,6 +310,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       r.max_load.push_back(sums[5 + 2 * l] / micro_batches);
     }
     for (const auto& [name, comm] : traffic) r.bytes_sent.emplace_back(name, comm->bytes_sent());
+    if (refreshed) {
+      r.spectral = refresh.metrics;
+      r.spectral_compute_seconds = refresh.compute_seconds;
+      r.spectral_comm_seconds = refresh.comm_seconds;
+    }
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
@@ -285,6 +335,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       std::printf("\n");
       std::fflush(stdout);
     }
+    if (refreshed) print_spectral(r.step, refresh);
     if (on_step) on_step(r);
   }
   return 0;

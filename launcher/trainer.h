@@ -1,5 +1,6 @@
 // The training loop of sdmoe_pretrain.
 #pragma once
+#include "model/spectral_service.h"
 #include <functional>
 #include <memory>
 #include <string>
@@ -24,6 +25,9 @@ struct StepRecord {
   // Bytes rank 0 sent in this step per communication group ("dp", "ep", ...; groups with
   // the same ranks are one communicator and share one entry, named "dp=edp" and so on).
   std::vector<std::pair<std::string, uint64_t>> bytes_sent;
+  // At an SD-MoE refresh: its metrics per MoE layer and matrix, and its time.
+  std::vector<SpectralMetrics> spectral;
+  double spectral_compute_seconds = 0.0, spectral_comm_seconds = 0.0;
 };
 
 // The backend the config asks for: CUDA (this rank's local GPU), CPU, or AUTO (CUDA when a

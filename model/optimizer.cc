@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/sdmoe.h"
+
 namespace sdmoe {
 
 double learning_rate(const OptimizerSpec& s, int64_t step) {
@@ -12,8 +14,9 @@ double learning_rate(const OptimizerSpec& s, int64_t step) {
   return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-AdamW::AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges)
-    : model_(model), spec_(spec), ranges_(std::move(ranges)) {
+AdamW::AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges,
+             SpectralDecomposition* sdmoe)
+    : model_(model), spec_(spec), ranges_(std::move(ranges)), sdmoe_(sdmoe) {
   const int64_t total = model.registry().total_elements();
   if (ranges_.empty()) ranges_.push_back({0, total});
   for (const ElementRange& r : ranges_) {
@@ -24,6 +27,9 @@ AdamW::AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRang
   const size_t bytes = size_t(moment_elements_) * dtype_size(model.dtype());
   m_ = Buffer(model.backend(), bytes);
   v_ = Buffer(model.backend(), bytes);
+  // SD-MoE projects whole expert matrices, so it needs every element's moments here.
+  SDMOE_ASSERT(!sdmoe_ || (ranges_.size() == 1 && ranges_[0].begin == 0 && ranges_[0].end == total),
+               "SD-MoE needs the optimizer to own the whole model (no ZeRO-1)");
   model.backend().fill(first_moments(), 0.0);
   model.backend().fill(second_moments(), 0.0);
 }
@@ -51,9 +57,18 @@ OptimizerStepResult AdamW::step(int64_t step_index, double grad_norm) {
       if (begin >= end) continue;
       AdamWStep s{r.lr, spec_.beta1, spec_.beta2, spec_.eps, ps.weight_decay() ? spec_.weight_decay : 0.0,
                   1.0 - std::pow(spec_.beta1, t), 1.0 - std::pow(spec_.beta2, t), r.clip_factor};
+      if (sdmoe_ && sdmoe_->handles(int(id))) {
+        sdmoe_->update(int(id), params, grads, m, v, s, spec_.sgd);
+        continue;
+      }
       const int64_t mo = moment_base + (begin - range.begin);
-      be.adamw_update(part(params, begin, end - begin), part(grads, begin, end - begin), part(m, mo, end - begin),
-                      part(v, mo, end - begin), s);
+      const Tensor p = part(params, begin, end - begin), g = part(grads, begin, end - begin);
+      if (spec_.sgd) {
+        be.scale(p, 1.0 - s.lr * s.weight_decay);
+        be.axpy(-s.lr * s.grad_scale, g, p);
+        continue;
+      }
+      be.adamw_update(p, g, part(m, mo, end - begin), part(v, mo, end - begin), s);
     }
     moment_base += range.end - range.begin;
   }

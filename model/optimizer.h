@@ -7,7 +7,10 @@
 
 namespace sdmoe {
 
+class SpectralDecomposition;
+
 struct OptimizerSpec {
+  bool sgd = false;  // plain SGD (no moments): the SD-MoE trajectory check; AdamW otherwise
   double lr = 3e-4, min_lr = 3e-5;
   int64_t warmup_steps = 100, total_steps = 1000;
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
@@ -29,7 +32,10 @@ class AdamW {
  public:
   // Updates the whole model, or only `ranges` of its flat buffer (ZeRO-1: this rank's
   // shards); moments are kept for those elements alone.
-  AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges = {});
+  // With `sdmoe`, the parameters holding SD-MoE matrices are updated by it (their
+  // common parts with this optimizer's moments, their unique parts with its own).
+  AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRange> ranges = {},
+        SpectralDecomposition* sdmoe = nullptr);
   // Applies one update from the model's (already reduced) gradients. grad_norm is the
   // global gradient norm, for clipping; negative: this rank's gradients are the whole
   // model's, compute it here.
@@ -45,6 +51,7 @@ class AdamW {
   GptModel& model_;
   OptimizerSpec spec_;
   std::vector<ElementRange> ranges_;
+  SpectralDecomposition* sdmoe_ = nullptr;
   int64_t moment_elements_ = 0;
   Buffer m_, v_;
 };

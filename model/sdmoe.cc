@@ -1,0 +1,323 @@
+#include "model/sdmoe.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "core/check.h"
+
+namespace sdmoe {
+
+const char* sdmoe_matrix_name(SdmoeMatrix m) {
+  switch (m) {
+    case SdmoeMatrix::GATE: return "gate";
+    case SdmoeMatrix::UP: return "up";
+    case SdmoeMatrix::DOWN: return "down";
+  }
+  return "?";
+}
+
+bool SdmoeSpec::selects(SdmoeMatrix m) const { return std::find(matrices.begin(), matrices.end(), m) != matrices.end(); }
+
+void SdmoeSpec::validate(const ModelSpec& model) const {
+  if (!enabled) return;
+  if (model.moe_layer_count() == 0) fail("sdmoe.enabled needs MoE layers (model.moe.num_experts > 0)");
+  if (matrices.empty()) fail("sdmoe.matrices is empty");
+  if (refresh_interval <= 0) fail("sdmoe.refresh_interval must be positive");
+  if (subspace_iterations <= 0) fail("sdmoe.subspace_iterations must be positive");
+  if (lr_mult_common < 0 || lr_mult_unique < 0) fail("sdmoe.lr_mult_common and lr_mult_unique must be >= 0");
+  const int64_t smallest = std::min<int64_t>(model.dim, model.moe.expert_ffn_dim);
+  if (rank <= 0 || rank >= smallest)
+    fail("sdmoe.rank ({}) must be in [1, {}): below the smaller side of an expert matrix ({} x {})", rank, smallest,
+         model.moe.expert_ffn_dim, model.dim);
+}
+
+namespace {
+
+// "layers.<l>.moe.experts.<what>" -> l, or -1.
+int layer_of(const std::string& name) {
+  int layer = -1;
+  if (std::sscanf(name.c_str(), "layers.%d.", &layer) != 1) return -1;
+  return layer;
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+}  // namespace
+
+std::vector<SpectralTarget> spectral_targets(const ParamRegistry& registry, const SdmoeSpec& spec) {
+  std::vector<SpectralTarget> out;
+  for (size_t id = 0; id < registry.specs().size(); ++id) {
+    const ParamSpec& p = registry.spec(int(id));
+    if (p.role != ParamRole::EXPERT) continue;
+    const int layer = layer_of(p.name);
+    SDMOE_ASSERT(layer >= 0, "expert parameter {} has no layer in its name", p.name);
+    auto add = [&](SdmoeMatrix which, int64_t first, int64_t stride, int64_t m, int64_t n) {
+      if (!spec.selects(which)) return;
+      SpectralTarget t;
+      t.layer = layer;
+      t.matrix = which;
+      t.param_id = int(id);
+      t.first = first;
+      t.stride = stride;
+      t.experts = p.shape[0];
+      t.first_expert = p.part_first[0];
+      t.total_experts = p.logical_shape[0];
+      t.m = m;
+      t.n = n;
+      t.bases = spec.basis == SdmoeBasis::PER_EXPERT ? int(t.experts) : 1;
+      out.push_back(t);
+    };
+    if (ends_with(p.name, ".gate_up")) {
+      // [E, 2, F, D]: per expert the gate rows, then the up rows.
+      SDMOE_ASSERT(p.shape.size() == 4 && p.shape[1] == 2, "{}: expected [E, 2, F, D]", p.name);
+      SDMOE_ASSERT(p.shape[2] == p.logical_shape[2], "{}: SD-MoE needs whole experts (etp = 1)", p.name);
+      const int64_t f = p.shape[2], d = p.shape[3];
+      add(SdmoeMatrix::GATE, 0, 2 * f * d, f, d);
+      add(SdmoeMatrix::UP, f * d, 2 * f * d, f, d);
+    } else if (ends_with(p.name, ".down")) {
+      SDMOE_ASSERT(p.shape.size() == 3, "{}: expected [E, D, F]", p.name);
+      SDMOE_ASSERT(p.shape[2] == p.logical_shape[2], "{}: SD-MoE needs whole experts (etp = 1)", p.name);
+      add(SdmoeMatrix::DOWN, 0, p.shape[1] * p.shape[2], p.shape[1], p.shape[2]);
+    }
+  }
+  return out;
+}
+
+int64_t bases_elements(const std::vector<SpectralTarget>& targets, int k) {
+  int64_t total = 0;
+  for (const SpectralTarget& t : targets) total += int64_t(t.bases) * k * (t.m + t.n);
+  return total;
+}
+
+// ---- projection ----------------------------------------------------------------------
+
+namespace {
+
+// A whole buffer as a flat tensor of `dtype`.
+Tensor whole(const Buffer& b, DType dtype, Device device) {
+  return Tensor(b.data(), dtype, device, {int64_t(b.bytes() / dtype_size(dtype))});
+}
+
+}  // namespace
+
+SpectralProjector::SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k)
+    : be_(backend), dtype_(dtype), k_(k) {
+  int64_t thin = 0;
+  for (const SpectralTarget& t : targets) {
+    matrix_elements_ = std::max(matrix_elements_, t.experts * t.m * t.n);
+    thin = std::max(thin, t.experts * k * (t.n + t.m + k));
+  }
+  const size_t width = dtype_size(dtype);
+  if (matrix_elements_ > 0) scratch_ = Buffer(backend, size_t(4 * matrix_elements_) * width);
+  if (thin > 0) thin_ = Buffer(backend, size_t(thin) * width);
+}
+
+Tensor SpectralProjector::scratch(int index, const SpectralTarget& t) const {
+  SDMOE_ASSERT(index >= 0 && index < 4, "scratch slot {}", index);
+  return Tensor(static_cast<char*>(scratch_.data()) + index * matrix_elements_ * int64_t(dtype_size(dtype_)), dtype_,
+                be_.device(), {t.experts, t.m, t.n});
+}
+
+void SpectralProjector::project_unique(const SpectralTarget& t, const Tensor& bases, const Tensor& x_flat,
+                                       int64_t x_base, int64_t x_stride, const Tensor& out) {
+  const int64_t k = k_, m = t.m, n = t.n, e = t.experts;
+  if (e == 0) return;
+  const size_t width = dtype_size(dtype_);
+  auto raw = [&](const Buffer& b) { return whole(b, dtype_, be_.device()); };
+  auto at = [&](const Tensor& flat, int64_t offset, int64_t count) {
+    return Tensor(static_cast<char*>(flat.data) + offset * int64_t(width), dtype_, be_.device(), {count});
+  };
+  // Per expert or shared by all of them: a zero stride repeats one basis.
+  const int64_t ut_stride = t.bases > 1 ? k * m : 0, vt_stride = t.bases > 1 ? k * n : 0;
+  const int64_t ut_count = (t.bases - 1) * ut_stride + k * m, vt_count = (t.bases - 1) * vt_stride + k * n;
+  const Tensor ut = at(bases, t.ut_offset, ut_count), vt = at(bases, t.vt_offset, vt_count);
+  const Tensor x = at(x_flat, x_base, (e - 1) * x_stride + m * n);
+  const Tensor a = at(raw(thin_), 0, e * k * n);
+  const Tensor b = at(raw(thin_), e * k * n, e * m * k);
+  const Tensor c = at(raw(thin_), e * k * (n + m), e * k * k);
+  // a = Ut X [k,n]; b = X Vt^T [m,k]; c = a Vt^T [k,k]; a -= c Vt; out = X - Ut^T a - b Vt.
+  be_.gemm(false, false, k, n, m, 1.0, ut, x, 0.0, a, {e, ut_stride, x_stride, k * n});
+  be_.gemm(false, true, m, k, n, 1.0, x, vt, 0.0, b, {e, x_stride, vt_stride, m * k});
+  be_.gemm(false, true, k, k, n, 1.0, a, vt, 0.0, c, {e, k * n, vt_stride, k * k});
+  be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, a, {e, k * k, vt_stride, k * n});
+  for (int64_t i = 0; i < e; ++i) be_.copy(at(x, i * x_stride, m * n), at(out, i * m * n, m * n));
+  be_.gemm(true, false, m, n, k, -1.0, ut, a, 1.0, out, {e, ut_stride, k * n, m * n});
+  be_.gemm(false, false, m, n, k, -1.0, b, vt, 1.0, out, {e, m * k, vt_stride, m * n});
+}
+
+// ---- decomposition state ---------------------------------------------------------------
+
+namespace {
+
+std::vector<SpectralTarget> with_offsets(std::vector<SpectralTarget> targets, int k) {
+  int64_t offset = 0;
+  for (SpectralTarget& t : targets) {
+    t.ut_offset = offset;
+    offset += int64_t(t.bases) * k * t.m;
+    t.vt_offset = offset;
+    offset += int64_t(t.bases) * k * t.n;
+  }
+  return targets;
+}
+
+}  // namespace
+
+SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, const ParamRegistry& registry,
+                                             const SdmoeSpec& spec)
+    : be_(backend),
+      dtype_(dtype),
+      registry_(registry),
+      spec_(spec),
+      targets_(with_offsets(spectral_targets(registry, spec), spec.rank)),
+      projector_(backend, dtype, targets_, spec.rank) {
+  bases_elements_ = bases_elements(targets_, spec_.rank);
+  for (const SpectralTarget& t : targets_) {
+    unique_offset_.push_back(unique_elements_);
+    unique_elements_ += t.experts * t.m * t.n;
+  }
+  const size_t width = dtype_size(dtype);
+  bases_ = Buffer(backend, std::max<size_t>(size_t(bases_elements_) * width, 64));
+  unique_m_ = Buffer(backend, std::max<size_t>(size_t(unique_elements_) * width, 64));
+  unique_v_ = Buffer(backend, std::max<size_t>(size_t(unique_elements_) * width, 64));
+  be_.fill(bases(), 0.0);
+  if (unique_elements_ > 0) {
+    be_.fill(flat_at(raw(unique_m_), 0, unique_elements_), 0.0);
+    be_.fill(flat_at(raw(unique_v_), 0, unique_elements_), 0.0);
+  }
+}
+
+Tensor SpectralDecomposition::raw(const Buffer& b) const { return whole(b, dtype_, be_.device()); }
+
+Tensor SpectralDecomposition::flat_at(const Tensor& flat, int64_t offset, int64_t count) const {
+  return Tensor(static_cast<char*>(flat.data) + offset * int64_t(dtype_size(dtype_)), dtype_, be_.device(), {count});
+}
+
+Tensor SpectralDecomposition::bases() const {
+  return Tensor(bases_.data(), dtype_, be_.device(), {bases_elements_});
+}
+
+Tensor SpectralDecomposition::unique_m(size_t t, int64_t e) const {
+  const SpectralTarget& tg = targets_.at(t);
+  return flat_at(raw(unique_m_), unique_offset_[t] + e * tg.m * tg.n, tg.m * tg.n);
+}
+
+Tensor SpectralDecomposition::unique_v(size_t t, int64_t e) const {
+  const SpectralTarget& tg = targets_.at(t);
+  return flat_at(raw(unique_v_), unique_offset_[t] + e * tg.m * tg.n, tg.m * tg.n);
+}
+
+bool SpectralDecomposition::handles(int param_id) const {
+  return std::any_of(targets_.begin(), targets_.end(), [&](const SpectralTarget& t) { return t.param_id == param_id; });
+}
+
+void SpectralDecomposition::update(int param_id, const Tensor& params, const Tensor& grads, const Tensor& m,
+                                   const Tensor& v, const AdamWStep& step, bool sgd) {
+  const ParamSpec& ps = registry_.spec(param_id);
+  // Elements of the parameter that no selected matrix covers get the plain update.
+  std::vector<char> covered(size_t(ps.numel), 0);
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const SpectralTarget& t = targets_[i];
+    if (t.param_id != param_id) continue;
+    update_target(i, params, grads, m, v, step, sgd);
+    for (int64_t e = 0; e < t.experts; ++e)
+      std::fill_n(covered.begin() + (t.first + e * t.stride), t.m * t.n, char(1));
+  }
+  for (int64_t begin = 0; begin < ps.numel;) {
+    if (covered[begin]) {
+      ++begin;
+      continue;
+    }
+    int64_t end = begin;
+    while (end < ps.numel && !covered[end]) ++end;
+    const int64_t at = ps.offset + begin, count = end - begin;
+    const Tensor p = flat_at(params, at, count), g = flat_at(grads, at, count);
+    if (sgd) {
+      be_.scale(p, 1.0 - step.lr * step.weight_decay);
+      be_.axpy(-step.lr * step.grad_scale, g, p);
+    } else {
+      be_.adamw_update(p, g, flat_at(m, at, count), flat_at(v, at, count), step);
+    }
+    begin = end;
+  }
+}
+
+void SpectralDecomposition::update_target(size_t index, const Tensor& params, const Tensor& grads, const Tensor& m,
+                                          const Tensor& v, const AdamWStep& step, bool sgd) {
+  const SpectralTarget& t = targets_[index];
+  const ParamSpec& ps = registry_.spec(t.param_id);
+  const int64_t mn = t.m * t.n, base = ps.offset + t.first;
+  const double lr_c = step.lr * spec_.lr_mult_common, lr_u = step.lr * spec_.lr_mult_unique, wd = step.weight_decay;
+  const Tensor g_unique = projector_.scratch(0, t), g_common = projector_.scratch(1, t);
+  const Tensor a_common = projector_.scratch(2, t), a_unique = projector_.scratch(3, t);
+  auto slot = [&](const Tensor& s, int64_t e) { return flat_at(s, e * mn, mn); };
+  auto matrix = [&](const Tensor& flat, int64_t e) { return flat_at(flat, base + e * t.stride, mn); };
+
+  projector_.project_unique(t, bases(), grads, base, t.stride, g_unique);
+  AdamWStep common = step, unique = step;
+  common.lr = lr_c;
+  unique.lr = lr_u;
+  common.weight_decay = unique.weight_decay = 0.0;  // applied below, to each part
+  for (int64_t e = 0; e < t.experts; ++e) {
+    be_.copy(matrix(grads, e), slot(g_common, e));
+    be_.axpy(-1.0, slot(g_unique, e), slot(g_common, e));
+    if (sgd) {
+      // A = -lr x grad_scale x G_part
+      be_.copy(slot(g_common, e), slot(a_common, e));
+      be_.scale(slot(a_common, e), -lr_c * step.grad_scale);
+      be_.copy(slot(g_unique, e), slot(a_unique, e));
+      be_.scale(slot(a_unique, e), -lr_u * step.grad_scale);
+    } else {
+      // adamw_update on a zero "parameter" leaves -lr x (the AdamW direction) in it.
+      be_.fill(slot(a_common, e), 0.0);
+      be_.adamw_update(slot(a_common, e), slot(g_common, e), matrix(m, e), matrix(v, e), common);
+      be_.fill(slot(a_unique, e), 0.0);
+      be_.adamw_update(slot(a_unique, e), slot(g_unique, e), unique_m(index, e), unique_v(index, e), unique);
+    }
+    // a_unique <- A_U - A_C + (lr_C - lr_U) wd W
+    be_.axpy(-1.0, slot(a_common, e), slot(a_unique, e));
+    if (wd != 0.0 && lr_c != lr_u) be_.axpy((lr_c - lr_u) * wd, matrix(params, e), slot(a_unique, e));
+  }
+  projector_.project_unique(t, bases(), a_unique, 0, mn, g_unique);
+  for (int64_t e = 0; e < t.experts; ++e) {
+    const Tensor w = matrix(params, e);
+    if (wd != 0.0) be_.scale(w, 1.0 - lr_c * wd);
+    be_.axpy(1.0, slot(a_common, e), w);
+    be_.axpy(1.0, slot(g_unique, e), w);
+  }
+}
+
+void SpectralDecomposition::install_bases(const Tensor& new_bases, const Tensor& m) {
+  SDMOE_ASSERT(new_bases.numel() == bases_elements_, "install_bases: {} elements for {}", new_bases.numel(),
+               bases_elements_);
+  // The first moments' sums, with the old bases still in place.
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const SpectralTarget& t = targets_[i];
+    const int64_t mn = t.m * t.n, base = registry_.spec(t.param_id).offset + t.first;
+    const Tensor total = projector_.scratch(0, t);
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const Tensor sum = flat_at(total, e * mn, mn);
+      be_.copy(flat_at(m, base + e * t.stride, mn), sum);
+      be_.axpy(1.0, unique_m(i, e), sum);
+      // Parked in the unique moments until the new bases are in.
+      be_.copy(sum, unique_m(i, e));
+    }
+  }
+  be_.copy(new_bases, bases());
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const SpectralTarget& t = targets_[i];
+    const int64_t mn = t.m * t.n, base = registry_.spec(t.param_id).offset + t.first;
+    const Tensor sums = flat_at(raw(unique_m_), unique_offset_[i], t.experts * mn);
+    const Tensor unique = projector_.scratch(1, t);
+    projector_.project_unique(t, bases(), sums, 0, mn, unique);
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const Tensor mc = flat_at(m, base + e * t.stride, mn);
+      be_.copy(unique_m(i, e), mc);
+      be_.axpy(-1.0, flat_at(unique, e * mn, mn), mc);
+      be_.copy(flat_at(unique, e * mn, mn), unique_m(i, e));
+    }
+  }
+}
+
+}  // namespace sdmoe

@@ -1,0 +1,447 @@
+#include "model/spectral_service.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <functional>
+#include <map>
+
+#include "core/check.h"
+
+namespace sdmoe {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Mean over ordered pairs i != j of |A_i A_j^T|_F^2 / k, for E row bases A_e [k, L]
+// stored at base + e * stride (host, float).
+double mean_overlap(const std::vector<float>& host, int64_t base, int64_t stride, int64_t experts, int k,
+                    int64_t length) {
+  if (experts < 2) return std::numeric_limits<double>::quiet_NaN();
+  double total = 0.0;
+  for (int64_t i = 0; i < experts; ++i)
+    for (int64_t j = 0; j < experts; ++j) {
+      if (i == j) continue;
+      const float* a = &host[base + i * stride];
+      const float* b = &host[base + j * stride];
+      double f = 0.0;
+      for (int p = 0; p < k; ++p)
+        for (int q = 0; q < k; ++q) {
+          double dot = 0.0;
+          for (int64_t l = 0; l < length; ++l) dot += double(a[p * length + l]) * double(b[q * length + l]);
+          f += dot * dot;
+        }
+      total += f / k;
+    }
+  return total / double(experts * (experts - 1));
+}
+
+}  // namespace
+
+struct SpectralService::Impl {
+  SpectralDecomposition& sd;
+  Backend& be;
+  DType dtype;
+  int k;
+  const ParamRegistry& registry;
+  Tensor params, grads;
+  std::vector<int> router_ids;
+  std::shared_ptr<Communicator> replicas, ep;
+  const std::vector<SpectralTarget>& targets;
+
+  // Exchange layout, per target: [shared pair (LAYER_SHARED) | per expert: full, tail, grad
+  // pairs], each pair Ut [k, m] then Vt [k, n].
+  std::vector<int64_t> shared_offset, expert_offset;
+  int64_t exchange_elements = 0, expert_area_elements = 0;
+  Buffer exchange, staging, gathered;
+  // Solver scratch.
+  Buffer svd_u, svd_s, svd_vt, gram, eig_w, eig_vecs, tmp, small, small_tmp;
+  std::map<int64_t, Buffer> selections;  // [r, k] identity blocks, by r
+
+  double comm_seconds = 0.0;
+
+  Impl(SpectralDecomposition& sd_in, const ParamRegistry& reg, Tensor p, Tensor g, std::vector<int> routers,
+       std::shared_ptr<Communicator> rep, std::shared_ptr<Communicator> ep_in)
+      : sd(sd_in),
+        be(sd_in.backend()),
+        dtype(p.dtype),
+        k(sd_in.spec().rank),
+        registry(reg),
+        params(p),
+        grads(g),
+        router_ids(std::move(routers)),
+        replicas(std::move(rep)),
+        ep(std::move(ep_in)),
+        targets(sd_in.targets()) {
+    int64_t largest_mn = 1, largest_side = 1, largest_r = 1;
+    for (const SpectralTarget& t : targets) {
+      const int64_t pair = k * (t.m + t.n);
+      shared_offset.push_back(exchange_elements);
+      if (sd.spec().basis == SdmoeBasis::LAYER_SHARED) exchange_elements += pair;
+      expert_offset.push_back(exchange_elements);
+      exchange_elements += t.experts * 3 * pair;
+      largest_mn = std::max(largest_mn, t.m * t.n);
+      largest_side = std::max({largest_side, t.m, t.n});
+      largest_r = std::max(largest_r, std::min(t.m, t.n));
+    }
+    auto alloc = [&](Buffer& b, int64_t elements) { b = Buffer(be, std::max<size_t>(size_t(elements) * width(), 64)); };
+    alloc(exchange, exchange_elements);
+    alloc(staging, bases_elements(targets, k));
+    const int ep_size = ep ? ep->size() : 1;
+    alloc(gathered, exchange_elements * ep_size);
+    alloc(svd_u, largest_side * largest_r);
+    alloc(svd_s, largest_r);
+    alloc(svd_vt, largest_r * largest_side);
+    alloc(gram, largest_side * largest_side);
+    alloc(eig_w, largest_side);
+    alloc(eig_vecs, largest_side * largest_side);
+    alloc(tmp, std::max(largest_mn, k * largest_side));
+    alloc(small, k * k);
+    alloc(small_tmp, k * largest_side);
+  }
+
+  size_t width() const { return dtype_size(dtype); }
+  Tensor at(const Tensor& flat, int64_t offset, std::initializer_list<int64_t> shape) const {
+    return Tensor(static_cast<char*>(flat.data) + offset * int64_t(width()), dtype, be.device(), shape);
+  }
+  Tensor whole(const Buffer& b) const {
+    return Tensor(b.data(), dtype, be.device(), {int64_t(b.bytes() / width())});
+  }
+  int replica_rank() const { return replicas ? replicas->rank() : 0; }
+  int replica_count() const { return replicas ? replicas->size() : 1; }
+
+  void timed_comm(const std::function<void()>& fn) {
+    be.synchronize();
+    const auto start = Clock::now();
+    fn();
+    be.synchronize();
+    comm_seconds += seconds_since(start);
+  }
+
+  // Rows of y [k, L] made orthonormal: CholeskyQR twice (y <- L^{-1} y with G = y y^T = L L^T).
+  void orthonormalize_rows(const Tensor& y, int64_t length) {
+    const Tensor g = at(whole(small), 0, {k, k}), out = at(whole(small_tmp), 0, {k, length});
+    for (int pass = 0; pass < 2; ++pass) {
+      be.gemm(false, true, k, k, length, 1.0, y, y, 0.0, g);
+      std::vector<float> gf(size_t(k) * k);
+      be.copy_to_host(g, gf.data());
+      std::vector<double> a(gf.begin(), gf.end());
+      double trace = 0.0;
+      for (int i = 0; i < k; ++i) trace += a[i * k + i];
+      const double ridge = std::max(trace, 1e-30) * 1e-12;  // a rank-deficient y (a zero gradient) stays finite
+      for (int i = 0; i < k; ++i) a[i * k + i] += ridge;
+      // Cholesky, lower.
+      std::vector<double> l(size_t(k) * k, 0.0);
+      for (int i = 0; i < k; ++i)
+        for (int j = 0; j <= i; ++j) {
+          double s = a[i * k + j];
+          for (int p = 0; p < j; ++p) s -= l[i * k + p] * l[j * k + p];
+          l[i * k + j] = i == j ? std::sqrt(std::max(s, 1e-300)) : s / l[j * k + j];
+        }
+      // inv = L^{-1}, lower triangular.
+      std::vector<double> inv(size_t(k) * k, 0.0);
+      for (int c = 0; c < k; ++c)
+        for (int i = c; i < k; ++i) {
+          double s = i == c ? 1.0 : 0.0;
+          for (int p = c; p < i; ++p) s -= l[i * k + p] * inv[p * k + c];
+          inv[i * k + c] = s / l[i * k + i];
+        }
+      std::vector<float> invf(inv.begin(), inv.end());
+      be.copy_from_host(invf.data(), g);
+      be.gemm(false, false, k, length, k, 1.0, g, y, 0.0, out);
+      be.copy(out, y);
+    }
+  }
+
+  Tensor selection(int64_t r) {
+    auto it = selections.find(r);
+    if (it == selections.end()) {
+      std::vector<float> host(size_t(r) * k, 0.0f);
+      for (int i = 0; i < k; ++i) host[size_t(i) * k + i] = 1.0f;
+      Buffer b(be, host.size() * width());
+      be.copy_from_host(host.data(), Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}));
+      it = selections.emplace(r, std::move(b)).first;
+    }
+    return Tensor(it->second.data(), dtype, be.device(), {r, int64_t(k)});
+  }
+
+  // Top-k singular subspaces of x [m, n]: rows of ut [k, m] and vt [k, n]. warm_vt: the
+  // previous right basis (subspace iteration), or null for a seeded random start.
+  void top_k(const Tensor& x, int64_t m, int64_t n, const Tensor& ut, const Tensor& vt, const Tensor* warm_vt,
+             uint64_t seed) {
+    if (sd.spec().solver == SdmoeSolver::EXACT) {
+      const int64_t r = std::min(m, n);
+      const Tensor u = at(whole(svd_u), 0, {m, r}), s = at(whole(svd_s), 0, {r}), v = at(whole(svd_vt), 0, {r, n});
+      be.svd(at(x, 0, {m, n}), u, s, v);
+      be.copy(at(v, 0, {int64_t(k) * n}), at(vt, 0, {int64_t(k) * n}));
+      // ut = (u[:, :k])^T = Sel^T u^T.
+      be.gemm(true, true, k, m, r, 1.0, selection(r), u, 0.0, ut);
+      return;
+    }
+    int rounds = sd.spec().subspace_iterations;
+    if (warm_vt) {
+      be.copy(*warm_vt, vt);
+    } else {
+      be.init_normal(vt, seed, 0x5bd1e995, 1.0, 0);
+      orthonormalize_rows(vt, n);
+      rounds = 3 * rounds + 2;  // a cold start needs more rounds
+    }
+    for (int i = 0; i < rounds; ++i) {
+      be.gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // ut = vt x^T
+      orthonormalize_rows(ut, m);
+      be.gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);  // vt = ut x
+      orthonormalize_rows(vt, n);
+    }
+  }
+
+  // Top-k eigenvectors (rows of out [k, size]) of the symmetric g [size, size].
+  void top_k_symmetric(const Tensor& g, int64_t size, const Tensor& out, const Tensor& warm) {
+    if (sd.spec().solver == SdmoeSolver::EXACT) {
+      const Tensor w = at(whole(eig_w), 0, {size}), vecs = at(whole(eig_vecs), 0, {size, size});
+      be.symmetric_eigen(g, w, vecs);  // ascending: the last k rows
+      be.copy(at(vecs, (size - k) * size, {int64_t(k) * size}), at(out, 0, {int64_t(k) * size}));
+      return;
+    }
+    be.copy(warm, out);
+    const Tensor y = at(whole(tmp), 0, {int64_t(k), size});
+    for (int i = 0; i < sd.spec().subspace_iterations; ++i) {
+      be.gemm(false, false, k, size, size, 1.0, out, g, 0.0, y);
+      be.copy(y, out);
+      orthonormalize_rows(out, size);
+    }
+  }
+
+  Tensor pair_ut(int64_t offset, const SpectralTarget& t) const { return at(whole(exchange), offset, {int64_t(k), t.m}); }
+  Tensor pair_vt(int64_t offset, const SpectralTarget& t) const {
+    return at(whole(exchange), offset + k * t.m, {int64_t(k), t.n});
+  }
+  int64_t pair_elements(const SpectralTarget& t) const { return int64_t(k) * (t.m + t.n); }
+  int64_t expert_pair(size_t ti, int64_t e, int which) const {
+    return expert_offset[ti] + (e * 3 + which) * pair_elements(targets[ti]);
+  }
+  int64_t matrix_offset(const SpectralTarget& t, int64_t e) const {
+    return registry.spec(t.param_id).offset + t.first + e * t.stride;
+  }
+};
+
+SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params,
+                                 Tensor grads, std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
+                                 std::shared_ptr<Communicator> ep)
+    : impl_(std::make_unique<Impl>(sd, registry, params, grads, std::move(router_ids), std::move(replicas),
+                                   std::move(ep))),
+      sd_(sd) {}
+
+SpectralService::~SpectralService() = default;
+
+RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
+  Impl& s = *impl_;
+  Backend& be = s.be;
+  const int k = s.k;
+  const bool shared = sd_.spec().basis == SdmoeBasis::LAYER_SHARED;
+  RefreshReport report;
+  report.step = step;
+  s.comm_seconds = 0.0;
+  be.synchronize();
+  const auto start = Clock::now();
+  const Tensor exchange = s.whole(s.exchange);
+  if (s.exchange_elements > 0) be.fill(s.at(exchange, 0, {s.exchange_elements}), 0.0);
+  const Tensor current = sd_.bases();
+
+  // Phase 1 (LAYER_SHARED): one basis job per target from the experts' summed Grams.
+  if (shared) {
+    int64_t job = 0;
+    for (size_t ti = 0; ti < s.targets.size(); ++ti, ++job) {
+      const SpectralTarget& t = s.targets[ti];
+      if (job % s.replica_count() != s.replica_rank()) continue;
+      for (int side = 0; side < 2; ++side) {
+        // side 0: U from sum_e W_e W_e^T [m, m]; side 1: V from sum_e W_e^T W_e [n, n].
+        const int64_t size = side == 0 ? t.m : t.n;
+        const Tensor g = s.at(s.whole(s.gram), 0, {size, size});
+        for (int64_t e = 0; e < t.experts; ++e) {
+          const Tensor w = s.at(s.params, s.matrix_offset(t, e), {t.m, t.n});
+          if (side == 0) be.gemm(false, true, t.m, t.m, t.n, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
+          else be.gemm(true, false, t.n, t.n, t.m, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
+        }
+        if (t.experts == 0) be.fill(g, 0.0);
+        // Every rank of this ep group has the same replica rank, so all of them are here.
+        if (s.ep) s.timed_comm([&] { s.ep->all_reduce(g, ReduceOp::SUM); });
+        const int ep_rank = s.ep ? s.ep->rank() : 0, ep_size = s.ep ? s.ep->size() : 1;
+        if ((job / s.replica_count()) % ep_size != ep_rank) continue;  // one eigensolve per job
+        const Tensor out = side == 0 ? s.pair_ut(s.shared_offset[ti], t) : s.pair_vt(s.shared_offset[ti], t);
+        const Tensor warm = s.at(current, side == 0 ? t.ut_offset : t.vt_offset, {int64_t(k), size});
+        s.top_k_symmetric(g, size, out, warm);
+      }
+      if ((job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0)) ++report.jobs_computed;
+    }
+    // Exactly one rank of the world wrote each shared pair; the sums over ep and the
+    // replicas give it to everyone.
+    s.timed_comm([&] {
+      for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+        const Tensor pair = s.at(exchange, s.shared_offset[ti], {s.pair_elements(s.targets[ti])});
+        if (s.ep) s.ep->all_reduce(pair, ReduceOp::SUM);
+        if (s.replicas) s.replicas->all_reduce(pair, ReduceOp::SUM);
+      }
+    });
+  }
+
+  // Phase 2: per-expert jobs: the expert's top-k (its new bases in PER_EXPERT mode), the
+  // top-k of its tail under the new bases, and of its last gradient.
+  int64_t job = 0;
+  for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+    const SpectralTarget& t = s.targets[ti];
+    for (int64_t e = 0; e < t.experts; ++e, ++job) {
+      if (job % s.replica_count() != s.replica_rank()) continue;
+      ++report.jobs_computed;
+      const uint64_t seed = 0x9e3779b97f4a7c15ULL ^ (uint64_t(ti) << 32) ^ uint64_t(t.first_expert + e);
+      const Tensor w = s.at(s.params, s.matrix_offset(t, e), {t.m, t.n});
+      const int64_t full = s.expert_pair(ti, e, 0), tail = s.expert_pair(ti, e, 1), grad = s.expert_pair(ti, e, 2);
+      const Tensor warm = s.at(current, t.vt_offset + (t.bases > 1 ? e * k * t.n : 0), {int64_t(k), t.n});
+      s.top_k(w, t.m, t.n, s.pair_ut(full, t), s.pair_vt(full, t), &warm, seed);
+      // The tail W - (common part) under the new bases: the expert's own (PER_EXPERT) or
+      // the layer's (LAYER_SHARED).
+      SpectralTarget one = t;
+      one.experts = 1;
+      one.bases = 1;
+      one.ut_offset = shared ? s.shared_offset[ti] : full;
+      one.vt_offset = one.ut_offset + k * t.m;
+      const Tensor tail_matrix = s.at(s.whole(s.tmp), 0, {t.m, t.n});
+      sd_.projector().project_unique(one, exchange, s.params, s.matrix_offset(t, e), 0, tail_matrix);
+      s.top_k(tail_matrix, t.m, t.n, s.pair_ut(tail, t), s.pair_vt(tail, t), nullptr, seed + 1);
+      if (step > 0) {
+        const Tensor g = s.at(s.grads, s.matrix_offset(t, e), {t.m, t.n});
+        s.top_k(g, t.m, t.n, s.pair_ut(grad, t), s.pair_vt(grad, t), nullptr, seed + 2);
+      }
+    }
+  }
+  s.timed_comm([&] {
+    if (s.replicas)
+      for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+        const SpectralTarget& t = s.targets[ti];
+        s.replicas->all_reduce(s.at(exchange, s.expert_offset[ti], {t.experts * 3 * s.pair_elements(t)}), ReduceOp::SUM);
+      }
+  });
+
+  // Install: the new bases in the decomposition's layout.
+  const Tensor staging = s.whole(s.staging);
+  for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+    const SpectralTarget& t = s.targets[ti];
+    if (shared) {
+      be.copy(s.at(exchange, s.shared_offset[ti], {int64_t(k) * t.m}), s.at(staging, t.ut_offset, {int64_t(k) * t.m}));
+      be.copy(s.at(exchange, s.shared_offset[ti] + k * t.m, {int64_t(k) * t.n}),
+              s.at(staging, t.vt_offset, {int64_t(k) * t.n}));
+      continue;
+    }
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const int64_t full = s.expert_pair(ti, e, 0);
+      be.copy(s.at(exchange, full, {int64_t(k) * t.m}), s.at(staging, t.ut_offset + e * k * t.m, {int64_t(k) * t.m}));
+      be.copy(s.at(exchange, full + k * t.m, {int64_t(k) * t.n}),
+              s.at(staging, t.vt_offset + e * k * t.n, {int64_t(k) * t.n}));
+    }
+  }
+  sd_.install_bases(s.at(staging, 0, {bases_elements(s.targets, k)}), m);
+
+  // Metrics over all experts of each layer: gather the per-expert pairs over ep.
+  const int ep_size = s.ep ? s.ep->size() : 1;
+  for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+    const SpectralTarget& t = s.targets[ti];
+    const int64_t area = t.experts * 3 * s.pair_elements(t);
+    const Tensor local = s.at(exchange, s.expert_offset[ti], {area});
+    const Tensor all = s.at(s.whole(s.gathered), 0, {area * ep_size});
+    if (s.ep) s.timed_comm([&] { s.ep->all_gather(local, all); });
+    else be.copy(local, all);
+    std::vector<float> host(size_t(area * ep_size));
+    be.copy_to_host(all, host.data());
+    const int64_t experts = t.experts * ep_size, pair = s.pair_elements(t), stride = 3 * pair;
+    SpectralMetrics mt;
+    mt.layer = t.layer;
+    mt.matrix = t.matrix;
+    mt.overlap_left = mean_overlap(host, 0, stride, experts, k, t.m);
+    mt.overlap_right = mean_overlap(host, k * t.m, stride, experts, k, t.n);
+    mt.tail_overlap_left = mean_overlap(host, pair, stride, experts, k, t.m);
+    mt.tail_overlap_right = mean_overlap(host, pair + k * t.m, stride, experts, k, t.n);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    mt.grad_overlap_left = step > 0 ? mean_overlap(host, 2 * pair, stride, experts, k, t.m) : nan;
+    mt.grad_overlap_right = step > 0 ? mean_overlap(host, 2 * pair + k * t.m, stride, experts, k, t.n) : nan;
+    mt.router_alignment = nan;
+    const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
+    if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
+      const ParamSpec& rs = s.registry.spec(router);
+      std::vector<float> r(size_t(rs.numel));
+      be.copy_to_host(s.at(s.params, rs.offset, {rs.numel}), r.data());
+      double sum = 0.0;
+      for (int64_t e = 0; e < experts; ++e) {
+        const float* row = &r[e * t.n];
+        double norm = 0.0;
+        for (int64_t l = 0; l < t.n; ++l) norm += double(row[l]) * row[l];
+        const float* vt = &host[e * stride + k * t.m];
+        double captured = 0.0;
+        for (int p = 0; p < k; ++p) {
+          double dot = 0.0;
+          for (int64_t l = 0; l < t.n; ++l) dot += double(vt[p * t.n + l]) * row[l];
+          captured += dot * dot;
+        }
+        sum += norm > 0 ? captured / norm : 0.0;
+      }
+      mt.router_alignment = sum / double(experts);
+    }
+    report.metrics.push_back(mt);
+  }
+  be.synchronize();
+  const double total = seconds_since(start);
+  report.comm_seconds = s.comm_seconds;
+  report.compute_seconds = std::max(0.0, total - s.comm_seconds);
+  jobs_total_ += report.jobs_computed;
+  return report;
+}
+
+double SpectralService::largest_principal_angle(const std::vector<float>& a, const std::vector<float>& b, int k,
+                                                int64_t length) {
+  // The cosines of the principal angles are the singular values of A B^T; the largest
+  // angle belongs to the smallest. sigma_min^2 is the smallest eigenvalue of M M^T, found
+  // here by a few Jacobi sweeps on the k x k matrix in double.
+  std::vector<double> m(size_t(k) * k, 0.0), s(size_t(k) * k, 0.0);
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < k; ++j) {
+      double dot = 0.0;
+      for (int64_t l = 0; l < length; ++l) dot += double(a[i * length + l]) * double(b[j * length + l]);
+      m[i * k + j] = dot;
+    }
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < k; ++j) {
+      double dot = 0.0;
+      for (int p = 0; p < k; ++p) dot += m[i * k + p] * m[j * k + p];
+      s[i * k + j] = dot;
+    }
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    double off = 0.0;
+    for (int p = 0; p < k; ++p)
+      for (int q = p + 1; q < k; ++q) off += s[p * k + q] * s[p * k + q];
+    if (off < 1e-30) break;
+    for (int p = 0; p < k; ++p)
+      for (int q = p + 1; q < k; ++q) {
+        if (std::fabs(s[p * k + q]) < 1e-300) continue;
+        const double theta = (s[q * k + q] - s[p * k + p]) / (2.0 * s[p * k + q]);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), sn = t * c;
+        for (int r = 0; r < k; ++r) {  // rotate rows/columns p, q
+          const double sp = s[r * k + p], sq = s[r * k + q];
+          s[r * k + p] = c * sp - sn * sq;
+          s[r * k + q] = sn * sp + c * sq;
+        }
+        for (int r = 0; r < k; ++r) {
+          const double sp = s[p * k + r], sq = s[q * k + r];
+          s[p * k + r] = c * sp - sn * sq;
+          s[q * k + r] = sn * sp + c * sq;
+        }
+      }
+  }
+  double smallest = 1e300;
+  for (int i = 0; i < k; ++i) smallest = std::min(smallest, s[i * k + i]);
+  const double cosine = std::sqrt(std::clamp(smallest, 0.0, 1.0));
+  return std::acos(std::min(1.0, cosine));
+}
+
+}  // namespace sdmoe

@@ -1,0 +1,76 @@
+// The spectral service: every T steps it computes new top-k bases for every SD-MoE target
+// and installs them (W_eff unchanged), and measures how much the experts overlap.
+//
+// Jobs. PER_EXPERT: one job per (layer, matrix, expert). LAYER_SHARED: one basis job per
+// (layer, matrix) on the experts' summed Gram matrices (sum_e W_e W_e^T for U, sum_e
+// W_e^T W_e for V, summed over the ep group), then one metrics job per expert. A job is
+// owned by one rank of the group of ranks that hold the same experts (the expert-data-
+// parallel group): job j goes to its rank j mod size. The owner writes its results into a
+// zeroed exchange buffer and one sum over the group shares them, so every job runs exactly
+// once per replica group (jobs_computed() counts them) and the result does not depend on
+// who computed it. The queue is built per refresh; the work runs on the service's
+// backend ops between two training steps (see docs/sdmoe.md for what async adds).
+//
+// Solvers: EXACT is a thin SVD (LAPACK gesdd on CPU, cuSOLVER on GPU) per matrix, or a
+// symmetric eigendecomposition (syevd) of a Gram matrix; SUBSPACE_ITERATION runs a few
+// rounds of Vt <- orth(Ut W), Ut <- orth(Vt W^T) from the previous bases (orth: CholeskyQR
+// twice on a k x k Gram, on the host in double).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/sdmoe.h"
+#include "parallel/communicator.h"
+
+namespace sdmoe {
+
+// Per MoE layer and matrix type, at one refresh. Overlaps are the mean over expert pairs
+// i != j of |U_i^T U_j|_F^2 / k (0: no shared direction, 1: the same subspace).
+struct SpectralMetrics {
+  int layer = 0;
+  SdmoeMatrix matrix = SdmoeMatrix::GATE;
+  double overlap_left = 0, overlap_right = 0;            // top-k of W_eff
+  double tail_overlap_left = 0, tail_overlap_right = 0;  // top-k of W_U
+  double grad_overlap_left = 0, grad_overlap_right = 0;  // top-k of the last gradient (NaN at step 0)
+  double router_alignment = 0;  // mean |Vt_e r_e|^2 over experts, r_e the unit router row (gate/up; NaN for down)
+};
+
+struct RefreshReport {
+  int64_t step = 0;              // the step whose parameters the bases come from
+  int64_t staleness = 0;         // steps between that snapshot and the install
+  double compute_seconds = 0, comm_seconds = 0;
+  int64_t jobs_computed = 0;     // by this rank at this refresh
+  std::vector<SpectralMetrics> metrics;
+};
+
+class SpectralService {
+ public:
+  // params/grads: the model's flat buffers; router_ids: the router parameter of each MoE
+  // layer, by layer index (-1 where none). replicas: ranks holding the same experts
+  // (null: this rank alone); ep: the expert-parallel group (null: all experts here).
+  SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params, Tensor grads,
+                  std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
+                  std::shared_ptr<Communicator> ep);
+  ~SpectralService();
+  // New bases from the current parameters, installed now; `m` are the optimizer's first
+  // moments (carried into the new split). step 0 skips the gradient metrics.
+  RefreshReport refresh(int64_t step, const Tensor& m);
+  // Whether the boundary after `step` steps refreshes.
+  bool due(int64_t steps_done) const {
+    return steps_done > 0 && steps_done % sd_.spec().refresh_interval == 0;
+  }
+  int64_t jobs_computed() const { return jobs_total_; }
+
+  // The largest principal angle (radians) between the row spaces of two k x L bases
+  // (host, row-major, orthonormal rows).
+  static double largest_principal_angle(const std::vector<float>& a, const std::vector<float>& b, int k, int64_t length);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  SpectralDecomposition& sd_;
+  int64_t jobs_total_ = 0;
+};
+
+}  // namespace sdmoe
