@@ -18,20 +18,20 @@ double seconds_since(Clock::time_point t) { return std::chrono::duration<double>
 
 // Mean over ordered pairs i != j of |A_i A_j^T|_F^2 / k, for E row bases A_e [k, L]
 // stored at base + e * stride (host, float).
-double mean_overlap(const std::vector<float>& host, int64_t base, int64_t stride, int64_t experts, int k,
+double mean_overlap(const std::vector<double>& host, int64_t base, int64_t stride, int64_t experts, int k,
                     int64_t length) {
   if (experts < 2) return std::numeric_limits<double>::quiet_NaN();
   double total = 0.0;
   for (int64_t i = 0; i < experts; ++i)
     for (int64_t j = 0; j < experts; ++j) {
       if (i == j) continue;
-      const float* a = &host[base + i * stride];
-      const float* b = &host[base + j * stride];
+      const double* a = &host[base + i * stride];
+      const double* b = &host[base + j * stride];
       double f = 0.0;
       for (int p = 0; p < k; ++p)
         for (int q = 0; q < k; ++q) {
           double dot = 0.0;
-          for (int64_t l = 0; l < length; ++l) dot += double(a[p * length + l]) * double(b[q * length + l]);
+          for (int64_t l = 0; l < length; ++l) dot += a[p * length + l] * b[q * length + l];
           f += dot * dot;
         }
       total += f / k;
@@ -110,6 +110,28 @@ struct SpectralService::Impl {
   Tensor whole(const Buffer& b) const {
     return Tensor(b.data(), dtype, be.device(), {int64_t(b.bytes() / width())});
   }
+  // Host copies in double, whatever the model's dtype (F32, or F64 in tests).
+  std::vector<double> to_host(const Tensor& x) const {
+    std::vector<double> out(size_t(x.numel()));
+    if (x.dtype == DType::F64) {
+      be.copy_to_host(x, out.data());
+    } else {
+      SDMOE_ASSERT(x.dtype == DType::F32, "spectral service: unsupported dtype {}", dtype_name(x.dtype));
+      std::vector<float> f(out.size());
+      be.copy_to_host(x, f.data());
+      std::copy(f.begin(), f.end(), out.begin());
+    }
+    return out;
+  }
+  void from_host(const std::vector<double>& in, const Tensor& x) const {
+    if (x.dtype == DType::F64) {
+      be.copy_from_host(in.data(), x);
+    } else {
+      const std::vector<float> f(in.begin(), in.end());
+      be.copy_from_host(f.data(), x);
+    }
+  }
+  static uint64_t seed_of(size_t target, int side) { return 0x2545f4914f6cdd1dULL + 7919 * target + side; }
   int replica_rank() const { return replicas ? replicas->rank() : 0; }
   int replica_count() const { return replicas ? replicas->size() : 1; }
 
@@ -126,9 +148,7 @@ struct SpectralService::Impl {
     const Tensor g = at(whole(small), 0, {k, k}), out = at(whole(small_tmp), 0, {k, length});
     for (int pass = 0; pass < 2; ++pass) {
       be.gemm(false, true, k, k, length, 1.0, y, y, 0.0, g);
-      std::vector<float> gf(size_t(k) * k);
-      be.copy_to_host(g, gf.data());
-      std::vector<double> a(gf.begin(), gf.end());
+      std::vector<double> a = to_host(g);
       double trace = 0.0;
       for (int i = 0; i < k; ++i) trace += a[i * k + i];
       const double ridge = std::max(trace, 1e-30) * 1e-12;  // a rank-deficient y (a zero gradient) stays finite
@@ -149,8 +169,7 @@ struct SpectralService::Impl {
           for (int p = c; p < i; ++p) s -= l[i * k + p] * inv[p * k + c];
           inv[i * k + c] = s / l[i * k + i];
         }
-      std::vector<float> invf(inv.begin(), inv.end());
-      be.copy_from_host(invf.data(), g);
+      from_host(inv, g);
       be.gemm(false, false, k, length, k, 1.0, g, y, 0.0, out);
       be.copy(out, y);
     }
@@ -159,10 +178,10 @@ struct SpectralService::Impl {
   Tensor selection(int64_t r) {
     auto it = selections.find(r);
     if (it == selections.end()) {
-      std::vector<float> host(size_t(r) * k, 0.0f);
-      for (int i = 0; i < k; ++i) host[size_t(i) * k + i] = 1.0f;
+      std::vector<double> host(size_t(r) * k, 0.0);
+      for (int i = 0; i < k; ++i) host[size_t(i) * k + i] = 1.0;
       Buffer b(be, host.size() * width());
-      be.copy_from_host(host.data(), Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}));
+      from_host(host, Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}));
       it = selections.emplace(r, std::move(b)).first;
     }
     return Tensor(it->second.data(), dtype, be.device(), {r, int64_t(k)});
@@ -198,16 +217,23 @@ struct SpectralService::Impl {
   }
 
   // Top-k eigenvectors (rows of out [k, size]) of the symmetric g [size, size].
-  void top_k_symmetric(const Tensor& g, int64_t size, const Tensor& out, const Tensor& warm) {
+  void top_k_symmetric(const Tensor& g, int64_t size, const Tensor& out, const Tensor* warm, uint64_t seed) {
     if (sd.spec().solver == SdmoeSolver::EXACT) {
       const Tensor w = at(whole(eig_w), 0, {size}), vecs = at(whole(eig_vecs), 0, {size, size});
       be.symmetric_eigen(g, w, vecs);  // ascending: the last k rows
       be.copy(at(vecs, (size - k) * size, {int64_t(k) * size}), at(out, 0, {int64_t(k) * size}));
       return;
     }
-    be.copy(warm, out);
+    int rounds = sd.spec().subspace_iterations;
+    if (warm) {
+      be.copy(*warm, out);
+    } else {
+      be.init_normal(out, seed, 0x5bd1e995, 1.0, 0);
+      orthonormalize_rows(out, size);
+      rounds = 3 * rounds + 2;
+    }
     const Tensor y = at(whole(tmp), 0, {int64_t(k), size});
-    for (int i = 0; i < sd.spec().subspace_iterations; ++i) {
+    for (int i = 0; i < rounds; ++i) {
       be.gemm(false, false, k, size, size, 1.0, out, g, 0.0, y);
       be.copy(y, out);
       orthonormalize_rows(out, size);
@@ -272,7 +298,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
         if ((job / s.replica_count()) % ep_size != ep_rank) continue;  // one eigensolve per job
         const Tensor out = side == 0 ? s.pair_ut(s.shared_offset[ti], t) : s.pair_vt(s.shared_offset[ti], t);
         const Tensor warm = s.at(current, side == 0 ? t.ut_offset : t.vt_offset, {int64_t(k), size});
-        s.top_k_symmetric(g, size, out, warm);
+        s.top_k_symmetric(g, size, out, installed_ ? &warm : nullptr, Impl::seed_of(ti, side));
       }
       if ((job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0)) ++report.jobs_computed;
     }
@@ -298,8 +324,9 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
       const uint64_t seed = 0x9e3779b97f4a7c15ULL ^ (uint64_t(ti) << 32) ^ uint64_t(t.first_expert + e);
       const Tensor w = s.at(s.params, s.matrix_offset(t, e), {t.m, t.n});
       const int64_t full = s.expert_pair(ti, e, 0), tail = s.expert_pair(ti, e, 1), grad = s.expert_pair(ti, e, 2);
+      // Warm start from the installed bases, once there are any.
       const Tensor warm = s.at(current, t.vt_offset + (t.bases > 1 ? e * k * t.n : 0), {int64_t(k), t.n});
-      s.top_k(w, t.m, t.n, s.pair_ut(full, t), s.pair_vt(full, t), &warm, seed);
+      s.top_k(w, t.m, t.n, s.pair_ut(full, t), s.pair_vt(full, t), installed_ ? &warm : nullptr, seed);
       // The tail W - (common part) under the new bases: the expert's own (PER_EXPERT) or
       // the layer's (LAYER_SHARED).
       SpectralTarget one = t;
@@ -352,8 +379,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     const Tensor all = s.at(s.whole(s.gathered), 0, {area * ep_size});
     if (s.ep) s.timed_comm([&] { s.ep->all_gather(local, all); });
     else be.copy(local, all);
-    std::vector<float> host(size_t(area * ep_size));
-    be.copy_to_host(all, host.data());
+    const std::vector<double> host = s.to_host(all);
     const int64_t experts = t.experts * ep_size, pair = s.pair_elements(t), stride = 3 * pair;
     SpectralMetrics mt;
     mt.layer = t.layer;
@@ -369,14 +395,13 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
     if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
       const ParamSpec& rs = s.registry.spec(router);
-      std::vector<float> r(size_t(rs.numel));
-      be.copy_to_host(s.at(s.params, rs.offset, {rs.numel}), r.data());
+      const std::vector<double> r = s.to_host(s.at(s.params, rs.offset, {rs.numel}));
       double sum = 0.0;
       for (int64_t e = 0; e < experts; ++e) {
-        const float* row = &r[e * t.n];
+        const double* row = &r[e * t.n];
         double norm = 0.0;
         for (int64_t l = 0; l < t.n; ++l) norm += double(row[l]) * row[l];
-        const float* vt = &host[e * stride + k * t.m];
+        const double* vt = &host[e * stride + k * t.m];
         double captured = 0.0;
         for (int p = 0; p < k; ++p) {
           double dot = 0.0;
@@ -394,54 +419,53 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
   report.comm_seconds = s.comm_seconds;
   report.compute_seconds = std::max(0.0, total - s.comm_seconds);
   jobs_total_ += report.jobs_computed;
+  installed_ = true;
   return report;
 }
 
-double SpectralService::largest_principal_angle(const std::vector<float>& a, const std::vector<float>& b, int k,
+double SpectralService::largest_principal_angle(const std::vector<double>& a, const std::vector<double>& b, int k,
                                                 int64_t length) {
-  // The cosines of the principal angles are the singular values of A B^T; the largest
-  // angle belongs to the smallest. sigma_min^2 is the smallest eigenvalue of M M^T, found
-  // here by a few Jacobi sweeps on the k x k matrix in double.
-  std::vector<double> m(size_t(k) * k, 0.0), s(size_t(k) * k, 0.0);
+  // sin of the largest angle = the largest singular value of R = B - (B A^T) A, the part of
+  // B's rows outside A's row space. Computed from R directly, not as acos of a cosine
+  // near 1, which would lose half the digits. lambda_max(R R^T) by Jacobi sweeps (k x k).
+  std::vector<double> c(size_t(k) * k, 0.0), r(b), s(size_t(k) * k, 0.0);
   for (int i = 0; i < k; ++i)
-    for (int j = 0; j < k; ++j) {
-      double dot = 0.0;
-      for (int64_t l = 0; l < length; ++l) dot += double(a[i * length + l]) * double(b[j * length + l]);
-      m[i * k + j] = dot;
-    }
+    for (int j = 0; j < k; ++j)
+      for (int64_t l = 0; l < length; ++l) c[i * k + j] += b[i * length + l] * a[j * length + l];
   for (int i = 0; i < k; ++i)
-    for (int j = 0; j < k; ++j) {
-      double dot = 0.0;
-      for (int p = 0; p < k; ++p) dot += m[i * k + p] * m[j * k + p];
-      s[i * k + j] = dot;
-    }
+    for (int j = 0; j < k; ++j)
+      for (int64_t l = 0; l < length; ++l) r[i * length + l] -= c[i * k + j] * a[j * length + l];
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < k; ++j)
+      for (int64_t l = 0; l < length; ++l) s[i * k + j] += r[i * length + l] * r[j * length + l];
   for (int sweep = 0; sweep < 60; ++sweep) {
-    double off = 0.0;
-    for (int p = 0; p < k; ++p)
+    double off = 0.0, diag = 0.0;
+    for (int p = 0; p < k; ++p) {
+      diag += s[p * k + p] * s[p * k + p];
       for (int q = p + 1; q < k; ++q) off += s[p * k + q] * s[p * k + q];
-    if (off < 1e-30) break;
+    }
+    if (off <= 1e-30 * diag || off == 0.0) break;
     for (int p = 0; p < k; ++p)
       for (int q = p + 1; q < k; ++q) {
-        if (std::fabs(s[p * k + q]) < 1e-300) continue;
+        if (s[p * k + q] == 0.0) continue;
         const double theta = (s[q * k + q] - s[p * k + p]) / (2.0 * s[p * k + q]);
         const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
-        const double c = 1.0 / std::sqrt(t * t + 1.0), sn = t * c;
-        for (int r = 0; r < k; ++r) {  // rotate rows/columns p, q
-          const double sp = s[r * k + p], sq = s[r * k + q];
-          s[r * k + p] = c * sp - sn * sq;
-          s[r * k + q] = sn * sp + c * sq;
+        const double cs = 1.0 / std::sqrt(t * t + 1.0), sn = t * cs;
+        for (int x = 0; x < k; ++x) {
+          const double sp = s[x * k + p], sq = s[x * k + q];
+          s[x * k + p] = cs * sp - sn * sq;
+          s[x * k + q] = sn * sp + cs * sq;
         }
-        for (int r = 0; r < k; ++r) {
-          const double sp = s[p * k + r], sq = s[q * k + r];
-          s[p * k + r] = c * sp - sn * sq;
-          s[q * k + r] = sn * sp + c * sq;
+        for (int x = 0; x < k; ++x) {
+          const double sp = s[p * k + x], sq = s[q * k + x];
+          s[p * k + x] = cs * sp - sn * sq;
+          s[q * k + x] = sn * sp + cs * sq;
         }
       }
   }
-  double smallest = 1e300;
-  for (int i = 0; i < k; ++i) smallest = std::min(smallest, s[i * k + i]);
-  const double cosine = std::sqrt(std::clamp(smallest, 0.0, 1.0));
-  return std::acos(std::min(1.0, cosine));
+  double largest = 0.0;
+  for (int i = 0; i < k; ++i) largest = std::max(largest, s[i * k + i]);
+  return std::asin(std::sqrt(std::clamp(largest, 0.0, 1.0)));
 }
 
 }  // namespace sdmoe

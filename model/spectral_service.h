@@ -64,13 +64,15 @@ class SpectralService {
 
   // The largest principal angle (radians) between the row spaces of two k x L bases
   // (host, row-major, orthonormal rows).
-  static double largest_principal_angle(const std::vector<float>& a, const std::vector<float>& b, int k, int64_t length);
+  static double largest_principal_angle(const std::vector<double>& a, const std::vector<double>& b, int k,
+                                        int64_t length);
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
   SpectralDecomposition& sd_;
   int64_t jobs_total_ = 0;
+  bool installed_ = false;  // bases exist to warm-start from
 };
 
 }  // namespace sdmoe

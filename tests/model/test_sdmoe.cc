@@ -1,0 +1,490 @@
+// SD-MoE on the CPU backend in F64: the invariants of the method (docs/sdmoe.md), each
+// against dense projector matrices P_U = U U^T, P_V = V V^T built here, never against the
+// O(mnk) code path under test.
+//   1. G_C + G_U = G, with G_C = P_U G + (I - P_U) G P_V computed densely.
+//   2. Between refreshes the unique part stays in the double complement, and both parts
+//      follow a dense reference of the per-part AdamW with projected updates.
+//   3. A refresh leaves W_eff unchanged and re-splits the first moments.
+//   4. With plain SGD and equal multipliers SD-MoE follows the plain MoE trajectory.
+//   5. Subspace iteration agrees with the exact solver (largest principal angle).
+// (6, independence from how jobs are spread over ranks, runs under MPI in
+// tests/layout/test_spectral_service.cc.)
+#include <algorithm>
+#include <cmath>
+
+#include "model/optimizer.h"
+#include "model/sdmoe.h"
+#include "model/spectral_service.h"
+#include "tests/model/layer_support.h"
+
+namespace sdmoe::gradtest {
+namespace {
+
+constexpr int kRank = 3;
+
+// ---- dense helpers (row-major, double) ---------------------------------------------------
+using Mat = std::vector<double>;
+
+Mat matmul(const Mat& a, const Mat& b, int64_t m, int64_t k, int64_t n) {
+  Mat c(size_t(m * n), 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j) c[i * n + j] += a[i * k + p] * b[p * n + j];
+  return c;
+}
+
+// P = B^T B for a row basis B [k, L].
+Mat projector(const Mat& rows, int64_t length) {
+  Mat p(size_t(length * length), 0.0);
+  for (int r = 0; r < kRank; ++r)
+    for (int64_t i = 0; i < length; ++i)
+      for (int64_t j = 0; j < length; ++j) p[i * length + j] += rows[r * length + i] * rows[r * length + j];
+  return p;
+}
+
+Mat identity_minus(const Mat& p, int64_t n) {
+  Mat q(p.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) q[i * n + j] = (i == j ? 1.0 : 0.0) - p[i * n + j];
+  return q;
+}
+
+double max_abs(const Mat& a) {
+  double m = 0.0;
+  for (double x : a) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+double max_diff(const Mat& a, const Mat& b) {
+  double m = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+Mat slice(const Mat& flat, int64_t offset, int64_t count) { return Mat(flat.begin() + offset, flat.begin() + offset + count); }
+
+// The dense split of one matrix under the bases (Ut [k,m], Vt [k,n]).
+struct DenseSplit {
+  Mat pu, pv, qu, qv;  // projectors and complements
+  int64_t m, n;
+  Mat unique(const Mat& x) const { return matmul(matmul(qu, x, m, m, n), qv, m, n, n); }
+  Mat common(const Mat& x) const {
+    Mat u = unique(x), c(x.size());
+    for (size_t i = 0; i < x.size(); ++i) c[i] = x[i] - u[i];
+    return c;
+  }
+};
+
+DenseSplit dense_split(const Mat& bases, const SpectralTarget& t, int64_t e) {
+  const int64_t pick = t.bases > 1 ? e : 0;
+  DenseSplit d;
+  d.m = t.m;
+  d.n = t.n;
+  d.pu = projector(slice(bases, t.ut_offset + pick * kRank * t.m, kRank * t.m), t.m);
+  d.pv = projector(slice(bases, t.vt_offset + pick * kRank * t.n, kRank * t.n), t.n);
+  d.qu = identity_minus(d.pu, t.m);
+  d.qv = identity_minus(d.pv, t.n);
+  return d;
+}
+
+// ---- a tiny MoE model with SD-MoE ------------------------------------------------------------
+SdmoeSpec sdmoe_spec(SdmoeBasis basis = SdmoeBasis::PER_EXPERT, SdmoeSolver solver = SdmoeSolver::EXACT) {
+  SdmoeSpec s;
+  s.enabled = true;
+  s.rank = kRank;
+  s.basis = basis;
+  s.solver = solver;
+  return s;
+}
+
+struct SdmoeModel {
+  GptModel model;
+  SpectralDecomposition sd;
+  AdamW opt;
+  SpectralService service;
+  SdmoeModel(const SdmoeSpec& spec, const OptimizerSpec& os, uint64_t seed = 11)
+      : model(tiny_spec(), be(), DType::F64, 1),
+        sd((model.init_parameters(seed), be()), DType::F64, model.registry(), spec),
+        opt(model, os, {}, &sd),
+        service(sd, model.registry(), model.params(), model.grads(), {}, nullptr, nullptr) {}
+  int64_t offset(const SpectralTarget& t, int64_t e) const {
+    return model.registry().spec(t.param_id).offset + t.first + e * t.stride;
+  }
+};
+
+OptimizerSpec test_optimizer() {
+  OptimizerSpec os;
+  os.lr = 3e-2;
+  os.min_lr = 3e-2;
+  os.warmup_steps = 0;
+  os.total_steps = 100;
+  os.weight_decay = 0.1;
+  os.grad_clip = 0.0;
+  return os;
+}
+
+void random_expert_grads(SdmoeModel& s, uint64_t seed) {
+  s.model.zero_grads();
+  for (size_t id = 0; id < s.model.registry().specs().size(); ++id) {
+    const ParamSpec& ps = s.model.registry().spec(int(id));
+    if (ps.role == ParamRole::EXPERT) put(s.model.grad(int(id)), randn(ps.numel, seed + id, 0.5));
+  }
+}
+
+TEST(SdmoeInvariants, GradientSplitSumsToTheGradient) {
+  SdmoeModel s(sdmoe_spec(), test_optimizer());
+  s.service.refresh(0, s.opt.first_moments());
+  random_expert_grads(s, 5);
+  const Mat bases = get(s.sd.bases()), grads = get(s.model.grads());
+  ASSERT_FALSE(s.sd.targets().empty());
+  for (const SpectralTarget& t : s.sd.targets()) {
+    const Tensor out = s.sd.projector().scratch(0, t);
+    s.sd.projector().project_unique(t, s.sd.bases(), s.model.grads(), s.offset(t, 0), t.stride, out);
+    const Mat unique_all = get(out);
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const DenseSplit d = dense_split(bases, t, e);
+      const Mat g = slice(grads, s.offset(t, e), t.m * t.n), gu = slice(unique_all, e * t.m * t.n, t.m * t.n);
+      // G_C = P_U G + (I - P_U) G P_V, densely.
+      const Mat a = matmul(d.pu, g, t.m, t.m, t.n), b = matmul(matmul(d.qu, g, t.m, t.m, t.n), d.pv, t.m, t.n, t.n);
+      Mat sum(g.size());
+      for (size_t i = 0; i < g.size(); ++i) sum[i] = a[i] + b[i] + gu[i];
+      EXPECT_LT(max_diff(sum, g), 1e-12 * max_abs(g)) << sdmoe_matrix_name(t.matrix) << " expert " << e;
+      // Both parts carry real mass: the split is not trivial.
+      EXPECT_GT(max_abs(gu), 0.1 * max_abs(g));
+      EXPECT_GT(max_abs(a), 0.01 * max_abs(g));
+    }
+  }
+}
+
+// The dense reference of one optimizer step of one part: AdamW on the part's gradient with
+// its own moments; returns -lr x direction.
+Mat adam_direction(const Mat& g, Mat& m, Mat& v, const OptimizerSpec& os, double lr, int t) {
+  Mat a(g.size());
+  for (size_t i = 0; i < g.size(); ++i) {
+    m[i] = os.beta1 * m[i] + (1 - os.beta1) * g[i];
+    v[i] = os.beta2 * v[i] + (1 - os.beta2) * g[i] * g[i];
+    const double mhat = m[i] / (1 - std::pow(os.beta1, t)), vhat = v[i] / (1 - std::pow(os.beta2, t));
+    a[i] = -lr * mhat / (std::sqrt(vhat) + os.eps);
+  }
+  return a;
+}
+
+TEST(SdmoeInvariants, PartsFollowTheDenseReferenceAndTheTailStaysInTheComplement) {
+  SdmoeSpec spec = sdmoe_spec();
+  spec.lr_mult_common = 1.0;
+  spec.lr_mult_unique = 0.5;  // unequal: the decay of each part goes with its own rate
+  spec.matrices = {SdmoeMatrix::GATE, SdmoeMatrix::DOWN};  // UP takes the plain update
+  const OptimizerSpec os = test_optimizer();
+  SdmoeModel s(spec, os);
+  s.service.refresh(0, s.opt.first_moments());
+  const Mat bases = get(s.sd.bases());
+  const Mat w0 = get(s.model.params());
+
+  struct Ref {
+    Mat wc, wu, mc, vc, mu, vu;
+  };
+  std::vector<std::vector<Ref>> ref;
+  for (const SpectralTarget& t : s.sd.targets()) {
+    ref.emplace_back();
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const DenseSplit d = dense_split(bases, t, e);
+      const Mat w = slice(w0, s.offset(t, e), t.m * t.n);
+      const Mat zero(w.size(), 0.0);
+      ref.back().push_back({d.common(w), d.unique(w), zero, zero, zero, zero});
+    }
+  }
+  // The plain AdamW reference for the UP rows (not selected).
+  const ParamRegistry& reg = s.model.registry();
+  int gate_up = -1;
+  for (const SpectralTarget& t : s.sd.targets())
+    if (t.matrix == SdmoeMatrix::GATE) gate_up = t.param_id;
+  ASSERT_GE(gate_up, 0);
+  const ParamSpec& gu_spec = reg.spec(gate_up);
+  const int64_t f = gu_spec.shape[2], d = gu_spec.shape[3];
+  Mat up_w, up_m, up_v;
+  for (int64_t e = 0; e < gu_spec.shape[0]; ++e) {
+    const Mat part = slice(w0, gu_spec.offset + e * 2 * f * d + f * d, f * d);
+    up_w.insert(up_w.end(), part.begin(), part.end());
+  }
+  up_m.assign(up_w.size(), 0.0);
+  up_v.assign(up_w.size(), 0.0);
+
+  for (int step = 0; step < 3; ++step) {
+    random_expert_grads(s, 100 + step);
+    const Mat grads = get(s.model.grads());
+    s.opt.step(step);
+    const double lr = learning_rate(os, step), lr_c = lr * spec.lr_mult_common, lr_u = lr * spec.lr_mult_unique;
+    for (size_t ti = 0; ti < s.sd.targets().size(); ++ti) {
+      const SpectralTarget& t = s.sd.targets()[ti];
+      for (int64_t e = 0; e < t.experts; ++e) {
+        const DenseSplit ds = dense_split(bases, t, e);
+        Ref& r = ref[ti][e];
+        const Mat g = slice(grads, s.offset(t, e), t.m * t.n);
+        const Mat gc = ds.common(g), gu = ds.unique(g);
+        const Mat ac = ds.common(adam_direction(gc, r.mc, r.vc, os, lr_c, step + 1));
+        const Mat au = ds.unique(adam_direction(gu, r.mu, r.vu, os, lr_u, step + 1));
+        for (size_t i = 0; i < g.size(); ++i) {
+          r.wc[i] += ac[i] - lr_c * os.weight_decay * r.wc[i];
+          r.wu[i] += au[i] - lr_u * os.weight_decay * r.wu[i];
+        }
+      }
+    }
+    for (int64_t e = 0; e < gu_spec.shape[0]; ++e) {
+      const int64_t at = gu_spec.offset + e * 2 * f * d + f * d;
+      for (int64_t i = 0; i < f * d; ++i) {
+        const size_t j = size_t(e * f * d + i);
+        Mat g1{grads[at + i]}, m1{up_m[j]}, v1{up_v[j]};
+        const double a = adam_direction(g1, m1, v1, os, lr, step + 1)[0];
+        up_m[j] = m1[0];
+        up_v[j] = v1[0];
+        up_w[j] += a - lr * os.weight_decay * up_w[j];
+      }
+    }
+  }
+  const Mat w = get(s.model.params());
+  for (size_t ti = 0; ti < s.sd.targets().size(); ++ti) {
+    const SpectralTarget& t = s.sd.targets()[ti];
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const DenseSplit ds = dense_split(bases, t, e);
+      const Ref& r = ref[ti][e];
+      const Mat we = slice(w, s.offset(t, e), t.m * t.n);
+      const Mat unique = ds.unique(we), common = ds.common(we);
+      const double scale = max_abs(we);
+      EXPECT_LT(max_diff(unique, r.wu), 1e-12 * scale) << sdmoe_matrix_name(t.matrix) << " expert " << e << ": W_U";
+      EXPECT_LT(max_diff(common, r.wc), 1e-12 * scale) << sdmoe_matrix_name(t.matrix) << " expert " << e << ": W_C";
+      // Invariant 2: P_U W_U = 0 and W_U P_V = 0 to rounding.
+      EXPECT_LT(max_abs(matmul(ds.pu, unique, t.m, t.m, t.n)), 1e-13 * scale);
+      EXPECT_LT(max_abs(matmul(unique, ds.pv, t.m, t.n, t.n)), 1e-13 * scale);
+    }
+  }
+  for (int64_t e = 0; e < gu_spec.shape[0]; ++e) {
+    const Mat got = slice(w, gu_spec.offset + e * 2 * f * d + f * d, f * d);
+    EXPECT_LT(max_diff(got, slice(up_w, e * f * d, f * d)), 1e-13) << "up rows of expert " << e << " (plain AdamW)";
+  }
+}
+
+TEST(SdmoeInvariants, RefreshKeepsWeightsAndResplitsFirstMoments) {
+  SdmoeModel s(sdmoe_spec(), test_optimizer());
+  s.service.refresh(0, s.opt.first_moments());
+  for (int step = 0; step < 3; ++step) {
+    random_expert_grads(s, 300 + step);
+    s.opt.step(step);
+  }
+  const Mat w_before = get(s.model.params()), m_before = get(s.opt.first_moments());
+  const Mat v_before = get(s.opt.second_moments()), bases_before = get(s.sd.bases());
+  std::vector<Mat> mu_before, vu_before;
+  for (size_t ti = 0; ti < s.sd.targets().size(); ++ti)
+    for (int64_t e = 0; e < s.sd.targets()[ti].experts; ++e) {
+      mu_before.push_back(get(s.sd.unique_m(ti, e)));
+      vu_before.push_back(get(s.sd.unique_v(ti, e)));
+    }
+  s.service.refresh(3, s.opt.first_moments());
+  EXPECT_EQ(get(s.model.params()), w_before) << "a refresh must not touch W_eff";
+  EXPECT_EQ(get(s.opt.second_moments()), v_before) << "second moments are kept";
+  const Mat bases = get(s.sd.bases()), m_after = get(s.opt.first_moments());
+  size_t index = 0;
+  double moved = 0.0;
+  for (size_t ti = 0; ti < s.sd.targets().size(); ++ti) {
+    const SpectralTarget& t = s.sd.targets()[ti];
+    for (int64_t e = 0; e < t.experts; ++e, ++index) {
+      const DenseSplit ds = dense_split(bases, t, e);
+      const Mat w = slice(w_before, s.offset(t, e), t.m * t.n);
+      // W = W_C' + W_U' under the new bases (dense), and the new tail is in the complement.
+      const Mat wu = ds.unique(w), wc = ds.common(w);
+      Mat sum(w.size());
+      for (size_t i = 0; i < w.size(); ++i) sum[i] = wc[i] + wu[i];
+      EXPECT_LT(max_diff(sum, w), 1e-13 * max_abs(w));
+      // First moments: the sum kept, split by the new projections.
+      const Mat mc_old = slice(m_before, s.offset(t, e), t.m * t.n);
+      Mat total(mc_old.size());
+      for (size_t i = 0; i < total.size(); ++i) total[i] = mc_old[i] + mu_before[index][i];
+      const Mat mu_new = get(s.sd.unique_m(ti, e)), mc_new = slice(m_after, s.offset(t, e), t.m * t.n);
+      EXPECT_LT(max_diff(mu_new, ds.unique(total)), 1e-13 * max_abs(total));
+      EXPECT_LT(max_diff(mc_new, ds.common(total)), 1e-13 * max_abs(total));
+      EXPECT_EQ(get(s.sd.unique_v(ti, e)), vu_before[index]);
+      // The bases did move (the weights changed since step 0).
+      const DenseSplit old = dense_split(bases_before, t, e);
+      moved = std::max(moved, max_diff(old.pu, ds.pu));
+    }
+  }
+  EXPECT_GT(moved, 1e-6);
+}
+
+TEST(SdmoeInvariants, SgdWithEqualMultipliersFollowsPlainMoe) {
+  OptimizerSpec os = test_optimizer();
+  os.sgd = true;
+  os.weight_decay = 0.0;
+  os.grad_clip = 1.0;  // clipping scales both the same way
+  const ModelSpec spec = tiny_spec();
+  GptModel plain(spec, be(), DType::F64, 1);
+  plain.init_parameters(21);
+  AdamW plain_opt(plain, os);
+  for (SdmoeBasis basis : {SdmoeBasis::PER_EXPERT, SdmoeBasis::LAYER_SHARED}) {
+    plain.init_parameters(21);
+    SdmoeSpec sspec = sdmoe_spec(basis);
+    sspec.refresh_interval = 2;
+    SdmoeModel s(sspec, os, 21);
+    s.service.refresh(0, s.opt.first_moments());
+    const auto tokens_all = randn(8 * (spec.seq_len + 1), 77);
+    for (int step = 0; step < 6; ++step) {
+      std::vector<int32_t> tokens(spec.seq_len + 1);
+      for (int i = 0; i <= spec.seq_len; ++i)
+        tokens[i] = int32_t(std::fabs(tokens_all[step * (spec.seq_len + 1) + i]) * 1000) % spec.vocab_size;
+      plain.zero_grads();
+      s.model.zero_grads();
+      plain.forward_backward(tokens.data(), 1.0);
+      s.model.forward_backward(tokens.data(), 1.0);
+      plain_opt.step(step);
+      s.opt.step(step);
+      if (s.service.due(step + 1)) s.service.refresh(step + 1, s.opt.first_moments());
+    }
+    // Parameter by parameter (the padding between tensors is never written).
+    Mat a, b;
+    for (size_t id = 0; id < plain.registry().specs().size(); ++id) {
+      const Mat x = get(plain.param(int(id))), y = get(s.model.param(int(id)));
+      a.insert(a.end(), x.begin(), x.end());
+      b.insert(b.end(), y.begin(), y.end());
+    }
+    EXPECT_LT(max_diff(a, b), 1e-12 * max_abs(a)) << (basis == SdmoeBasis::PER_EXPERT ? "per expert" : "layer shared");
+    plain.init_parameters(21);
+    Mat initial;
+    for (size_t id = 0; id < plain.registry().specs().size(); ++id) {
+      const Mat x = get(plain.param(int(id)));
+      initial.insert(initial.end(), x.begin(), x.end());
+    }
+    EXPECT_GT(max_diff(initial, a), 1e-4) << "the trajectory must actually move";
+  }
+}
+
+// Expert matrices with a planted spectrum: singular values 10, 9, 8 then at most 1, so the
+// top-3 subspaces are well separated, as in trained experts. same_bases: every expert of a
+// matrix type gets the same singular vectors (a layer-shared dominant subspace).
+void plant_spectrum(SdmoeModel& s, uint64_t seed, double noise, bool same_bases = false) {
+  for (const SpectralTarget& t : s.sd.targets())
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const int64_t r = std::min(t.m, t.n);
+      // Orthonormal columns by Gram-Schmidt on random matrices.
+      auto orth = [&](int64_t rows, uint64_t sd) {
+        Mat q = randn(rows * r, sd);
+        for (int64_t c = 0; c < r; ++c) {
+          for (int64_t p = 0; p < c; ++p) {
+            double dot = 0;
+            for (int64_t i = 0; i < rows; ++i) dot += q[i * r + c] * q[i * r + p];
+            for (int64_t i = 0; i < rows; ++i) q[i * r + c] -= dot * q[i * r + p];
+          }
+          double norm = 0;
+          for (int64_t i = 0; i < rows; ++i) norm += q[i * r + c] * q[i * r + c];
+          for (int64_t i = 0; i < rows; ++i) q[i * r + c] /= std::sqrt(norm);
+        }
+        return q;
+      };
+      const uint64_t base = seed + 1000 * uint64_t(t.param_id) + 37 * uint64_t(t.matrix) + (same_bases ? 0 : uint64_t(e));
+      const Mat a = orth(t.m, base), b = orth(t.n, base + 500);
+      const Mat jitter = randn(t.m * t.n, base + 900 + 13 * uint64_t(e), noise);
+      Mat w(size_t(t.m * t.n), 0.0);
+      for (int64_t c = 0; c < r; ++c) {
+        const double sigma = c < kRank ? 10.0 - c : 1.0 / (1.0 + c);
+        for (int64_t i = 0; i < t.m; ++i)
+          for (int64_t j = 0; j < t.n; ++j) w[i * t.n + j] += sigma * a[i * r + c] * b[j * r + c];
+      }
+      for (size_t i = 0; i < w.size(); ++i) w[i] += jitter[i];
+      const Tensor view(static_cast<char*>(s.model.params().data) + s.offset(t, e) * sizeof(double), DType::F64,
+                        Device::CPU, {t.m, t.n});
+      put(view, w);
+    }
+}
+
+double worst_angle(const SdmoeModel& a, const SdmoeModel& b) {
+  const Mat x = get(a.sd.bases()), y = get(b.sd.bases());
+  double worst = 0.0;
+  for (const SpectralTarget& t : a.sd.targets())
+    for (int p = 0; p < t.bases; ++p) {
+      worst = std::max(worst, SpectralService::largest_principal_angle(slice(x, t.ut_offset + p * kRank * t.m, kRank * t.m),
+                                                                       slice(y, t.ut_offset + p * kRank * t.m, kRank * t.m),
+                                                                       kRank, t.m));
+      worst = std::max(worst, SpectralService::largest_principal_angle(slice(x, t.vt_offset + p * kRank * t.n, kRank * t.n),
+                                                                       slice(y, t.vt_offset + p * kRank * t.n, kRank * t.n),
+                                                                       kRank, t.n));
+    }
+  return worst;
+}
+
+TEST(SdmoeInvariants, SubspaceIterationAgreesWithExact) {
+  for (SdmoeBasis basis : {SdmoeBasis::PER_EXPERT, SdmoeBasis::LAYER_SHARED}) {
+    const char* mode = basis == SdmoeBasis::PER_EXPERT ? "per expert" : "layer shared";
+    SdmoeModel exact(sdmoe_spec(basis, SdmoeSolver::EXACT), test_optimizer());
+    SdmoeModel iter(sdmoe_spec(basis, SdmoeSolver::SUBSPACE_ITERATION), test_optimizer());
+    // Layer-shared bases need a common dominant subspace.
+    const bool same = basis == SdmoeBasis::LAYER_SHARED;
+    plant_spectrum(exact, 1, 1e-3, same);
+    plant_spectrum(iter, 1, 1e-3, same);
+    exact.service.refresh(0, exact.opt.first_moments());
+    iter.service.refresh(0, iter.opt.first_moments());  // cold start: more rounds
+    const double cold = worst_angle(exact, iter);
+    // The weights drift; the iteration warm-starts from the previous bases.
+    plant_spectrum(exact, 1, 3e-2, same);
+    plant_spectrum(iter, 1, 3e-2, same);
+    exact.service.refresh(1, exact.opt.first_moments());
+    iter.service.refresh(1, iter.opt.first_moments());
+    const double warm = worst_angle(exact, iter);
+    EXPECT_LT(cold, 1e-6) << mode;
+    EXPECT_LT(warm, 1e-4) << mode;
+    // A wrong basis gives a large angle: the measure can fail.
+    plant_spectrum(iter, 99, 1e-3, same);
+    iter.service.refresh(2, iter.opt.first_moments());
+    EXPECT_GT(worst_angle(exact, iter), 0.3) << mode;
+  }
+}
+
+TEST(SdmoeInvariants, ExactBasesAreTheTopSingularVectors) {
+  SdmoeModel s(sdmoe_spec(), test_optimizer());
+  plant_spectrum(s, 4, 1e-3);
+  s.service.refresh(0, s.opt.first_moments());
+  const Mat bases = get(s.sd.bases()), w = get(s.model.params());
+  for (const SpectralTarget& t : s.sd.targets())
+    for (int64_t e = 0; e < t.experts; ++e) {
+      // Ut W Vt^T is diagonal with the planted 10, 9, 8 (up to sign).
+      const Mat ut = slice(bases, t.ut_offset + e * kRank * t.m, kRank * t.m);
+      const Mat vt = slice(bases, t.vt_offset + e * kRank * t.n, kRank * t.n);
+      const Mat uw = matmul(ut, slice(w, s.offset(t, e), t.m * t.n), kRank, t.m, t.n);
+      for (int i = 0; i < kRank; ++i)
+        for (int j = 0; j < kRank; ++j) {
+          double dot = 0;
+          for (int64_t l = 0; l < t.n; ++l) dot += uw[i * t.n + l] * vt[j * t.n + l];
+          if (i == j) EXPECT_NEAR(std::fabs(dot), 10.0 - i, 1e-2);
+          else EXPECT_NEAR(dot, 0.0, 1e-2);
+        }
+    }
+}
+
+TEST(SdmoeMetrics, OverlapOfIdenticalAndOfRandomExperts) {
+  SdmoeModel s(sdmoe_spec(), test_optimizer());
+  // Every expert the same matrix: overlaps of 1.
+  plant_spectrum(s, 4, 0.0);
+  for (const SpectralTarget& t : s.sd.targets()) {
+    const Tensor first(static_cast<char*>(s.model.params().data) + s.offset(t, 0) * sizeof(double), DType::F64,
+                       Device::CPU, {t.m * t.n});
+    for (int64_t e = 1; e < t.experts; ++e)
+      be().copy(first, Tensor(static_cast<char*>(s.model.params().data) + s.offset(t, e) * sizeof(double), DType::F64,
+                              Device::CPU, {t.m * t.n}));
+  }
+  const RefreshReport same = s.service.refresh(0, s.opt.first_moments());
+  ASSERT_EQ(same.metrics.size(), s.sd.targets().size());
+  for (const SpectralMetrics& m : same.metrics) {
+    EXPECT_NEAR(m.overlap_left, 1.0, 1e-9);
+    EXPECT_NEAR(m.overlap_right, 1.0, 1e-9);
+    EXPECT_TRUE(std::isnan(m.grad_overlap_left)) << "no gradient at step 0";
+  }
+  // Independent planted experts: overlaps far below 1.
+  plant_spectrum(s, 4, 0.0);
+  const RefreshReport apart = s.service.refresh(1, s.opt.first_moments());
+  for (const SpectralMetrics& m : apart.metrics) {
+    EXPECT_LT(m.overlap_left, 0.8);
+    EXPECT_LT(m.overlap_right, 0.8);
+    EXPECT_GE(m.overlap_left, 0.0);
+  }
+  EXPECT_EQ(apart.jobs_computed, int64_t(s.sd.targets().size()) * s.sd.targets()[0].experts);
+}
+
+}  // namespace
+}  // namespace sdmoe::gradtest
