@@ -21,13 +21,18 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "core/check.h"
 #include "core/rng.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
+#include "model/sdmoe.h"
+#include "model/spectral_service.h"
 #include "parallel/communicator.h"
 #include "parallel/gradient_sync.h"
 
@@ -102,6 +107,20 @@ int run(int argc, char** argv) {
   bool cuda = false, zero1 = false, sequence_parallel = false;
   // Small gradient buckets, so that every layout reduces several of them during the backward.
   int64_t bucket_elements = 4096;
+  // SD-MoE on both models: --sdmoe 1 [--basis 0|1 (per expert, layer shared)] [--solver 0|1
+  // (exact, subspace iteration)], refreshed every kRefresh steps.
+  bool use_sdmoe = false;
+  SdmoeSpec sdmoe_spec;
+  sdmoe_spec.enabled = true;
+  sdmoe_spec.rank = 4;
+  sdmoe_spec.refresh_interval = 4;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--sdmoe")) use_sdmoe = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--basis"))
+      sdmoe_spec.basis = std::atoi(argv[i + 1]) ? SdmoeBasis::LAYER_SHARED : SdmoeBasis::PER_EXPERT;
+    else if (!std::strcmp(argv[i], "--solver"))
+      sdmoe_spec.solver = std::atoi(argv[i + 1]) ? SdmoeSolver::SUBSPACE_ITERATION : SdmoeSolver::EXACT;
+  }
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--tp")) tp = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--ep")) ep = std::atoi(argv[i + 1]);
@@ -142,9 +161,61 @@ int run(int argc, char** argv) {
                     GradientSyncOptions{zero1, sequence_parallel, bucket_elements, parallel.gradient_ready_ranges()});
   parallel.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   const std::vector<ElementRange>& owned = sync.owned();
-  AdamW ref_opt(reference, test_optimizer()), par_opt(parallel, test_optimizer(), owned);
-
+  std::unique_ptr<SpectralDecomposition> ref_sd, par_sd;
+  std::unique_ptr<SpectralService> ref_service, par_service;
+  if (use_sdmoe) {
+    ref_sd = std::make_unique<SpectralDecomposition>(*be, DType::F32, reference.registry(), sdmoe_spec);
+    par_sd = std::make_unique<SpectralDecomposition>(*be, DType::F32, parallel.registry(), sdmoe_spec);
+    ref_service = std::make_unique<SpectralService>(*ref_sd, reference.registry(), reference.params(),
+                                                    reference.grads(), std::vector<int>{}, nullptr, nullptr);
+    par_service = std::make_unique<SpectralService>(*par_sd, parallel.registry(), parallel.params(), parallel.grads(),
+                                                    std::vector<int>{}, groups.edp, groups.ep);
+  }
+  AdamW ref_opt(reference, test_optimizer(), {}, ref_sd.get()), par_opt(parallel, test_optimizer(), owned, par_sd.get());
   int failures = 0;
+  double worst_angle = 0.0;
+  // Every local expert's bases against the single-rank model's bases of the same global
+  // expert, and the jobs: each computed once per group of ranks holding the same experts.
+  auto refresh_both = [&](int64_t step) {
+    const RefreshReport ref_report = ref_service->refresh(step, ref_opt.first_moments());
+    const RefreshReport par_report = par_service->refresh(step, par_opt.first_moments());
+    const int k = sdmoe_spec.rank;
+    std::vector<float> rb(ref_sd->bases().numel()), pb(par_sd->bases().numel());
+    be->copy_to_host(ref_sd->bases(), rb.data());
+    be->copy_to_host(par_sd->bases(), pb.data());
+    for (size_t ti = 0; ti < par_sd->targets().size(); ++ti) {
+      const SpectralTarget &pt = par_sd->targets()[ti], &rt = ref_sd->targets()[ti];
+      for (int p = 0; p < pt.bases; ++p) {
+        const int64_t global = pt.bases > 1 ? pt.first_expert + p : 0;
+        auto rows = [&](const std::vector<float>& v, int64_t at, int64_t len) {
+          return std::vector<double>(v.begin() + at, v.begin() + at + k * len);
+        };
+        const double au = SpectralService::largest_principal_angle(rows(pb, pt.ut_offset + p * k * pt.m, pt.m),
+                                                                   rows(rb, rt.ut_offset + global * k * rt.m, rt.m), k, pt.m);
+        const double av = SpectralService::largest_principal_angle(rows(pb, pt.vt_offset + p * k * pt.n, pt.n),
+                                                                   rows(rb, rt.vt_offset + global * k * rt.n, rt.n), k, pt.n);
+        worst_angle = std::max({worst_angle, au, av});
+        if (!(au < 1e-3 && av < 1e-3)) {
+          std::fprintf(stderr, "rank %d step %ld: %s bases of layer %d expert %ld differ from one rank's by %.2e / %.2e rad\n",
+                       rank, (long)step, sdmoe_matrix_name(pt.matrix), pt.layer, (long)global, au, av);
+          ++failures;
+        }
+      }
+    }
+    // One rank's jobs: the reference computes every job of the model once.
+    std::vector<double> jobs{double(par_report.jobs_computed)};
+    groups.world->all_reduce_host(jobs, ReduceOp::SUM);
+    const double replica_groups = double(dims.world) / groups.edp->size();
+    // Per-expert jobs run once in each replica group (which holds 1/replica_groups of the
+    // experts); layer jobs once in the world.
+    if (jobs[0] != double(ref_report.jobs_computed)) {
+      std::fprintf(stderr, "rank %d step %ld: %g jobs over the world (%g replica groups), one rank computes %ld\n", rank,
+                   (long)step, jobs[0], replica_groups, (long)ref_report.jobs_computed);
+      ++failures;
+    }
+  };
+  if (use_sdmoe) refresh_both(0);
+
   double worst_grad = 0.0, worst_loss = 0.0;
   for (int step = 0; step < kSteps; ++step) {
     reference.zero_grads();
@@ -192,6 +263,7 @@ int run(int argc, char** argv) {
     const OptimizerStepResult r = ref_opt.step(step);
     const OptimizerStepResult p = par_opt.step(step, grad_norm);
     sync.after_update();
+    if (use_sdmoe && par_service->due(step + 1)) refresh_both(step + 1);
     worst_loss = std::max(worst_loss, std::fabs(ref_loss - par_loss));
     if (!(std::fabs(ref_loss - par_loss) <= 1e-5) || !(std::fabs(r.grad_norm - p.grad_norm) <= 1e-5 * r.grad_norm)) {
       std::fprintf(stderr, "rank %d step %d: loss %.8f vs %.8f, grad norm %.8f vs %.8f\n", rank, step, par_loss,
@@ -206,8 +278,9 @@ int run(int argc, char** argv) {
   std::vector<double> all{double(failures), worst_grad, worst_loss};
   groups.world->all_reduce_host(all, ReduceOp::MAX);
   if (rank == 0)
-    std::printf("%s: %s; worst gradient difference %.2e of the tensor's largest, worst loss difference %.2e over %d steps\n",
-                all[0] == 0 ? "PASS" : "FAIL", dims.describe().c_str(), all[1], all[2], kSteps);
+    std::printf("%s: %s%s; worst gradient difference %.2e of the tensor's largest, worst loss difference %.2e over %d steps%s\n",
+                all[0] == 0 ? "PASS" : "FAIL", dims.describe().c_str(), use_sdmoe ? " with SD-MoE" : "", all[1], all[2],
+                kSteps, use_sdmoe ? fmt::format(", worst basis angle {:.2e} rad", worst_angle).c_str() : "");
   return all[0] == 0 ? 0 : 1;
 }
 
