@@ -195,6 +195,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                     groups, be, std::move(sync_options));
   model.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   std::unique_ptr<SpectralDecomposition> decomposition;
+  std::unique_ptr<Backend> spectral_backend;
   std::unique_ptr<SpectralService> spectral;
   if (job.sdmoe.enabled) {
     decomposition = std::make_unique<SpectralDecomposition>(be, model.dtype(), model.registry(), job.sdmoe);
@@ -204,8 +205,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       int layer = -1;
       if (ps.role == ParamRole::ROUTER && std::sscanf(ps.name.c_str(), "layers.%d.", &layer) == 1) routers[layer] = int(id);
     }
+    // Asynchronous refreshes on a GPU run their solvers on a second backend (own stream and
+    // handles) on the same device; the CPU backend keeps no state and is shared.
+    if (job.sdmoe.async && be.device() == Device::CUDA) spectral_backend = make_cuda_backend(be.device_ordinal());
     spectral = std::make_unique<SpectralService>(*decomposition, model.registry(), model.params(), model.grads(),
-                                                 routers, groups.edp, groups.ep);
+                                                 routers, groups.edp, groups.ep, spectral_backend.get());
   }
   AdamW optimizer(model, job.optimizer, sync.owned(), decomposition.get());
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
@@ -231,8 +235,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   }
   auto print_spectral = [&](int64_t step, const RefreshReport& rep) {
     if (!root) return;
-    std::printf("sdmoe refresh after step %ld | %.3f s compute, %.3f s communication, %ld jobs on rank 0 | staleness %ld\n",
-                (long)step, rep.compute_seconds, rep.comm_seconds, (long)rep.jobs_computed, (long)rep.staleness);
+    std::printf("sdmoe refresh installed after step %ld (bases of step %ld, staleness %ld) | %.3f s compute, %.3f s "
+                "communication%s, %ld jobs on rank 0\n",
+                (long)step, (long)rep.step, (long)rep.staleness, rep.compute_seconds, rep.comm_seconds,
+                rep.staleness > 0 ? fmt::format(", {:.3f} s blocking", rep.blocking_seconds).c_str() : "",
+                (long)rep.jobs_computed);
     for (const SpectralMetrics& m : rep.metrics)
       std::printf("  layer %d %-4s overlap U %.3f V %.3f | tail U %.3f V %.3f | grad U %.3f V %.3f | router %.3f\n", m.layer,
                   sdmoe_matrix_name(m.matrix), m.overlap_left, m.overlap_right, m.tail_overlap_left,
@@ -243,7 +250,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     // Initialisation splits each W with its own top-k bases (moments are still zero).
     const RefreshReport first = spectral->refresh(0, optimizer.first_moments());
     if (root)
-      std::printf("sdmoe: %zu expert matrix types, rank %d, refresh every %d steps, %.2f MB of bases and unique moments per rank\n",
+      std::printf("sdmoe: %zu decomposed expert matrix stacks (MoE layers x matrix types), rank %d, refresh every %d steps, %.2f MB of bases and unique moments per rank\n",
                   decomposition->targets().size(), job.sdmoe.rank, job.sdmoe.refresh_interval,
                   double(decomposition->added_elements()) * 4 / 1e6);
     print_spectral(0, first);
@@ -293,8 +300,23 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
     sync.after_update();
     RefreshReport refresh;
-    const bool refreshed = spectral && spectral->due(step + 1);
-    if (refreshed) refresh = spectral->refresh(step + 1, optimizer.first_moments());
+    bool refreshed = false;
+    if (spectral) {
+      // Async: bases started at the previous boundary are installed at this one (every rank
+      // at the same step), then the next refresh may start.
+      if (spectral->async_pending()) {
+        refresh = spectral->finish_async(step + 1, optimizer.first_moments());
+        refreshed = true;
+      }
+      if (spectral->due(step + 1)) {
+        if (job.sdmoe.async) {
+          spectral->start_async(step + 1);
+        } else {
+          refresh = spectral->refresh(step + 1, optimizer.first_moments());
+          refreshed = true;
+        }
+      }
+    }
     be.synchronize();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

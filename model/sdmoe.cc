@@ -24,6 +24,7 @@ void SdmoeSpec::validate(const ModelSpec& model) const {
   if (matrices.empty()) fail("sdmoe.matrices is empty");
   if (refresh_interval <= 0) fail("sdmoe.refresh_interval must be positive");
   if (subspace_iterations <= 0) fail("sdmoe.subspace_iterations must be positive");
+  if (async && basis != SdmoeBasis::PER_EXPERT) fail("sdmoe.async needs basis: PER_EXPERT");
   if (lr_mult_common < 0 || lr_mult_unique < 0) fail("sdmoe.lr_mult_common and lr_mult_unique must be >= 0");
   const int64_t smallest = std::min<int64_t>(model.dim, model.moe.expert_ffn_dim);
   if (rank <= 0 || rank >= smallest)
@@ -177,6 +178,26 @@ SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, cons
     unique_offset_.push_back(unique_elements_);
     unique_elements_ += t.experts * t.m * t.n;
   }
+  // Per decomposed parameter, the element ranges no selected matrix covers.
+  for (const SpectralTarget& t : targets_) {
+    if (plain_ranges_.count(t.param_id)) continue;
+    const ParamSpec& ps = registry.spec(t.param_id);
+    std::vector<char> covered(size_t(ps.numel), 0);
+    for (const SpectralTarget& u : targets_)
+      if (u.param_id == t.param_id)
+        for (int64_t e = 0; e < u.experts; ++e) std::fill_n(covered.begin() + (u.first + e * u.stride), u.m * u.n, char(1));
+    std::vector<ElementRange>& ranges = plain_ranges_[t.param_id];
+    for (int64_t begin = 0; begin < ps.numel;) {
+      if (covered[begin]) {
+        ++begin;
+        continue;
+      }
+      int64_t end = begin;
+      while (end < ps.numel && !covered[end]) ++end;
+      ranges.push_back({begin, end});
+      begin = end;
+    }
+  }
   const size_t width = dtype_size(dtype);
   bases_ = Buffer(backend, std::max<size_t>(size_t(bases_elements_) * width, 64));
   unique_m_ = Buffer(backend, std::max<size_t>(size_t(unique_elements_) * width, 64));
@@ -214,24 +235,12 @@ bool SpectralDecomposition::handles(int param_id) const {
 
 void SpectralDecomposition::update(int param_id, const Tensor& params, const Tensor& grads, const Tensor& m,
                                    const Tensor& v, const AdamWStep& step, bool sgd) {
+  for (size_t i = 0; i < targets_.size(); ++i)
+    if (targets_[i].param_id == param_id) update_target(i, params, grads, m, v, step, sgd);
+  // Slices of the parameter that no selected matrix covers get the plain update.
   const ParamSpec& ps = registry_.spec(param_id);
-  // Elements of the parameter that no selected matrix covers get the plain update.
-  std::vector<char> covered(size_t(ps.numel), 0);
-  for (size_t i = 0; i < targets_.size(); ++i) {
-    const SpectralTarget& t = targets_[i];
-    if (t.param_id != param_id) continue;
-    update_target(i, params, grads, m, v, step, sgd);
-    for (int64_t e = 0; e < t.experts; ++e)
-      std::fill_n(covered.begin() + (t.first + e * t.stride), t.m * t.n, char(1));
-  }
-  for (int64_t begin = 0; begin < ps.numel;) {
-    if (covered[begin]) {
-      ++begin;
-      continue;
-    }
-    int64_t end = begin;
-    while (end < ps.numel && !covered[end]) ++end;
-    const int64_t at = ps.offset + begin, count = end - begin;
+  for (const ElementRange& r : plain_ranges_.at(param_id)) {
+    const int64_t at = ps.offset + r.begin, count = r.end - r.begin;
     const Tensor p = flat_at(params, at, count), g = flat_at(grads, at, count);
     if (sgd) {
       be_.scale(p, 1.0 - step.lr * step.weight_decay);
@@ -239,7 +248,6 @@ void SpectralDecomposition::update(int param_id, const Tensor& params, const Ten
     } else {
       be_.adamw_update(p, g, flat_at(m, at, count), flat_at(v, at, count), step);
     }
-    begin = end;
   }
 }
 

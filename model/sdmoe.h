@@ -14,6 +14,7 @@
 // (LAYER_SHARED).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -131,6 +132,7 @@ class SpectralDecomposition {
   SdmoeSpec spec_;
   std::vector<SpectralTarget> targets_;
   std::vector<int64_t> unique_offset_;  // per target, into unique_m_/unique_v_
+  std::map<int, std::vector<ElementRange>> plain_ranges_;  // per parameter, relative to it
   int64_t bases_elements_ = 0, unique_elements_ = 0;
   Buffer bases_, unique_m_, unique_v_;
   SpectralProjector projector_;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <functional>
 #include <map>
+#include <thread>
 
 #include "core/check.h"
 
@@ -43,14 +44,26 @@ double mean_overlap(const std::vector<double>& host, int64_t base, int64_t strid
 
 struct SpectralService::Impl {
   SpectralDecomposition& sd;
-  Backend& be;
+  Backend& be;    // the training backend: collectives, install, metrics
+  Backend& work;  // where the solvers run (its own stream on a GPU in async mode)
+  Backend& ops() { return work; }
   DType dtype;
   int k;
   const ParamRegistry& registry;
-  Tensor params, grads;
   std::vector<int> router_ids;
   std::shared_ptr<Communicator> replicas, ep;
   const std::vector<SpectralTarget>& targets;
+  SpectralProjector projector;  // the service's own scratch, on `work`
+  // What the solvers read: the live flat buffers (region_base 0) or, in async mode,
+  // snapshots of the expert region (region_base = its first element).
+  Tensor live_params, live_grads;
+  Tensor source_params, source_grads;
+  int64_t region_base = 0;
+  Buffer snapshot_params, snapshot_grads;
+  std::thread worker;
+  bool pending = false;
+  int64_t pending_step = 0, pending_jobs = 0;
+  double pending_seconds = 0.0;
 
   // Exchange layout, per target: [shared pair (LAYER_SHARED) | per expert: full, tail, grad
   // pairs], each pair Ut [k, m] then Vt [k, n].
@@ -63,19 +76,23 @@ struct SpectralService::Impl {
 
   double comm_seconds = 0.0;
 
-  Impl(SpectralDecomposition& sd_in, const ParamRegistry& reg, Tensor p, Tensor g, std::vector<int> routers,
-       std::shared_ptr<Communicator> rep, std::shared_ptr<Communicator> ep_in)
+  Impl(SpectralDecomposition& sd_in, Backend& work_in, const ParamRegistry& reg, Tensor p, Tensor g,
+       std::vector<int> routers, std::shared_ptr<Communicator> rep, std::shared_ptr<Communicator> ep_in)
       : sd(sd_in),
         be(sd_in.backend()),
+        work(work_in),
         dtype(p.dtype),
         k(sd_in.spec().rank),
         registry(reg),
-        params(p),
-        grads(g),
         router_ids(std::move(routers)),
         replicas(std::move(rep)),
         ep(std::move(ep_in)),
-        targets(sd_in.targets()) {
+        targets(sd_in.targets()),
+        projector(work_in, p.dtype, sd_in.targets(), sd_in.spec().rank),
+        live_params(p),
+        live_grads(g),
+        source_params(p),
+        source_grads(g) {
     int64_t largest_mn = 1, largest_side = 1, largest_r = 1;
     for (const SpectralTarget& t : targets) {
       const int64_t pair = k * (t.m + t.n);
@@ -111,24 +128,24 @@ struct SpectralService::Impl {
     return Tensor(b.data(), dtype, be.device(), {int64_t(b.bytes() / width())});
   }
   // Host copies in double, whatever the model's dtype (F32, or F64 in tests).
-  std::vector<double> to_host(const Tensor& x) const {
+  std::vector<double> to_host(const Tensor& x, Backend& via) const {
     std::vector<double> out(size_t(x.numel()));
     if (x.dtype == DType::F64) {
-      be.copy_to_host(x, out.data());
+      via.copy_to_host(x, out.data());
     } else {
       SDMOE_ASSERT(x.dtype == DType::F32, "spectral service: unsupported dtype {}", dtype_name(x.dtype));
       std::vector<float> f(out.size());
-      be.copy_to_host(x, f.data());
+      via.copy_to_host(x, f.data());
       std::copy(f.begin(), f.end(), out.begin());
     }
     return out;
   }
-  void from_host(const std::vector<double>& in, const Tensor& x) const {
+  void from_host(const std::vector<double>& in, const Tensor& x, Backend& via) const {
     if (x.dtype == DType::F64) {
-      be.copy_from_host(in.data(), x);
+      via.copy_from_host(in.data(), x);
     } else {
       const std::vector<float> f(in.begin(), in.end());
-      be.copy_from_host(f.data(), x);
+      via.copy_from_host(f.data(), x);
     }
   }
   static uint64_t seed_of(size_t target, int side) { return 0x2545f4914f6cdd1dULL + 7919 * target + side; }
@@ -136,6 +153,7 @@ struct SpectralService::Impl {
   int replica_count() const { return replicas ? replicas->size() : 1; }
 
   void timed_comm(const std::function<void()>& fn) {
+    work.synchronize();
     be.synchronize();
     const auto start = Clock::now();
     fn();
@@ -147,8 +165,8 @@ struct SpectralService::Impl {
   void orthonormalize_rows(const Tensor& y, int64_t length) {
     const Tensor g = at(whole(small), 0, {k, k}), out = at(whole(small_tmp), 0, {k, length});
     for (int pass = 0; pass < 2; ++pass) {
-      be.gemm(false, true, k, k, length, 1.0, y, y, 0.0, g);
-      std::vector<double> a = to_host(g);
+      ops().gemm(false, true, k, k, length, 1.0, y, y, 0.0, g);
+      std::vector<double> a = to_host(g, ops());
       double trace = 0.0;
       for (int i = 0; i < k; ++i) trace += a[i * k + i];
       const double ridge = std::max(trace, 1e-30) * 1e-12;  // a rank-deficient y (a zero gradient) stays finite
@@ -169,9 +187,9 @@ struct SpectralService::Impl {
           for (int p = c; p < i; ++p) s -= l[i * k + p] * inv[p * k + c];
           inv[i * k + c] = s / l[i * k + i];
         }
-      from_host(inv, g);
-      be.gemm(false, false, k, length, k, 1.0, g, y, 0.0, out);
-      be.copy(out, y);
+      from_host(inv, g, ops());
+      ops().gemm(false, false, k, length, k, 1.0, g, y, 0.0, out);
+      ops().copy(out, y);
     }
   }
 
@@ -181,7 +199,7 @@ struct SpectralService::Impl {
       std::vector<double> host(size_t(r) * k, 0.0);
       for (int i = 0; i < k; ++i) host[size_t(i) * k + i] = 1.0;
       Buffer b(be, host.size() * width());
-      from_host(host, Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}));
+      from_host(host, Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}), ops());
       it = selections.emplace(r, std::move(b)).first;
     }
     return Tensor(it->second.data(), dtype, be.device(), {r, int64_t(k)});
@@ -194,24 +212,24 @@ struct SpectralService::Impl {
     if (sd.spec().solver == SdmoeSolver::EXACT) {
       const int64_t r = std::min(m, n);
       const Tensor u = at(whole(svd_u), 0, {m, r}), s = at(whole(svd_s), 0, {r}), v = at(whole(svd_vt), 0, {r, n});
-      be.svd(at(x, 0, {m, n}), u, s, v);
-      be.copy(at(v, 0, {int64_t(k) * n}), at(vt, 0, {int64_t(k) * n}));
+      ops().svd(at(x, 0, {m, n}), u, s, v);
+      ops().copy(at(v, 0, {int64_t(k) * n}), at(vt, 0, {int64_t(k) * n}));
       // ut = (u[:, :k])^T = Sel^T u^T.
-      be.gemm(true, true, k, m, r, 1.0, selection(r), u, 0.0, ut);
+      ops().gemm(true, true, k, m, r, 1.0, selection(r), u, 0.0, ut);
       return;
     }
     int rounds = sd.spec().subspace_iterations;
     if (warm_vt) {
-      be.copy(*warm_vt, vt);
+      ops().copy(*warm_vt, vt);
     } else {
-      be.init_normal(vt, seed, 0x5bd1e995, 1.0, 0);
+      ops().init_normal(vt, seed, 0x5bd1e995, 1.0, 0);
       orthonormalize_rows(vt, n);
       rounds = 3 * rounds + 2;  // a cold start needs more rounds
     }
     for (int i = 0; i < rounds; ++i) {
-      be.gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // ut = vt x^T
+      ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // ut = vt x^T
       orthonormalize_rows(ut, m);
-      be.gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);  // vt = ut x
+      ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);  // vt = ut x
       orthonormalize_rows(vt, n);
     }
   }
@@ -220,22 +238,22 @@ struct SpectralService::Impl {
   void top_k_symmetric(const Tensor& g, int64_t size, const Tensor& out, const Tensor* warm, uint64_t seed) {
     if (sd.spec().solver == SdmoeSolver::EXACT) {
       const Tensor w = at(whole(eig_w), 0, {size}), vecs = at(whole(eig_vecs), 0, {size, size});
-      be.symmetric_eigen(g, w, vecs);  // ascending: the last k rows
-      be.copy(at(vecs, (size - k) * size, {int64_t(k) * size}), at(out, 0, {int64_t(k) * size}));
+      ops().symmetric_eigen(g, w, vecs);  // ascending: the last k rows
+      ops().copy(at(vecs, (size - k) * size, {int64_t(k) * size}), at(out, 0, {int64_t(k) * size}));
       return;
     }
     int rounds = sd.spec().subspace_iterations;
     if (warm) {
-      be.copy(*warm, out);
+      ops().copy(*warm, out);
     } else {
-      be.init_normal(out, seed, 0x5bd1e995, 1.0, 0);
+      ops().init_normal(out, seed, 0x5bd1e995, 1.0, 0);
       orthonormalize_rows(out, size);
       rounds = 3 * rounds + 2;
     }
     const Tensor y = at(whole(tmp), 0, {int64_t(k), size});
     for (int i = 0; i < rounds; ++i) {
-      be.gemm(false, false, k, size, size, 1.0, out, g, 0.0, y);
-      be.copy(y, out);
+      ops().gemm(false, false, k, size, size, 1.0, out, g, 0.0, y);
+      ops().copy(y, out);
       orthonormalize_rows(out, size);
     }
   }
@@ -249,100 +267,56 @@ struct SpectralService::Impl {
     return expert_offset[ti] + (e * 3 + which) * pair_elements(targets[ti]);
   }
   int64_t matrix_offset(const SpectralTarget& t, int64_t e) const {
-    return registry.spec(t.param_id).offset + t.first + e * t.stride;
+    return registry.spec(t.param_id).offset + t.first + e * t.stride - region_base;
   }
+  // Phase 2 of a refresh (no communication): the jobs of this rank's replica rank.
+  int64_t run_expert_jobs(int64_t step, bool installed);
+  void share_install_and_measure(int64_t step, const Tensor& m, RefreshReport& report);
 };
 
-SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params,
-                                 Tensor grads, std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
-                                 std::shared_ptr<Communicator> ep)
-    : impl_(std::make_unique<Impl>(sd, registry, params, grads, std::move(router_ids), std::move(replicas),
-                                   std::move(ep))),
-      sd_(sd) {}
-
-SpectralService::~SpectralService() = default;
-
-RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
-  Impl& s = *impl_;
-  Backend& be = s.be;
-  const int k = s.k;
-  const bool shared = sd_.spec().basis == SdmoeBasis::LAYER_SHARED;
-  RefreshReport report;
-  report.step = step;
-  s.comm_seconds = 0.0;
-  be.synchronize();
-  const auto start = Clock::now();
-  const Tensor exchange = s.whole(s.exchange);
-  if (s.exchange_elements > 0) be.fill(s.at(exchange, 0, {s.exchange_elements}), 0.0);
-  const Tensor current = sd_.bases();
-
-  // Phase 1 (LAYER_SHARED): one basis job per target from the experts' summed Grams.
-  if (shared) {
-    int64_t job = 0;
-    for (size_t ti = 0; ti < s.targets.size(); ++ti, ++job) {
-      const SpectralTarget& t = s.targets[ti];
-      if (job % s.replica_count() != s.replica_rank()) continue;
-      for (int side = 0; side < 2; ++side) {
-        // side 0: U from sum_e W_e W_e^T [m, m]; side 1: V from sum_e W_e^T W_e [n, n].
-        const int64_t size = side == 0 ? t.m : t.n;
-        const Tensor g = s.at(s.whole(s.gram), 0, {size, size});
-        for (int64_t e = 0; e < t.experts; ++e) {
-          const Tensor w = s.at(s.params, s.matrix_offset(t, e), {t.m, t.n});
-          if (side == 0) be.gemm(false, true, t.m, t.m, t.n, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
-          else be.gemm(true, false, t.n, t.n, t.m, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
-        }
-        if (t.experts == 0) be.fill(g, 0.0);
-        // Every rank of this ep group has the same replica rank, so all of them are here.
-        if (s.ep) s.timed_comm([&] { s.ep->all_reduce(g, ReduceOp::SUM); });
-        const int ep_rank = s.ep ? s.ep->rank() : 0, ep_size = s.ep ? s.ep->size() : 1;
-        if ((job / s.replica_count()) % ep_size != ep_rank) continue;  // one eigensolve per job
-        const Tensor out = side == 0 ? s.pair_ut(s.shared_offset[ti], t) : s.pair_vt(s.shared_offset[ti], t);
-        const Tensor warm = s.at(current, side == 0 ? t.ut_offset : t.vt_offset, {int64_t(k), size});
-        s.top_k_symmetric(g, size, out, installed_ ? &warm : nullptr, Impl::seed_of(ti, side));
-      }
-      if ((job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0)) ++report.jobs_computed;
-    }
-    // Exactly one rank of the world wrote each shared pair; the sums over ep and the
-    // replicas give it to everyone.
-    s.timed_comm([&] {
-      for (size_t ti = 0; ti < s.targets.size(); ++ti) {
-        const Tensor pair = s.at(exchange, s.shared_offset[ti], {s.pair_elements(s.targets[ti])});
-        if (s.ep) s.ep->all_reduce(pair, ReduceOp::SUM);
-        if (s.replicas) s.replicas->all_reduce(pair, ReduceOp::SUM);
-      }
-    });
-  }
-
-  // Phase 2: per-expert jobs: the expert's top-k (its new bases in PER_EXPERT mode), the
-  // top-k of its tail under the new bases, and of its last gradient.
+int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
+  // The expert's top-k (its new bases in PER_EXPERT mode), the top-k of its tail under
+  // the new bases, and of its last gradient.
+  const bool shared = sd.spec().basis == SdmoeBasis::LAYER_SHARED;
+  const Tensor exchange = whole(this->exchange);
+  const Tensor current = sd.bases();
+  int64_t jobs = 0;
   int64_t job = 0;
-  for (size_t ti = 0; ti < s.targets.size(); ++ti) {
-    const SpectralTarget& t = s.targets[ti];
+  for (size_t ti = 0; ti < targets.size(); ++ti) {
+    const SpectralTarget& t = targets[ti];
     for (int64_t e = 0; e < t.experts; ++e, ++job) {
-      if (job % s.replica_count() != s.replica_rank()) continue;
-      ++report.jobs_computed;
+      if (job % replica_count() != replica_rank()) continue;
+      ++jobs;
       const uint64_t seed = 0x9e3779b97f4a7c15ULL ^ (uint64_t(ti) << 32) ^ uint64_t(t.first_expert + e);
-      const Tensor w = s.at(s.params, s.matrix_offset(t, e), {t.m, t.n});
-      const int64_t full = s.expert_pair(ti, e, 0), tail = s.expert_pair(ti, e, 1), grad = s.expert_pair(ti, e, 2);
+      const Tensor w = at(source_params, matrix_offset(t, e), {t.m, t.n});
+      const int64_t full = expert_pair(ti, e, 0), tail = expert_pair(ti, e, 1), grad = expert_pair(ti, e, 2);
       // Warm start from the installed bases, once there are any.
-      const Tensor warm = s.at(current, t.vt_offset + (t.bases > 1 ? e * k * t.n : 0), {int64_t(k), t.n});
-      s.top_k(w, t.m, t.n, s.pair_ut(full, t), s.pair_vt(full, t), installed_ ? &warm : nullptr, seed);
+      const Tensor warm = at(current, t.vt_offset + (t.bases > 1 ? e * k * t.n : 0), {int64_t(k), t.n});
+      top_k(w, t.m, t.n, pair_ut(full, t), pair_vt(full, t), installed ? &warm : nullptr, seed);
       // The tail W - (common part) under the new bases: the expert's own (PER_EXPERT) or
       // the layer's (LAYER_SHARED).
       SpectralTarget one = t;
       one.experts = 1;
       one.bases = 1;
-      one.ut_offset = shared ? s.shared_offset[ti] : full;
+      one.ut_offset = shared ? shared_offset[ti] : full;
       one.vt_offset = one.ut_offset + k * t.m;
-      const Tensor tail_matrix = s.at(s.whole(s.tmp), 0, {t.m, t.n});
-      sd_.projector().project_unique(one, exchange, s.params, s.matrix_offset(t, e), 0, tail_matrix);
-      s.top_k(tail_matrix, t.m, t.n, s.pair_ut(tail, t), s.pair_vt(tail, t), nullptr, seed + 1);
+      const Tensor tail_matrix = at(whole(tmp), 0, {t.m, t.n});
+      projector.project_unique(one, exchange, source_params, matrix_offset(t, e), 0, tail_matrix);
+      top_k(tail_matrix, t.m, t.n, pair_ut(tail, t), pair_vt(tail, t), nullptr, seed + 1);
       if (step > 0) {
-        const Tensor g = s.at(s.grads, s.matrix_offset(t, e), {t.m, t.n});
-        s.top_k(g, t.m, t.n, s.pair_ut(grad, t), s.pair_vt(grad, t), nullptr, seed + 2);
+        const Tensor g = at(source_grads, matrix_offset(t, e), {t.m, t.n});
+        top_k(g, t.m, t.n, pair_ut(grad, t), pair_vt(grad, t), nullptr, seed + 2);
       }
     }
   }
+  ops().synchronize();
+  return jobs;
+}
+
+void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor& m, RefreshReport& report) {
+  SpectralService::Impl& s = *this;
+  const Tensor exchange = whole(this->exchange);
+  const bool shared = sd.spec().basis == SdmoeBasis::LAYER_SHARED;
   s.timed_comm([&] {
     if (s.replicas)
       for (size_t ti = 0; ti < s.targets.size(); ++ti) {
@@ -368,7 +342,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
               s.at(staging, t.vt_offset + e * k * t.n, {int64_t(k) * t.n}));
     }
   }
-  sd_.install_bases(s.at(staging, 0, {bases_elements(s.targets, k)}), m);
+  sd.install_bases(s.at(staging, 0, {bases_elements(s.targets, k)}), m);
 
   // Metrics over all experts of each layer: gather the per-expert pairs over ep.
   const int ep_size = s.ep ? s.ep->size() : 1;
@@ -379,7 +353,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     const Tensor all = s.at(s.whole(s.gathered), 0, {area * ep_size});
     if (s.ep) s.timed_comm([&] { s.ep->all_gather(local, all); });
     else be.copy(local, all);
-    const std::vector<double> host = s.to_host(all);
+    const std::vector<double> host = s.to_host(all, s.be);
     const int64_t experts = t.experts * ep_size, pair = s.pair_elements(t), stride = 3 * pair;
     SpectralMetrics mt;
     mt.layer = t.layer;
@@ -395,7 +369,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
     if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
       const ParamSpec& rs = s.registry.spec(router);
-      const std::vector<double> r = s.to_host(s.at(s.params, rs.offset, {rs.numel}));
+      const std::vector<double> r = s.to_host(s.at(s.live_params, rs.offset, {rs.numel}), s.be);
       double sum = 0.0;
       for (int64_t e = 0; e < experts; ++e) {
         const double* row = &r[e * t.n];
@@ -414,6 +388,74 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     }
     report.metrics.push_back(mt);
   }
+}
+
+SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params,
+                                 Tensor grads, std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
+                                 std::shared_ptr<Communicator> ep, Backend* worker_backend)
+    : impl_(std::make_unique<Impl>(sd, worker_backend ? *worker_backend : sd.backend(), registry, params, grads,
+                                   std::move(router_ids), std::move(replicas), std::move(ep))),
+      sd_(sd) {}
+
+SpectralService::~SpectralService() {
+  if (impl_->worker.joinable()) impl_->worker.join();  // a result nobody will install
+}
+
+RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
+  SDMOE_ASSERT(!impl_->pending, "refresh while an asynchronous refresh is pending");
+  Impl& s = *impl_;
+  Backend& be = s.be;
+  const int k = s.k;
+  const bool shared = sd_.spec().basis == SdmoeBasis::LAYER_SHARED;
+  RefreshReport report;
+  report.step = step;
+  s.comm_seconds = 0.0;
+  be.synchronize();
+  const auto start = Clock::now();
+  const Tensor exchange = s.whole(s.exchange);
+  if (s.exchange_elements > 0) be.fill(s.at(exchange, 0, {s.exchange_elements}), 0.0);
+  be.synchronize();
+  const Tensor current = sd_.bases();
+
+  // Phase 1 (LAYER_SHARED): one basis job per target from the experts' summed Grams.
+  if (shared) {
+    int64_t job = 0;
+    for (size_t ti = 0; ti < s.targets.size(); ++ti, ++job) {
+      const SpectralTarget& t = s.targets[ti];
+      if (job % s.replica_count() != s.replica_rank()) continue;
+      for (int side = 0; side < 2; ++side) {
+        // side 0: U from sum_e W_e W_e^T [m, m]; side 1: V from sum_e W_e^T W_e [n, n].
+        const int64_t size = side == 0 ? t.m : t.n;
+        const Tensor g = s.at(s.whole(s.gram), 0, {size, size});
+        for (int64_t e = 0; e < t.experts; ++e) {
+          const Tensor w = s.at(s.source_params, s.matrix_offset(t, e), {t.m, t.n});
+          if (side == 0) s.ops().gemm(false, true, t.m, t.m, t.n, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
+          else s.ops().gemm(true, false, t.n, t.n, t.m, 1.0, w, w, e == 0 ? 0.0 : 1.0, g);
+        }
+        if (t.experts == 0) s.ops().fill(g, 0.0);
+        // Every rank of this ep group has the same replica rank, so all of them are here.
+        if (s.ep) s.timed_comm([&] { s.ep->all_reduce(g, ReduceOp::SUM); });  // synchronises both backends
+        const int ep_rank = s.ep ? s.ep->rank() : 0, ep_size = s.ep ? s.ep->size() : 1;
+        if ((job / s.replica_count()) % ep_size != ep_rank) continue;  // one eigensolve per job
+        const Tensor out = side == 0 ? s.pair_ut(s.shared_offset[ti], t) : s.pair_vt(s.shared_offset[ti], t);
+        const Tensor warm = s.at(current, side == 0 ? t.ut_offset : t.vt_offset, {int64_t(k), size});
+        s.top_k_symmetric(g, size, out, installed_ ? &warm : nullptr, Impl::seed_of(ti, side));
+      }
+      if ((job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0)) ++report.jobs_computed;
+    }
+    // Exactly one rank of the world wrote each shared pair; the sums over ep and the
+    // replicas give it to everyone.
+    s.timed_comm([&] {
+      for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+        const Tensor pair = s.at(exchange, s.shared_offset[ti], {s.pair_elements(s.targets[ti])});
+        if (s.ep) s.ep->all_reduce(pair, ReduceOp::SUM);
+        if (s.replicas) s.replicas->all_reduce(pair, ReduceOp::SUM);
+      }
+    });
+  }
+
+  report.jobs_computed += s.run_expert_jobs(step, installed_);
+  s.share_install_and_measure(step, m, report);
   be.synchronize();
   const double total = seconds_since(start);
   report.comm_seconds = s.comm_seconds;
@@ -422,6 +464,65 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
   installed_ = true;
   return report;
 }
+
+void SpectralService::start_async(int64_t step) {
+  Impl& s = *impl_;
+  SDMOE_ASSERT(!s.pending && installed_, "start_async needs installed bases and no pending refresh");
+  SDMOE_ASSERT(sd_.spec().basis == SdmoeBasis::PER_EXPERT, "asynchronous refresh needs PER_EXPERT bases");
+  // Snapshot the expert region of the parameters and gradients: training goes on
+  // changing the live ones while the worker reads these.
+  const int64_t begin = s.registry.expert_begin(), count = s.live_params.numel() - begin;
+  const size_t bytes = std::max<size_t>(size_t(count) * s.width(), 64);
+  if (s.snapshot_params.bytes() < bytes) {
+    s.snapshot_params = Buffer(s.be, bytes);
+    s.snapshot_grads = Buffer(s.be, bytes);
+  }
+  const Tensor params_copy(s.snapshot_params.data(), s.dtype, s.be.device(), {count});
+  const Tensor grads_copy(s.snapshot_grads.data(), s.dtype, s.be.device(), {count});
+  s.be.copy(s.at(s.live_params, begin, {count}), params_copy);
+  s.be.copy(s.at(s.live_grads, begin, {count}), grads_copy);
+  if (s.exchange_elements > 0) s.be.fill(s.at(s.whole(s.exchange), 0, {s.exchange_elements}), 0.0);
+  s.be.synchronize();
+  s.source_params = params_copy;
+  s.source_grads = grads_copy;
+  s.region_base = begin;
+  s.pending = true;
+  s.pending_step = step;
+  s.worker = std::thread([&s, step] {
+    const auto start = Clock::now();
+    s.pending_jobs = s.run_expert_jobs(step, true);
+    s.pending_seconds = seconds_since(start);
+  });
+}
+
+RefreshReport SpectralService::finish_async(int64_t step, const Tensor& m) {
+  Impl& s = *impl_;
+  SDMOE_ASSERT(s.pending, "finish_async without start_async");
+  const auto start = Clock::now();
+  s.worker.join();
+  const double waited = seconds_since(start);
+  s.pending = false;
+  s.source_params = s.live_params;
+  s.source_grads = s.live_grads;
+  s.region_base = 0;
+  RefreshReport report;
+  report.step = s.pending_step;
+  report.staleness = step - s.pending_step;
+  report.jobs_computed = s.pending_jobs;
+  s.comm_seconds = 0.0;
+  const auto apply = Clock::now();
+  s.share_install_and_measure(s.pending_step, m, report);
+  s.be.synchronize();
+  report.comm_seconds = s.comm_seconds;
+  // The worker's time overlapped training; what the step waited for is the join plus the
+  // install and metrics.
+  report.compute_seconds = s.pending_seconds;
+  report.blocking_seconds = waited + seconds_since(apply);
+  jobs_total_ += report.jobs_computed;
+  return report;
+}
+
+bool SpectralService::async_pending() const { return impl_->pending; }
 
 double SpectralService::largest_principal_angle(const std::vector<double>& a, const std::vector<double>& b, int k,
                                                 int64_t length) {

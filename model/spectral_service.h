@@ -40,6 +40,7 @@ struct RefreshReport {
   int64_t step = 0;              // the step whose parameters the bases come from
   int64_t staleness = 0;         // steps between that snapshot and the install
   double compute_seconds = 0, comm_seconds = 0;
+  double blocking_seconds = 0;   // async: what the training step waited for (join, install, metrics)
   int64_t jobs_computed = 0;     // by this rank at this refresh
   std::vector<SpectralMetrics> metrics;
 };
@@ -49,9 +50,12 @@ class SpectralService {
   // params/grads: the model's flat buffers; router_ids: the router parameter of each MoE
   // layer, by layer index (-1 where none). replicas: ranks holding the same experts
   // (null: this rank alone); ep: the expert-parallel group (null: all experts here).
+  // worker_backend: where the solvers run; null: the decomposition's backend. For async
+  // refreshes on a GPU it must be a second backend on the same device (its own stream and
+  // handles); a CPU backend may be shared (its ops keep no state).
   SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params, Tensor grads,
                   std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
-                  std::shared_ptr<Communicator> ep);
+                  std::shared_ptr<Communicator> ep, Backend* worker_backend = nullptr);
   ~SpectralService();
   // New bases from the current parameters, installed now; `m` are the optimizer's first
   // moments (carried into the new split). step 0 skips the gradient metrics.
@@ -61,6 +65,15 @@ class SpectralService {
     return steps_done > 0 && steps_done % sd_.spec().refresh_interval == 0;
   }
   int64_t jobs_computed() const { return jobs_total_; }
+
+  // Asynchronous refresh (PER_EXPERT): start_async snapshots the experts' parameters and
+  // gradients after `step` steps and computes this rank's jobs on a worker thread while
+  // training continues; finish_async, called at a later step boundary by every rank at the
+  // same step, waits for the worker, shares the results, installs them and measures. The
+  // staleness is the number of steps between the two.
+  void start_async(int64_t step);
+  RefreshReport finish_async(int64_t step, const Tensor& m);
+  bool async_pending() const;
 
   // The largest principal angle (radians) between the row spaces of two k x L bases
   // (host, row-major, orthonormal rows).

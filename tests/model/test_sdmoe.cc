@@ -486,5 +486,33 @@ TEST(SdmoeMetrics, OverlapOfIdenticalAndOfRandomExperts) {
   EXPECT_EQ(apart.jobs_computed, int64_t(s.sd.targets().size()) * s.sd.targets()[0].experts);
 }
 
+TEST(SdmoeService, AsyncInstallsTheBasesOfItsSnapshot) {
+  // Two identical runs: one refreshes synchronously after step 2, the other starts an
+  // asynchronous refresh there, trains one more step and installs at the next boundary.
+  // The installed bases must be those of the step-2 weights, not of the step-3 ones.
+  SdmoeSpec spec = sdmoe_spec();
+  SdmoeModel sync_run(spec, test_optimizer()), async_run(spec, test_optimizer());
+  for (SdmoeModel* s : {&sync_run, &async_run}) s->service.refresh(0, s->opt.first_moments());
+  for (int step = 0; step < 2; ++step)
+    for (SdmoeModel* s : {&sync_run, &async_run}) {
+      random_expert_grads(*s, 500 + step);
+      s->opt.step(step);
+    }
+  sync_run.service.refresh(2, sync_run.opt.first_moments());
+  async_run.service.start_async(2);
+  EXPECT_TRUE(async_run.service.async_pending());
+  random_expert_grads(async_run, 900);
+  async_run.opt.step(2);  // training goes on while the worker computes
+  const RefreshReport late = async_run.service.finish_async(3, async_run.opt.first_moments());
+  EXPECT_FALSE(async_run.service.async_pending());
+  EXPECT_EQ(late.step, 2);
+  EXPECT_EQ(late.staleness, 1);
+  EXPECT_EQ(late.jobs_computed, int64_t(sync_run.sd.targets().size()) * sync_run.sd.targets()[0].experts);
+  EXPECT_LT(worst_angle(sync_run, async_run), 1e-9) << "bases of the snapshot";
+  // The step-3 weights have other bases: a refresh from them differs measurably.
+  async_run.service.refresh(3, async_run.opt.first_moments());
+  EXPECT_GT(worst_angle(sync_run, async_run), 1e-6);
+}
+
 }  // namespace
 }  // namespace sdmoe::gradtest
