@@ -207,9 +207,12 @@ struct SpectralService::Impl {
 
   // Top-k singular subspaces of x [m, n]: rows of ut [k, m] and vt [k, n]. warm_vt: the
   // previous right basis (subspace iteration), or null for a seeded random start.
+  // metric: a basis for the metrics only (tails, gradients), always by subspace iteration
+  // from a seeded start: the overlap statistics need no exact basis, and an exact SVD per
+  // metric would triple the cost of a refresh.
   void top_k(const Tensor& x, int64_t m, int64_t n, const Tensor& ut, const Tensor& vt, const Tensor* warm_vt,
-             uint64_t seed) {
-    if (sd.spec().solver == SdmoeSolver::EXACT) {
+             uint64_t seed, bool metric = false) {
+    if (sd.spec().solver == SdmoeSolver::EXACT && !metric) {
       const int64_t r = std::min(m, n);
       const Tensor u = at(whole(svd_u), 0, {m, r}), s = at(whole(svd_s), 0, {r}), v = at(whole(svd_vt), 0, {r, n});
       ops().svd(at(x, 0, {m, n}), u, s, v);
@@ -302,10 +305,10 @@ int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
       one.vt_offset = one.ut_offset + k * t.m;
       const Tensor tail_matrix = at(whole(tmp), 0, {t.m, t.n});
       projector.project_unique(one, exchange, source_params, matrix_offset(t, e), 0, tail_matrix);
-      top_k(tail_matrix, t.m, t.n, pair_ut(tail, t), pair_vt(tail, t), nullptr, seed + 1);
+      top_k(tail_matrix, t.m, t.n, pair_ut(tail, t), pair_vt(tail, t), nullptr, seed + 1, true);
       if (step > 0) {
         const Tensor g = at(source_grads, matrix_offset(t, e), {t.m, t.n});
-        top_k(g, t.m, t.n, pair_ut(grad, t), pair_vt(grad, t), nullptr, seed + 2);
+        top_k(g, t.m, t.n, pair_ut(grad, t), pair_vt(grad, t), nullptr, seed + 2, true);
       }
     }
   }
