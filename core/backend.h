@@ -48,6 +48,15 @@ struct AdamWStep {
   double grad_scale;         // applied to the gradient first (clipping, averaging)
 };
 
+// SD-MoE's two-part optimizer step on one matrix (docs/sdmoe.md); `adam` gives betas, eps,
+// bias corrections and grad_scale (its lr and weight_decay are unused).
+struct SdmoePartStep {
+  AdamWStep adam;
+  double lr_common, lr_unique;
+  double decay_shift;  // (lr_common - lr_unique) x weight decay
+  bool sgd;            // plain SGD: no moments
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -170,6 +179,15 @@ class Backend {
   // ---- optimizer ----------------------------------------------------------------------
   virtual void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m,
                             const Tensor& v, const AdamWStep& step) = 0;
+
+  // Elementwise, with g_common = g - g_unique:
+  //   a_c = -lr_common x AdamW direction of g_common with moments (m_c, v_c),
+  //   a_u = -lr_unique x AdamW direction of g_unique with moments (m_u, v_u)
+  //   (sgd: a = -lr x grad_scale x g_part, moments untouched);
+  //   common_out = a_c, diff_out = a_u - a_c + decay_shift x w.
+  virtual void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c,
+                               const Tensor& v_c, const Tensor& m_u, const Tensor& v_u, const Tensor& common_out,
+                               const Tensor& diff_out, const SdmoePartStep& step) = 0;
 
   // ---- linear algebra -----------------------------------------------------------------
   // Thin SVD a [M,N] = u [M,R] diag(s [R]) vt [R,N], R = min(M,N), singular values

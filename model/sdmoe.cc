@@ -257,36 +257,18 @@ void SpectralDecomposition::update_target(size_t index, const Tensor& params, co
   const ParamSpec& ps = registry_.spec(t.param_id);
   const int64_t mn = t.m * t.n, base = ps.offset + t.first;
   const double lr_c = step.lr * spec_.lr_mult_common, lr_u = step.lr * spec_.lr_mult_unique, wd = step.weight_decay;
-  const Tensor g_unique = projector_.scratch(0, t), g_common = projector_.scratch(1, t);
+  const Tensor g_unique = projector_.scratch(0, t);
   const Tensor a_common = projector_.scratch(2, t), a_unique = projector_.scratch(3, t);
   auto slot = [&](const Tensor& s, int64_t e) { return flat_at(s, e * mn, mn); };
   auto matrix = [&](const Tensor& flat, int64_t e) { return flat_at(flat, base + e * t.stride, mn); };
 
   projector_.project_unique(t, bases(), grads, base, t.stride, g_unique);
-  AdamWStep common = step, unique = step;
-  common.lr = lr_c;
-  unique.lr = lr_u;
-  common.weight_decay = unique.weight_decay = 0.0;  // applied below, to each part
-  for (int64_t e = 0; e < t.experts; ++e) {
-    be_.copy(matrix(grads, e), slot(g_common, e));
-    be_.axpy(-1.0, slot(g_unique, e), slot(g_common, e));
-    if (sgd) {
-      // A = -lr x grad_scale x G_part
-      be_.copy(slot(g_common, e), slot(a_common, e));
-      be_.scale(slot(a_common, e), -lr_c * step.grad_scale);
-      be_.copy(slot(g_unique, e), slot(a_unique, e));
-      be_.scale(slot(a_unique, e), -lr_u * step.grad_scale);
-    } else {
-      // adamw_update on a zero "parameter" leaves -lr x (the AdamW direction) in it.
-      be_.fill(slot(a_common, e), 0.0);
-      be_.adamw_update(slot(a_common, e), slot(g_common, e), matrix(m, e), matrix(v, e), common);
-      be_.fill(slot(a_unique, e), 0.0);
-      be_.adamw_update(slot(a_unique, e), slot(g_unique, e), unique_m(index, e), unique_v(index, e), unique);
-    }
-    // a_unique <- A_U - A_C + (lr_C - lr_U) wd W
-    be_.axpy(-1.0, slot(a_common, e), slot(a_unique, e));
-    if (wd != 0.0 && lr_c != lr_u) be_.axpy((lr_c - lr_u) * wd, matrix(params, e), slot(a_unique, e));
-  }
+  // One fused pass per expert: both parts' directions, moments and the difference the
+  // second projection needs (Backend::sdmoe_part_step).
+  const SdmoePartStep part{step, lr_c, lr_u, (lr_c - lr_u) * wd, sgd};
+  for (int64_t e = 0; e < t.experts; ++e)
+    be_.sdmoe_part_step(matrix(params, e), matrix(grads, e), slot(g_unique, e), matrix(m, e), matrix(v, e),
+                        unique_m(index, e), unique_v(index, e), slot(a_common, e), slot(a_unique, e), part);
   projector_.project_unique(t, bases(), a_unique, 0, mn, g_unique);
   for (int64_t e = 0; e < t.experts; ++e) {
     const Tensor w = matrix(params, e);

@@ -307,6 +307,36 @@ void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Ten
   });
 }
 
+void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c,
+                                 const Tensor& v_c, const Tensor& m_u, const Tensor& v_u, const Tensor& common_out,
+                                 const Tensor& diff_out, const SdmoePartStep& st) {
+  for (const Tensor* t : {&g, &g_unique, &m_c, &v_c, &m_u, &v_u, &common_out, &diff_out}) expect_same(w, *t, "sdmoe_part_step");
+  dispatch_float(w.dtype, [&](auto z) {
+    using T = decltype(z);
+    const T *pw = w.ptr<T>(), *pg = g.ptr<T>(), *pu = g_unique.ptr<T>();
+    T *mc = m_c.ptr<T>(), *vc = v_c.ptr<T>(), *mu = m_u.ptr<T>(), *vu = v_u.ptr<T>();
+    T *oc = common_out.ptr<T>(), *od = diff_out.ptr<T>();
+    const AdamWStep& a = st.adam;
+    const int64_t n = w.numel();
+    // -lr x the AdamW direction of one part's gradient, its moments updated.
+    auto direction = [&](double gi, T& m, T& v, double lr) {
+      if (st.sgd) return -lr * gi;
+      const double mi = a.beta1 * double(m) + (1.0 - a.beta1) * gi;
+      const double vi = a.beta2 * double(v) + (1.0 - a.beta2) * gi * gi;
+      m = T(mi);
+      v = T(vi);
+      return -lr * (mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps);
+    };
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const double gu = double(pu[i]) * a.grad_scale, gc = (double(pg[i]) - double(pu[i])) * a.grad_scale;
+      const double ac = direction(gc, mc[i], vc[i], st.lr_common), au = direction(gu, mu[i], vu[i], st.lr_unique);
+      oc[i] = T(ac);
+      od[i] = T(au - ac + st.decay_shift * double(pw[i]));
+    }
+  });
+}
+
 void CpuBackend::svd(const Tensor& a, const Tensor& u, const Tensor& s, const Tensor& vt) {
   const int64_t m = a.dim(0), n = a.dim(1), r = std::min(m, n);
   SDMOE_ASSERT(u.numel() == m * r && s.numel() == r && vt.numel() == r * n, "svd output shapes");

@@ -151,6 +151,14 @@ struct AdamWArgs {
   double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale;
 };
 void launch_adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWArgs& a, cudaStream_t s);
+struct SdmoePartArgs {
+  AdamWArgs adam;
+  double lr_common, lr_unique, decay_shift;
+  bool sgd;
+};
+void launch_sdmoe_part_step(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c, float* m_u,
+                            float* v_u, float* common_out, float* diff_out, int64_t n, const SdmoePartArgs& a,
+                            cudaStream_t s);
 
 // ---- attention (kernels_attention.cu) ----------------------------------------------------
 // packed [B,S,parts,H,Dh] <-> heads[p] [B,H,S,Dh] for p < parts (heads[1..] may be null

@@ -249,6 +249,29 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
   }
 }
 
+// SD-MoE's two-part step (double arithmetic, as the CPU backend).
+__device__ double sdmoe_direction(double gi, float& m, float& v, double lr, const SdmoePartArgs& a) {
+  if (a.sgd) return -lr * gi;
+  const double mi = a.adam.beta1 * double(m) + (1.0 - a.adam.beta1) * gi;
+  const double vi = a.adam.beta2 * double(v) + (1.0 - a.adam.beta2) * gi * gi;
+  m = static_cast<float>(mi);
+  v = static_cast<float>(vi);
+  return -lr * (mi / a.adam.bias_correction1) / (sqrt(vi / a.adam.bias_correction2) + a.adam.eps);
+}
+
+__global__ void sdmoe_part_step_kernel(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c,
+                                       float* m_u, float* v_u, float* common_out, float* diff_out, int64_t n,
+                                       SdmoePartArgs a) {
+  SDMOE_GRID_STRIDE(i, n) {
+    const double gu = double(g_unique[i]) * a.adam.grad_scale;
+    const double gc = (double(g[i]) - double(g_unique[i])) * a.adam.grad_scale;
+    const double ac = sdmoe_direction(gc, m_c[i], v_c[i], a.lr_common, a);
+    const double au = sdmoe_direction(gu, m_u[i], v_u[i], a.lr_unique, a);
+    common_out[i] = static_cast<float>(ac);
+    diff_out[i] = static_cast<float>(au - ac + a.decay_shift * double(w[i]));
+  }
+}
+
 }  // namespace
 
 // ============================== host launchers ==============================================
@@ -463,6 +486,15 @@ void launch_swiglu_backward(const float* gate_up, const float* dout, float* dgat
   if (rows * f == 0) return;
   swiglu_backward_kernel<<<elementwise_blocks(rows * f), kThreads, 0, s>>>(gate_up, dout, dgate_up, rows, f);
   SDMOE_CHECK_LAUNCH();
+}
+
+void launch_sdmoe_part_step(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c, float* m_u,
+                            float* v_u, float* common_out, float* diff_out, int64_t n, const SdmoePartArgs& a,
+                            cudaStream_t s) {
+  if (n == 0) return;
+  sdmoe_part_step_kernel<<<elementwise_blocks(n), kThreads, 0, s>>>(w, g, g_unique, m_c, v_c, m_u, v_u, common_out,
+                                                                    diff_out, n, a);
+  SDMOE_CHECK_CUDA(cudaGetLastError());
 }
 
 void launch_adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWArgs& a, cudaStream_t s) {

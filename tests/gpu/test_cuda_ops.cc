@@ -756,6 +756,32 @@ TEST(CudaBackend, AdamW) {
   expect_close(cpu_f(v), gpu_f(v), 1e-12, 1e-6, "adamw v");
 }
 
+TEST(CudaBackend, SdmoePartStep) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = 50021;
+  auto pos = [&](uint32_t seed) {
+    auto v = randn(n, seed, 1e-3f);
+    for (auto& x : v) x = std::fabs(x);
+    return v;
+  };
+  for (bool sgd : {false, true}) {
+    Twin w = twin({n}, randn(n, 170)), g = twin({n}, randn(n, 171)), gu = twin({n}, randn(n, 172, 0.5f));
+    Twin mc = twin({n}, randn(n, 173, 0.1f)), vc = twin({n}, pos(174)), mu = twin({n}, randn(n, 175, 0.1f)),
+         vu = twin({n}, pos(176)), common = twin(DType::F32, {n}), diff = twin(DType::F32, {n});
+    for (int t = 1; t <= 3; ++t) {
+      const AdamWStep adam{0.0, 0.9, 0.95, 1e-8, 0.0, 1.0 - std::pow(0.9, t), 1.0 - std::pow(0.95, t), 0.5};
+      const SdmoePartStep step{adam, 1e-3, 5e-4, 5e-5, sgd};
+      cpu().sdmoe_part_step(w.c, g.c, gu.c, mc.c, vc.c, mu.c, vu.c, common.c, diff.c, step);
+      gpu().sdmoe_part_step(w.g, g.g, gu.g, mc.g, vc.g, mu.g, vu.g, common.g, diff.g, step);
+    }
+    const std::string what = sgd ? "sgd " : "adamw ";
+    expect_close(cpu_f(common), gpu_f(common), 1e-9, 1e-5, what + "common");
+    expect_close(cpu_f(diff), gpu_f(diff), 1e-9, 1e-5, what + "difference");
+    expect_close(cpu_f(mc), gpu_f(mc), 1e-7, 1e-6, what + "m_c");
+    expect_close(cpu_f(vu), gpu_f(vu), 1e-12, 1e-6, what + "v_u");
+  }
+}
+
 // ================================ linear algebra ============================================
 
 TEST(CudaBackend, Svd) {
