@@ -103,20 +103,21 @@ Tensor whole(const Buffer& b, DType dtype, Device device) {
 
 }  // namespace
 
-SpectralProjector::SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k)
-    : be_(backend), dtype_(dtype), k_(k) {
+SpectralProjector::SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k,
+                                     int scratch_slots)
+    : slots_(scratch_slots), be_(backend), dtype_(dtype), k_(k) {
   int64_t thin = 0;
   for (const SpectralTarget& t : targets) {
     matrix_elements_ = std::max(matrix_elements_, t.experts * t.m * t.n);
     thin = std::max(thin, t.experts * k * (t.n + t.m + k));
   }
   const size_t width = dtype_size(dtype);
-  if (matrix_elements_ > 0) scratch_ = Buffer(backend, size_t(4 * matrix_elements_) * width);
+  if (matrix_elements_ > 0 && slots_ > 0) scratch_ = Buffer(backend, size_t(slots_ * matrix_elements_) * width);
   if (thin > 0) thin_ = Buffer(backend, size_t(thin) * width);
 }
 
 Tensor SpectralProjector::scratch(int index, const SpectralTarget& t) const {
-  SDMOE_ASSERT(index >= 0 && index < 4, "scratch slot {}", index);
+  SDMOE_ASSERT(index >= 0 && index < slots_, "scratch slot {} of {}", index, slots_);
   return Tensor(static_cast<char*>(scratch_.data()) + index * matrix_elements_ * int64_t(dtype_size(dtype_)), dtype_,
                 be_.device(), {t.experts, t.m, t.n});
 }
@@ -143,7 +144,9 @@ void SpectralProjector::project_unique(const SpectralTarget& t, const Tensor& ba
   be_.gemm(false, true, m, k, n, 1.0, x, vt, 0.0, b, {e, x_stride, vt_stride, m * k});
   be_.gemm(false, true, k, k, n, 1.0, a, vt, 0.0, c, {e, k * n, vt_stride, k * k});
   be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, a, {e, k * k, vt_stride, k * n});
-  for (int64_t i = 0; i < e; ++i) be_.copy(at(x, i * x_stride, m * n), at(out, i * m * n, m * n));
+  // In place when out is x (contiguous): a and b are formed before out is written.
+  if (out.data != x.data)
+    for (int64_t i = 0; i < e; ++i) be_.copy(at(x, i * x_stride, m * n), at(out, i * m * n, m * n));
   be_.gemm(true, false, m, n, k, -1.0, ut, a, 1.0, out, {e, ut_stride, k * n, m * n});
   be_.gemm(false, false, m, n, k, -1.0, b, vt, 1.0, out, {e, m * k, vt_stride, m * n});
 }
@@ -258,7 +261,7 @@ void SpectralDecomposition::update_target(size_t index, const Tensor& params, co
   const int64_t mn = t.m * t.n, base = ps.offset + t.first;
   const double lr_c = step.lr * spec_.lr_mult_common, lr_u = step.lr * spec_.lr_mult_unique, wd = step.weight_decay;
   const Tensor g_unique = projector_.scratch(0, t);
-  const Tensor a_common = projector_.scratch(2, t), a_unique = projector_.scratch(3, t);
+  const Tensor a_common = projector_.scratch(1, t), a_unique = projector_.scratch(2, t);
   auto slot = [&](const Tensor& s, int64_t e) { return flat_at(s, e * mn, mn); };
   auto matrix = [&](const Tensor& flat, int64_t e) { return flat_at(flat, base + e * t.stride, mn); };
 
@@ -269,12 +272,12 @@ void SpectralDecomposition::update_target(size_t index, const Tensor& params, co
   for (int64_t e = 0; e < t.experts; ++e)
     be_.sdmoe_part_step(matrix(params, e), matrix(grads, e), slot(g_unique, e), matrix(m, e), matrix(v, e),
                         unique_m(index, e), unique_v(index, e), slot(a_common, e), slot(a_unique, e), part);
-  projector_.project_unique(t, bases(), a_unique, 0, mn, g_unique);
+  projector_.project_unique(t, bases(), a_unique, 0, mn, a_unique);
   for (int64_t e = 0; e < t.experts; ++e) {
     const Tensor w = matrix(params, e);
     if (wd != 0.0) be_.scale(w, 1.0 - lr_c * wd);
     be_.axpy(1.0, slot(a_common, e), w);
-    be_.axpy(1.0, slot(g_unique, e), w);
+    be_.axpy(1.0, slot(a_unique, e), w);
   }
 }
 

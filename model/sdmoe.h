@@ -69,15 +69,19 @@ int64_t bases_elements(const std::vector<SpectralTarget>& targets, int k);
 // the largest target and kept between calls.
 class SpectralProjector {
  public:
-  SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k);
+  static constexpr int kScratchSlots = 3;
+  // scratch_slots: how many [experts, m, n] scratch tensors to keep (scratch()).
+  SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k,
+                    int scratch_slots = kScratchSlots);
   // out[e] = Pi_U(x[e]) for the target's experts; x[e] at x_base + e * x_stride (elements
-  // of x_flat), out contiguous [experts, m, n].
+  // of x_flat), out contiguous [experts, m, n]; out may be x itself when x is contiguous.
   void project_unique(const SpectralTarget& t, const Tensor& bases, const Tensor& x_flat, int64_t x_base,
                       int64_t x_stride, const Tensor& out);
-  // A [experts, m, n] scratch tensor the caller may use between projections (index 0..3).
+  // A [experts, m, n] scratch tensor the caller may use between projections.
   Tensor scratch(int index, const SpectralTarget& t) const;
 
  private:
+  int slots_;
   Backend& be_;
   DType dtype_;
   int k_;

@@ -53,7 +53,7 @@ struct SpectralService::Impl {
   std::vector<int> router_ids;
   std::shared_ptr<Communicator> replicas, ep;
   const std::vector<SpectralTarget>& targets;
-  SpectralProjector projector;  // the service's own scratch, on `work`
+  SpectralProjector projector;  // the service's own thin products, on `work` (no matrix scratch)
   // What the solvers read: the live flat buffers (region_base 0) or, in async mode,
   // snapshots of the expert region (region_base = its first element).
   Tensor live_params, live_grads;
@@ -88,7 +88,7 @@ struct SpectralService::Impl {
         replicas(std::move(rep)),
         ep(std::move(ep_in)),
         targets(sd_in.targets()),
-        projector(work_in, p.dtype, sd_in.targets(), sd_in.spec().rank),
+        projector(work_in, p.dtype, sd_in.targets(), sd_in.spec().rank, 0),
         live_params(p),
         live_grads(g),
         source_params(p),
