@@ -71,8 +71,7 @@ struct SpectralService::Impl {
   int64_t exchange_elements = 0, expert_area_elements = 0;
   Buffer exchange, staging, gathered;
   // Solver scratch.
-  Buffer svd_u, svd_s, svd_vt, gram, eig_w, eig_vecs, tmp, small, small_tmp;
-  std::map<int64_t, Buffer> selections;  // [r, k] identity blocks, by r
+  Buffer gram, eig_w, eig_vecs, tmp, small, small_tmp;
 
   double comm_seconds = 0.0;
 
@@ -93,7 +92,7 @@ struct SpectralService::Impl {
         live_grads(g),
         source_params(p),
         source_grads(g) {
-    int64_t largest_mn = 1, largest_side = 1, largest_r = 1;
+    int64_t largest_mn = 1, largest_side = 1;
     for (const SpectralTarget& t : targets) {
       const int64_t pair = k * (t.m + t.n);
       shared_offset.push_back(exchange_elements);
@@ -102,16 +101,12 @@ struct SpectralService::Impl {
       exchange_elements += t.experts * 3 * pair;
       largest_mn = std::max(largest_mn, t.m * t.n);
       largest_side = std::max({largest_side, t.m, t.n});
-      largest_r = std::max(largest_r, std::min(t.m, t.n));
     }
     auto alloc = [&](Buffer& b, int64_t elements) { b = Buffer(be, std::max<size_t>(size_t(elements) * width(), 64)); };
     alloc(exchange, exchange_elements);
     alloc(staging, bases_elements(targets, k));
     const int ep_size = ep ? ep->size() : 1;
     alloc(gathered, exchange_elements * ep_size);
-    alloc(svd_u, largest_side * largest_r);
-    alloc(svd_s, largest_r);
-    alloc(svd_vt, largest_r * largest_side);
     alloc(gram, largest_side * largest_side);
     alloc(eig_w, largest_side);
     alloc(eig_vecs, largest_side * largest_side);
@@ -169,7 +164,9 @@ struct SpectralService::Impl {
       std::vector<double> a = to_host(g, ops());
       double trace = 0.0;
       for (int i = 0; i < k; ++i) trace += a[i * k + i];
-      const double ridge = std::max(trace, 1e-30) * 1e-12;  // a rank-deficient y (a zero gradient) stays finite
+      // A rank-deficient y (a zero gradient) stays finite; the ridge is below the dtype's
+      // rounding, so orthonormal rows stay orthonormal to that rounding.
+      const double ridge = std::max(trace, 1e-300) * (dtype == DType::F64 ? 1e-26 : 1e-12);
       for (int i = 0; i < k; ++i) a[i * k + i] += ridge;
       // Cholesky, lower.
       std::vector<double> l(size_t(k) * k, 0.0);
@@ -193,18 +190,6 @@ struct SpectralService::Impl {
     }
   }
 
-  Tensor selection(int64_t r) {
-    auto it = selections.find(r);
-    if (it == selections.end()) {
-      std::vector<double> host(size_t(r) * k, 0.0);
-      for (int i = 0; i < k; ++i) host[size_t(i) * k + i] = 1.0;
-      Buffer b(be, host.size() * width());
-      from_host(host, Tensor(b.data(), dtype, be.device(), {r, int64_t(k)}), ops());
-      it = selections.emplace(r, std::move(b)).first;
-    }
-    return Tensor(it->second.data(), dtype, be.device(), {r, int64_t(k)});
-  }
-
   // Top-k singular subspaces of x [m, n]: rows of ut [k, m] and vt [k, n]. warm_vt: the
   // previous right basis (subspace iteration), or null for a seeded random start.
   // metric: a basis for the metrics only (tails, gradients), always by subspace iteration
@@ -213,12 +198,21 @@ struct SpectralService::Impl {
   void top_k(const Tensor& x, int64_t m, int64_t n, const Tensor& ut, const Tensor& vt, const Tensor* warm_vt,
              uint64_t seed, bool metric = false) {
     if (sd.spec().solver == SdmoeSolver::EXACT && !metric) {
-      const int64_t r = std::min(m, n);
-      const Tensor u = at(whole(svd_u), 0, {m, r}), s = at(whole(svd_s), 0, {r}), v = at(whole(svd_vt), 0, {r, n});
-      ops().svd(at(x, 0, {m, n}), u, s, v);
-      ops().copy(at(v, 0, {int64_t(k) * n}), at(vt, 0, {int64_t(k) * n}));
-      // ut = (u[:, :k])^T = Sel^T u^T.
-      ops().gemm(true, true, k, m, r, 1.0, selection(r), u, 0.0, ut);
+      // syevd of the Gram matrix of the smaller side (its top-k eigenvectors are the
+      // top-k singular vectors of that side), then the other side's basis as the
+      // orthonormalised image: span(W V_k) = span(U_k).
+      const bool right = n <= m;
+      const int64_t side = right ? n : m, other = right ? m : n;
+      const Tensor g = at(whole(gram), 0, {side, side});
+      if (right) ops().gemm(true, false, n, n, m, 1.0, x, x, 0.0, g);   // W^T W
+      else ops().gemm(false, true, m, m, n, 1.0, x, x, 0.0, g);         // W W^T
+      const Tensor w = at(whole(eig_w), 0, {side}), vecs = at(whole(eig_vecs), 0, {side, side});
+      ops().symmetric_eigen(g, w, vecs);  // ascending: the last k rows
+      const Tensor top = right ? vt : ut, image = right ? ut : vt;
+      ops().copy(at(vecs, (side - k) * side, {int64_t(k) * side}), at(top, 0, {int64_t(k) * side}));
+      if (right) ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // Vt W^T
+      else ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);       // Ut W
+      orthonormalize_rows(image, other);
       return;
     }
     int rounds = sd.spec().subspace_iterations;

@@ -11,8 +11,11 @@
 // who computed it. The queue is built per refresh; the work runs on the service's
 // backend ops between two training steps (see docs/sdmoe.md for what async adds).
 //
-// Solvers: EXACT is a thin SVD (LAPACK gesdd on CPU, cuSOLVER on GPU) per matrix, or a
-// symmetric eigendecomposition (syevd) of a Gram matrix; SUBSPACE_ITERATION runs a few
+// Solvers: EXACT is a symmetric eigendecomposition (LAPACK syevd on CPU, cuSOLVER syevd on
+// GPU) of a Gram matrix: per matrix the smaller side's W^T W or W W^T, whose top-k
+// eigenvectors are that side's top-k singular vectors, the other side's basis being the
+// orthonormalised image (about half the time of a thin gesdd on the expert shapes);
+// LAYER_SHARED the summed Grams. SUBSPACE_ITERATION runs a few
 // rounds of Vt <- orth(Ut W), Ut <- orth(Vt W^T) from the previous bases (orth: CholeskyQR
 // twice on a k x k Gram, on the host in double).
 #pragma once
