@@ -139,7 +139,6 @@ ParallelDims check_parallel(const config::Run& run, int world) {
   if (run.sdmoe().enabled()) {
     // SD-MoE projects whole expert matrices in the optimizer step.
     if (dims.etp > 1) fail("sdmoe is not supported with parallel.etp > 1 yet (parallel.etp = {})", dims.etp);
-    if (p.zero1()) fail("sdmoe is not supported with parallel.zero1 yet");
   }
   return dims;
 }
@@ -188,7 +187,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
-  GradientSyncOptions sync_options{zero1, run.parallel().sequence_parallel(),
+  // With SD-MoE, ZeRO-1 shards the dense optimizer state only: the expert matrices' split
+  // needs whole matrices, so every expert replica keeps and updates its experts' state.
+  GradientSyncOptions sync_options{zero1, !job.sdmoe.enabled, run.parallel().sequence_parallel(),
                                    int64_t(run.parallel().gradient_bucket_mb() * 1e6 / double(dtype_size(model.dtype()))),
                                    model.gradient_ready_ranges()};
   GradientSync sync(model.params(), model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin(),
@@ -228,7 +229,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                 run.data().path().c_str(), (long)job.train->num_tokens(), (long)job.validation->num_tokens(),
                 job.accumulation, job.micro_batch);
     std::printf("optimizer state: %.1f MB per rank%s\n", 2.0 * double(optimizer.moment_elements()) * 4 / 1e6,
-                zero1 ? " (ZeRO-1: sharded over the data-parallel ranks)" : "");
+                zero1 ? (job.sdmoe.enabled ? " (ZeRO-1: dense state sharded over the data-parallel ranks; experts whole for SD-MoE)"
+                               : " (ZeRO-1: sharded over the data-parallel ranks)")
+                      : "");
     std::printf("peak fp32 %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s", peak / 1e9,
                 resolved_config_text(run).c_str());
     std::fflush(stdout);

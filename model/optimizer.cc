@@ -27,9 +27,27 @@ AdamW::AdamW(GptModel& model, const OptimizerSpec& spec, std::vector<ElementRang
   const size_t bytes = size_t(moment_elements_) * dtype_size(model.dtype());
   m_ = Buffer(model.backend(), bytes);
   v_ = Buffer(model.backend(), bytes);
-  // SD-MoE projects whole expert matrices, so it needs every element's moments here.
-  SDMOE_ASSERT(!sdmoe_ || (ranges_.size() == 1 && ranges_[0].begin == 0 && ranges_[0].end == total),
-               "SD-MoE needs the optimizer to own the whole model (no ZeRO-1)");
+  // SD-MoE projects whole expert matrices: each parameter it handles must lie inside one
+  // range this optimizer owns, and it is told where that parameter's moments are.
+  if (sdmoe_) {
+    const ParamRegistry& reg = model.registry();
+    for (size_t id = 0; id < reg.specs().size(); ++id) {
+      if (!sdmoe_->handles(int(id))) continue;
+      const ParamSpec& ps = reg.spec(int(id));
+      int64_t base = 0;
+      bool found = false;
+      for (const ElementRange& r : ranges_) {
+        if (r.begin <= ps.offset && ps.offset + ps.numel <= r.end) {
+          sdmoe_->set_moment_offset(int(id), base + (ps.offset - r.begin));
+          found = true;
+          break;
+        }
+        base += r.end - r.begin;
+      }
+      SDMOE_ASSERT(found, "SD-MoE parameter {} is not whole in one optimizer range (shard experts with ZeRO-1?)",
+                   ps.name);
+    }
+  }
   model.backend().fill(first_moments(), 0.0);
   model.backend().fill(second_moments(), 0.0);
 }
@@ -58,6 +76,7 @@ OptimizerStepResult AdamW::step(int64_t step_index, double grad_norm) {
       AdamWStep s{r.lr, spec_.beta1, spec_.beta2, spec_.eps, ps.weight_decay() ? spec_.weight_decay : 0.0,
                   1.0 - std::pow(spec_.beta1, t), 1.0 - std::pow(spec_.beta2, t), r.clip_factor};
       if (sdmoe_ && sdmoe_->handles(int(id))) {
+        // Whole in this range (checked at construction).
         sdmoe_->update(int(id), params, grads, m, v, s, spec_.sgd);
         continue;
       }

@@ -212,6 +212,13 @@ SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, cons
   }
 }
 
+void SpectralDecomposition::set_moment_offset(int param_id, int64_t offset) { moment_offsets_[param_id] = offset; }
+
+int64_t SpectralDecomposition::moment_offset(int param_id) const {
+  const auto it = moment_offsets_.find(param_id);
+  return it != moment_offsets_.end() ? it->second : registry_.spec(param_id).offset;
+}
+
 Tensor SpectralDecomposition::raw(const Buffer& b) const { return whole(b, dtype_, be_.device()); }
 
 Tensor SpectralDecomposition::flat_at(const Tensor& flat, int64_t offset, int64_t count) const {
@@ -249,7 +256,8 @@ void SpectralDecomposition::update(int param_id, const Tensor& params, const Ten
       be_.scale(p, 1.0 - step.lr * step.weight_decay);
       be_.axpy(-step.lr * step.grad_scale, g, p);
     } else {
-      be_.adamw_update(p, g, flat_at(m, at, count), flat_at(v, at, count), step);
+      const int64_t mo = moment_offset(param_id) + r.begin;
+      be_.adamw_update(p, g, flat_at(m, mo, count), flat_at(v, mo, count), step);
     }
   }
 }
@@ -264,13 +272,15 @@ void SpectralDecomposition::update_target(size_t index, const Tensor& params, co
   const Tensor a_common = projector_.scratch(1, t), a_unique = projector_.scratch(2, t);
   auto slot = [&](const Tensor& s, int64_t e) { return flat_at(s, e * mn, mn); };
   auto matrix = [&](const Tensor& flat, int64_t e) { return flat_at(flat, base + e * t.stride, mn); };
+  const int64_t moment_base = moment_offset(t.param_id) + t.first;
+  auto moments = [&](const Tensor& flat, int64_t e) { return flat_at(flat, moment_base + e * t.stride, mn); };
 
   projector_.project_unique(t, bases(), grads, base, t.stride, g_unique);
   // One fused pass per expert: both parts' directions, moments and the difference the
   // second projection needs (Backend::sdmoe_part_step).
   const SdmoePartStep part{step, lr_c, lr_u, (lr_c - lr_u) * wd, sgd};
   for (int64_t e = 0; e < t.experts; ++e)
-    be_.sdmoe_part_step(matrix(params, e), matrix(grads, e), slot(g_unique, e), matrix(m, e), matrix(v, e),
+    be_.sdmoe_part_step(matrix(params, e), matrix(grads, e), slot(g_unique, e), moments(m, e), moments(v, e),
                         unique_m(index, e), unique_v(index, e), slot(a_common, e), slot(a_unique, e), part);
   projector_.project_unique(t, bases(), a_unique, 0, mn, a_unique);
   for (int64_t e = 0; e < t.experts; ++e) {
@@ -291,7 +301,7 @@ void SpectralDecomposition::install_bases(const Tensor& new_bases, const Tensor&
     const Tensor total = projector_.scratch(0, t);
     for (int64_t e = 0; e < t.experts; ++e) {
       const Tensor sum = flat_at(total, e * mn, mn);
-      be_.copy(flat_at(m, base + e * t.stride, mn), sum);
+      be_.copy(flat_at(m, moment_offset(t.param_id) + t.first + e * t.stride, mn), sum);
       be_.axpy(1.0, unique_m(i, e), sum);
       // Parked in the unique moments until the new bases are in.
       be_.copy(sum, unique_m(i, e));
@@ -305,7 +315,7 @@ void SpectralDecomposition::install_bases(const Tensor& new_bases, const Tensor&
     const Tensor unique = projector_.scratch(1, t);
     projector_.project_unique(t, bases(), sums, 0, mn, unique);
     for (int64_t e = 0; e < t.experts; ++e) {
-      const Tensor mc = flat_at(m, base + e * t.stride, mn);
+      const Tensor mc = flat_at(m, moment_offset(t.param_id) + t.first + e * t.stride, mn);
       be_.copy(unique_m(i, e), mc);
       be_.axpy(-1.0, flat_at(unique, e * mn, mn), mc);
       be_.copy(flat_at(unique, e * mn, mn), unique_m(i, e));

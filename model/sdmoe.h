@@ -103,8 +103,14 @@ class SpectralDecomposition {
   // parameter to update().
   bool handles(int param_id) const;
 
-  // One optimizer step of parameter `param_id` (flat params/grads; moments of the common
-  // parts at the same element offsets in m, v). Selected matrices:
+  // Where the optimizer keeps the moments of parameter `param_id` in its moment buffers
+  // (elements); by default the parameter's own offset (moments for the whole model). An
+  // optimizer that keeps moments for some ranges only (ZeRO-1) sets it.
+  void set_moment_offset(int param_id, int64_t offset);
+  int64_t moment_offset(int param_id) const;
+
+  // One optimizer step of parameter `param_id` (flat params/grads; m, v the optimizer's
+  // moment buffers, the common parts' moments at moment_offset). Selected matrices:
   //   G_U = Pi_U(G), G_C = G - G_U; each part's AdamW (or SGD) direction with its own
   //   moments and learning rate (lr x lr_mult_common / lr_mult_unique); then
   //   W += A_C - lr_C wd W + Pi_U(A_U - A_C + (lr_C - lr_U) wd W),
@@ -137,6 +143,7 @@ class SpectralDecomposition {
   std::vector<SpectralTarget> targets_;
   std::vector<int64_t> unique_offset_;  // per target, into unique_m_/unique_v_
   std::map<int, std::vector<ElementRange>> plain_ranges_;  // per parameter, relative to it
+  std::map<int, int64_t> moment_offsets_;
   int64_t bases_elements_ = 0, unique_elements_ = 0;
   Buffer bases_, unique_m_, unique_v_;
   SpectralProjector projector_;

@@ -74,10 +74,12 @@ GradientSync::GradientSync(const Tensor& params, const Tensor& grads, int64_t tp
   if (options_.zero1) SDMOE_ASSERT(groups.dims.tp == 1, "ZeRO-1 with tensor parallelism is not supported");
   auto add = [&](const Tensor& region, bool expert, bool tp_first) {
     const int64_t begin = offset_in(region, grads), end = begin + region.numel();
-    const int64_t granularity = options_.zero1 ? (expert ? groups.edp->size() : groups.dp->size()) : 1;
+    const bool sharded = options_.zero1 && (!expert || options_.shard_experts);
+    const int64_t granularity = sharded ? (expert ? groups.edp->size() : groups.dp->size()) : 1;
     for (GradientBucket b : plan_gradient_buckets(begin, end, options_.ready, options_.bucket_elements, granularity)) {
       b.expert = expert;
       b.tp_first = tp_first;
+      b.sharded = sharded;
       buckets_.push_back(b);
     }
   };
@@ -100,9 +102,13 @@ GradientSync::GradientSync(const Tensor& params, const Tensor& grads, int64_t tp
   // write over its input) before being copied into place.
   int64_t scratch_elements = 0;
   for (const GradientBucket& b : buckets_) {
+    shard_scratch_offset_.push_back(scratch_elements);
+    if (!b.sharded) {
+      if (b.end > b.begin) owned_.push_back({b.begin, b.end});
+      continue;
+    }
     Communicator& group = group_of(b);
     const int64_t count = (b.end - b.begin) / group.size();
-    shard_scratch_offset_.push_back(scratch_elements);
     scratch_elements += count;
     const int64_t first = b.begin + int64_t(group.rank()) * count;
     if (count > 0) owned_.push_back({first, first + count});
@@ -124,7 +130,7 @@ void GradientSync::launch(size_t index) {
   const Tensor grads = range(grads_, b.begin, b.end);
   if (b.tp_first) groups_.tp->all_reduce(grads, ReduceOp::SUM);
   if (group.size() == 1 || b.end == b.begin) return;
-  if (options_.zero1) {
+  if (b.sharded) {
     const int64_t count = (b.end - b.begin) / group.size();
     const Tensor out(static_cast<char*>(scratch_.data()) + shard_scratch_offset_[index] * int64_t(dtype_size(grads.dtype)),
                      grads.dtype, grads.device, {count});
@@ -150,7 +156,7 @@ double GradientSync::reduce() {
     if (!pending_[i]) continue;
     pending_[i]->wait();
     pending_[i].reset();
-    if (options_.zero1) {
+    if (buckets_[i].sharded) {
       const GradientBucket& b = buckets_[i];
       Communicator& group = group_of(b);
       const int64_t count = (b.end - b.begin) / group.size();
@@ -169,11 +175,23 @@ double GradientSync::reduce() {
 double GradientSync::gradient_norm() {
   auto sq = [&](const Tensor& t) { return t.numel() > 0 ? backend_.sum_squares(t) : 0.0; };
   if (options_.zero1) {
-    // Every element of the model lies in exactly one rank's block (tp is 1 with ZeRO-1).
-    std::vector<double> total{0.0};
-    for (const ElementRange& r : owned_) total[0] += sq(range(grads_, r.begin, r.end));
+    // Every element of a sharded bucket lies in exactly one rank's block (tp is 1 with
+    // ZeRO-1); whole (unsharded) expert buckets are replicated over edp and summed over the
+    // ranks holding other experts (ep) or other parts of them (etp).
+    std::vector<double> total{0.0}, whole{0.0};
+    for (const GradientBucket& b : buckets_) {
+      if (!b.sharded) {
+        whole[0] += sq(range(grads_, b.begin, b.end));
+        continue;
+      }
+      Communicator& group = group_of(b);
+      const int64_t count = (b.end - b.begin) / group.size();
+      total[0] += sq(range(grads_, b.begin + int64_t(group.rank()) * count, b.begin + int64_t(group.rank() + 1) * count));
+    }
     groups_.world->all_reduce_host(total, ReduceOp::SUM);
-    return std::sqrt(total[0]);
+    groups_.ep->all_reduce_host(whole, ReduceOp::SUM);
+    groups_.etp->all_reduce_host(whole, ReduceOp::SUM);
+    return std::sqrt(total[0] + whole[0]);
   }
   // Every rank holds the tp-replicated gradients, its tp group's share of the tp-split
   // ones and its ep group's share of the experts, so
@@ -188,6 +206,7 @@ double GradientSync::gradient_norm() {
 void GradientSync::after_update() {
   if (!options_.zero1) return;
   for (const GradientBucket& b : buckets_) {
+    if (!b.sharded) continue;
     Communicator& group = group_of(b);
     const int64_t count = (b.end - b.begin) / group.size();
     if (group.size() == 1 || count == 0) continue;

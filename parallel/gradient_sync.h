@@ -42,6 +42,7 @@ struct GradientBucket {
   int ready_stage = 0;         // launchable once the backward finished this stage
   bool expert = false;         // expert region (summed over edp), else dense (over dp)
   bool tp_first = false;       // sequence parallel: summed over tp before dp
+  bool sharded = false;        // ZeRO-1: reduce-scattered, each rank owning one block
 };
 
 // Cuts [region_begin, region_end) into buckets of at least `bucket_elements` (the first
@@ -58,6 +59,9 @@ std::vector<GradientBucket> plan_gradient_buckets(int64_t region_begin, int64_t 
 
 struct GradientSyncOptions {
   bool zero1 = false;
+  // With zero1: shard the expert region too. false keeps experts whole on every rank (all-
+  // reduced, updated by every replica), as SD-MoE's projections need whole matrices.
+  bool shard_experts = true;
   bool sequence_parallel = false;
   int64_t bucket_elements = 0;             // <= 0: one bucket per region
   std::vector<GradientReadyRange> ready;   // empty: nothing launches before reduce()
@@ -74,7 +78,8 @@ struct GradientSyncOptions {
 // tp-replicated ones, partial sums over this rank's tokens, over groups.tp first), expert
 // buckets over groups.edp. With ZeRO-1 each bucket is reduce-scattered instead: the rank
 // at position r of the group keeps block r of every bucket, and owned() lists those
-// blocks, which are what this rank's optimizer updates.
+// blocks, which are what this rank's optimizer updates (with shard_experts false the
+// expert buckets are all-reduced and owned whole).
 class GradientSync {
  public:
   GradientSync(const Tensor& params, const Tensor& grads, int64_t tp_sharded_begin, int64_t expert_begin,

@@ -158,7 +158,8 @@ int run(int argc, char** argv) {
   parallel.init_parameters(5);
   GradientSync sync(parallel.params(), parallel.grads(), parallel.registry().tp_sharded_begin(),
                     parallel.registry().expert_begin(), groups, *be,
-                    GradientSyncOptions{zero1, sequence_parallel, bucket_elements, parallel.gradient_ready_ranges()});
+                    GradientSyncOptions{zero1, !use_sdmoe, sequence_parallel, bucket_elements,
+                                        parallel.gradient_ready_ranges()});
   parallel.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   const std::vector<ElementRange>& owned = sync.owned();
   std::unique_ptr<SpectralDecomposition> ref_sd, par_sd;
