@@ -70,6 +70,9 @@ class Backend {
   virtual void* native_stream() { return nullptr; }
   // Device ordinal of a GPU backend, -1 on CPU.
   virtual int device_ordinal() const { return -1; }
+  // Makes the calling thread ready to run this backend's ops (a worker thread: the GPU
+  // made current; on CPU the OpenMP team size, which is per thread).
+  virtual void bind_to_current_thread() {}
 
   // ---- memory -------------------------------------------------------------------------
   virtual void* allocate(size_t bytes) = 0;

@@ -185,21 +185,19 @@ SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, cons
   for (const SpectralTarget& t : targets_) {
     if (plain_ranges_.count(t.param_id)) continue;
     const ParamSpec& ps = registry.spec(t.param_id);
-    std::vector<char> covered(size_t(ps.numel), 0);
+    // The covered intervals (first + e * stride, m * n), sorted; the gaps are plain.
+    std::vector<ElementRange> covered;
     for (const SpectralTarget& u : targets_)
       if (u.param_id == t.param_id)
-        for (int64_t e = 0; e < u.experts; ++e) std::fill_n(covered.begin() + (u.first + e * u.stride), u.m * u.n, char(1));
+        for (int64_t e = 0; e < u.experts; ++e) covered.push_back({u.first + e * u.stride, u.first + e * u.stride + u.m * u.n});
+    std::sort(covered.begin(), covered.end(), [](const ElementRange& a, const ElementRange& b) { return a.begin < b.begin; });
     std::vector<ElementRange>& ranges = plain_ranges_[t.param_id];
-    for (int64_t begin = 0; begin < ps.numel;) {
-      if (covered[begin]) {
-        ++begin;
-        continue;
-      }
-      int64_t end = begin;
-      while (end < ps.numel && !covered[end]) ++end;
-      ranges.push_back({begin, end});
-      begin = end;
+    int64_t at = 0;
+    for (const ElementRange& c : covered) {
+      if (c.begin > at) ranges.push_back({at, c.begin});
+      at = std::max(at, c.end);
     }
+    if (at < ps.numel) ranges.push_back({at, ps.numel});
   }
   const size_t width = dtype_size(dtype);
   bases_ = Buffer(backend, std::max<size_t>(size_t(bases_elements_) * width, 64));

@@ -486,6 +486,7 @@ void SpectralService::start_async(int64_t step) {
   s.pending = true;
   s.pending_step = step;
   s.worker = std::thread([&s, step] {
+    s.work.bind_to_current_thread();  // its GPU (a new thread starts on device 0), its threads
     const auto start = Clock::now();
     s.pending_jobs = s.run_expert_jobs(step, true);
     s.pending_seconds = seconds_since(start);

@@ -307,6 +307,8 @@ void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Ten
   });
 }
 
+void CpuBackend::bind_to_current_thread() { omp_set_num_threads(threads_); }
+
 void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c,
                                  const Tensor& v_c, const Tensor& m_u, const Tensor& v_u, const Tensor& common_out,
                                  const Tensor& diff_out, const SdmoePartStep& st) {

@@ -11,6 +11,7 @@ class CpuBackend final : public Backend {
   std::string name() const override;
   double peak_flops() override;
   int threads() const { return threads_; }
+  void bind_to_current_thread() override;
 
   void* allocate(size_t bytes) override;
   void deallocate(void* ptr) override;

@@ -87,6 +87,7 @@ class CudaBackend final : public Backend {
   double peak_flops() override { return peak_flops_; }
   void* native_stream() override { return stream_.get(); }
   int device_ordinal() const override { return device_; }
+  void bind_to_current_thread() override { SDMOE_CHECK_CUDA(cudaSetDevice(device_)); }
 
   // ---- memory -------------------------------------------------------------------------
   void* allocate(size_t bytes) override {
