@@ -5,7 +5,6 @@
 #include <cmath>
 #include <limits>
 #include <functional>
-#include <map>
 #include <thread>
 
 #include "core/check.h"
@@ -420,6 +419,8 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
     for (size_t ti = 0; ti < s.targets.size(); ++ti, ++job) {
       const SpectralTarget& t = s.targets[ti];
       if (job % s.replica_count() != s.replica_rank()) continue;
+      // The Grams are summed over the ep group; one of its ranks solves (job / replicas mod ep).
+      const bool solver_here = (job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0);
       for (int side = 0; side < 2; ++side) {
         // side 0: U from sum_e W_e W_e^T [m, m]; side 1: V from sum_e W_e^T W_e [n, n].
         const int64_t size = side == 0 ? t.m : t.n;
@@ -432,13 +433,12 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
         if (t.experts == 0) s.ops().fill(g, 0.0);
         // Every rank of this ep group has the same replica rank, so all of them are here.
         if (s.ep) s.timed_comm([&] { s.ep->all_reduce(g, ReduceOp::SUM); });  // synchronises both backends
-        const int ep_rank = s.ep ? s.ep->rank() : 0, ep_size = s.ep ? s.ep->size() : 1;
-        if ((job / s.replica_count()) % ep_size != ep_rank) continue;  // one eigensolve per job
+        if (!solver_here) continue;  // one eigensolve per job
         const Tensor out = side == 0 ? s.pair_ut(s.shared_offset[ti], t) : s.pair_vt(s.shared_offset[ti], t);
         const Tensor warm = s.at(current, side == 0 ? t.ut_offset : t.vt_offset, {int64_t(k), size});
         s.top_k_symmetric(g, size, out, installed_ ? &warm : nullptr, Impl::seed_of(ti, side));
       }
-      if ((job / s.replica_count()) % (s.ep ? s.ep->size() : 1) == (s.ep ? s.ep->rank() : 0)) ++report.jobs_computed;
+      if (solver_here) ++report.jobs_computed;
     }
     // Exactly one rank of the world wrote each shared pair; the sums over ep and the
     // replicas give it to everyone.

@@ -93,7 +93,6 @@ class GradientSync {
   const std::vector<GradientBucket>& buckets() const { return buckets_; }
   // Buckets launched by backward_stage_done since the last reduce().
   int launched_during_backward() const { return launched_during_backward_; }
-  bool zero1() const { return options_.zero1; }
 
  private:
   Communicator& group_of(const GradientBucket& b) const { return b.expert ? *groups_.edp : *groups_.dp; }
