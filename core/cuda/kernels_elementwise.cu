@@ -42,6 +42,18 @@ __global__ void cast_kernel(const Src* src, Dst* dst, int64_t n) {
   SDMOE_GRID_STRIDE(i, n) store_float(dst, i, load_as_float(src, i));
 }
 
+// From double: rounded to float first and then, for bf16, to bf16, as the CPU backend does
+// (host-drawn initial values of tensor-split parameters arrive this way).
+template <typename Dst>
+__global__ void cast_from_f64_kernel(const double* src, Dst* dst, int64_t n) {
+  SDMOE_GRID_STRIDE(i, n) store_float(dst, i, static_cast<float>(src[i]));
+}
+
+template <typename Src>
+__global__ void cast_to_f64_kernel(const Src* src, double* dst, int64_t n) {
+  SDMOE_GRID_STRIDE(i, n) dst[i] = static_cast<double>(load_as_float(src, i));
+}
+
 // Same expression as the CPU backend: the normal deviate in double, scaled, then rounded.
 template <typename T>
 __global__ void init_normal_kernel(T* x, int64_t n, uint64_t seed, uint64_t stream, double std, int64_t offset) {
@@ -383,8 +395,16 @@ void launch_cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, i
     cast_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const float*>(src), static_cast<uint16_t*>(dst), n);
   else if (src_dtype == DType::BF16 && dst_dtype == DType::F32)
     cast_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const uint16_t*>(src), static_cast<float*>(dst), n);
+  else if (src_dtype == DType::F64 && dst_dtype == DType::F32)
+    cast_from_f64_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const double*>(src), static_cast<float*>(dst), n);
+  else if (src_dtype == DType::F64 && dst_dtype == DType::BF16)
+    cast_from_f64_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const double*>(src), static_cast<uint16_t*>(dst), n);
+  else if (src_dtype == DType::F32 && dst_dtype == DType::F64)
+    cast_to_f64_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const float*>(src), static_cast<double*>(dst), n);
+  else if (src_dtype == DType::BF16 && dst_dtype == DType::F64)
+    cast_to_f64_kernel<<<blocks, kThreads, 0, s>>>(static_cast<const uint16_t*>(src), static_cast<double*>(dst), n);
   else
-    SDMOE_FATAL("cuda", fmt::format("cast {} -> {} is not supported on CUDA (f32 and bf16 only)",
+    SDMOE_FATAL("cuda", fmt::format("cast {} -> {} is not supported on CUDA (f64, f32 and bf16 only)",
                                     dtype_name(src_dtype), dtype_name(dst_dtype)));
   SDMOE_CHECK_LAUNCH();
 }

@@ -273,6 +273,35 @@ TEST(CudaBackend, CastF32Bf16) {
   expect_equal(v, gpu_f(same), "f32 -> f32");
 }
 
+// Double to f32 and bf16 is how host-drawn initial values of tensor-split parameters reach
+// the device; both must round as the CPU does (through float), bit for bit.
+TEST(CudaBackend, CastF64) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 gen(11);
+  std::normal_distribution<double> normal(0.0, 2.0);
+  std::vector<double> v(10007);
+  for (double& x : v) x = normal(gen);
+  v[0] = 1.0 + std::ldexp(1.0, -24);                  // tie between two floats
+  v[1] = 1.0 + std::ldexp(1.0, -24) + 1e-12;          // just above the tie
+  v[2] = 1.00390625 + 1e-10;                          // float exact tie for bf16 is broken by the double
+  v[3] = 1e300;                                       // overflows to inf
+  const int64_t n = static_cast<int64_t>(v.size());
+  Twin d = twin(DType::F64, {n}, v.data());
+  for (DType narrow : {DType::F32, DType::BF16}) {
+    Twin out = twin(narrow, {n}), wide = twin(DType::F64, {n});
+    for (Backend* b : {&cpu(), &gpu()}) {
+      const bool g = b == &gpu();
+      b->cast(g ? d.g : d.c, g ? out.g : out.c);
+      b->cast(g ? out.g : out.c, g ? wide.g : wide.c);
+    }
+    if (narrow == DType::F32)
+      expect_equal(read<float>(cpu(), out.c), read<float>(gpu(), out.g), "f64 -> f32");
+    else
+      expect_equal(read<uint16_t>(cpu(), out.c), read<uint16_t>(gpu(), out.g), "f64 -> bf16 bits");
+    expect_equal(read<double>(cpu(), wide.c), read<double>(gpu(), wide.g), "back to f64");
+  }
+}
+
 TEST(CudaBackend, InitNormalMatchesCpu) {
   if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const int64_t n = 100003;
