@@ -196,9 +196,16 @@ class Backend {
   // Thin SVD a [M,N] = u [M,R] diag(s [R]) vt [R,N], R = min(M,N), singular values
   // descending. a is not modified.
   virtual void svd(const Tensor& a, const Tensor& u, const Tensor& s, const Tensor& vt) = 0;
-  // Symmetric eigendecomposition of a [N,N]: eigenvalues ascending in w [N], eigenvectors
-  // as the rows of vecs [N,N].
+  // Symmetric eigendecomposition of a [N,N], or of each of a batch a [B,N,N]: eigenvalues
+  // ascending in w [N] ([B,N]), eigenvectors as the rows of vecs [N,N] ([B,N,N]).
   virtual void symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) = 0;
+  // For each k x k matrix of gram [..., k, k] (symmetric, positive semi-definite):
+  // inv = L^{-1}, lower triangular, with L L^T = gram + ridge I and ridge =
+  // relative_ridge x trace(gram) (a zero matrix stays finite). Computed in double; the
+  // small step of a batched CholeskyQR that keeps the rows of thin bases orthonormal
+  // without a trip to the host. k <= kMaxCholeskyOrder.
+  static constexpr int kMaxCholeskyOrder = 128;
+  virtual void cholesky_inverse(const Tensor& gram, const Tensor& inv, double relative_ridge) = 0;
 };
 
 // threads <= 0 picks the cores available to this process.

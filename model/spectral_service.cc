@@ -16,32 +16,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Mean over ordered pairs i != j of |A_i A_j^T|_F^2 / k, for E row bases A_e [k, L]
-// stored at base + e * stride (host, float).
-double mean_overlap(const std::vector<double>& host, int64_t base, int64_t stride, int64_t experts, int k,
-                    int64_t length) {
-  if (experts < 2) return std::numeric_limits<double>::quiet_NaN();
-  double total = 0.0;
-  for (int64_t i = 0; i < experts; ++i)
-    for (int64_t j = 0; j < experts; ++j) {
-      if (i == j) continue;
-      const double* a = &host[base + i * stride];
-      const double* b = &host[base + j * stride];
-      double f = 0.0;
-      for (int p = 0; p < k; ++p)
-        for (int q = 0; q < k; ++q) {
-          double dot = 0.0;
-          for (int64_t l = 0; l < length; ++l) dot += a[p * length + l] * b[q * length + l];
-          f += dot * dot;
-        }
-      total += f / k;
-    }
-  return total / double(experts * (experts - 1));
-}
-
 }  // namespace
 
 struct SpectralService::Impl {
+  static constexpr int64_t kScratchBudgetBytes = int64_t(256) << 20;
   SpectralDecomposition& sd;
   Backend& be;    // the training backend: collectives, install, metrics
   Backend& work;  // where the solvers run (its own stream on a GPU in async mode)
@@ -69,8 +47,15 @@ struct SpectralService::Impl {
   std::vector<int64_t> shared_offset, expert_offset;
   int64_t exchange_elements = 0, expert_area_elements = 0;
   Buffer exchange, staging, gathered;
-  // Solver scratch.
-  Buffer gram, eig_w, eig_vecs, tmp, small, small_tmp;
+  // Solver scratch, for up to max_batch experts solved together: Grams and eigenvectors
+  // [batch, side, side], tails [batch, m, n], the batch's bases (Ut [batch, k, m] then
+  // Vt [batch, k, n]) and the CholeskyQR temporaries.
+  int64_t max_batch = 1;
+  Buffer gram, eig_w, eig_vecs, tmp, pairs, small, small_inv, small_tmp;
+  // Metric scratch: up to six packed basis kinds [experts, k, side] of a layer's experts
+  // over the ep group, and their Gram matrices.
+  int64_t largest_side = 1;
+  Buffer packed, overlap_grams;
 
   double comm_seconds = 0.0;
 
@@ -91,7 +76,7 @@ struct SpectralService::Impl {
         live_grads(g),
         source_params(p),
         source_grads(g) {
-    int64_t largest_mn = 1, largest_side = 1;
+    int64_t largest_mn = 1;
     for (const SpectralTarget& t : targets) {
       const int64_t pair = k * (t.m + t.n);
       shared_offset.push_back(exchange_elements);
@@ -106,12 +91,23 @@ struct SpectralService::Impl {
     alloc(staging, bases_elements(targets, k));
     const int ep_size = ep ? ep->size() : 1;
     alloc(gathered, exchange_elements * ep_size);
-    alloc(gram, largest_side * largest_side);
-    alloc(eig_w, largest_side);
-    alloc(eig_vecs, largest_side * largest_side);
-    alloc(tmp, std::max(largest_mn, k * largest_side));
-    alloc(small, k * k);
-    alloc(small_tmp, k * largest_side);
+    int64_t layer_experts = 1;
+    for (const SpectralTarget& t : targets) layer_experts = std::max(layer_experts, t.experts * ep_size);
+    alloc(packed, 6 * layer_experts * k * largest_side);
+    alloc(overlap_grams, 6 * (layer_experts * k) * (layer_experts * k));
+    // Batches are bounded by a scratch budget, so very large experts go a few at a time.
+    int64_t most_experts = 1;
+    for (const SpectralTarget& t : targets) most_experts = std::max(most_experts, t.experts);
+    const int64_t per_expert = (2 * largest_side * largest_side + largest_mn) * int64_t(width());
+    max_batch = std::clamp<int64_t>(kScratchBudgetBytes / std::max<int64_t>(per_expert, 1), 1, most_experts);
+    alloc(gram, max_batch * largest_side * largest_side);
+    alloc(eig_w, max_batch * largest_side);
+    alloc(eig_vecs, max_batch * largest_side * largest_side);
+    alloc(tmp, std::max(max_batch * largest_mn, k * largest_side));
+    alloc(pairs, max_batch * k * 2 * largest_side);
+    alloc(small, max_batch * k * k);
+    alloc(small_inv, max_batch * k * k);
+    alloc(small_tmp, max_batch * k * largest_side);
   }
 
   size_t width() const { return dtype_size(dtype); }
@@ -155,78 +151,68 @@ struct SpectralService::Impl {
     comm_seconds += seconds_since(start);
   }
 
-  // Rows of y [k, L] made orthonormal: CholeskyQR twice (y <- L^{-1} y with G = y y^T = L L^T).
-  void orthonormalize_rows(const Tensor& y, int64_t length) {
-    const Tensor g = at(whole(small), 0, {k, k}), out = at(whole(small_tmp), 0, {k, length});
+  // The rows of each y[b] [k, L] (y contiguous [count, k, L]) made orthonormal: CholeskyQR
+  // twice (y <- L^{-1} y with y y^T = L L^T), all on the device and batched.
+  void orthonormalize_rows(const Tensor& y, int64_t count, int64_t length) {
+    const int64_t kk = int64_t(k) * k, kl = k * length;
+    const Tensor g = at(whole(small), 0, {count, int64_t(k), int64_t(k)});
+    const Tensor inv = at(whole(small_inv), 0, {count, int64_t(k), int64_t(k)});
+    const Tensor out = at(whole(small_tmp), 0, {count * kl});
+    // A rank-deficient y (a zero gradient) stays finite; the ridge is below the dtype's
+    // rounding, so orthonormal rows stay orthonormal to that rounding.
+    const double relative_ridge = dtype == DType::F64 ? 1e-26 : 1e-12;
     for (int pass = 0; pass < 2; ++pass) {
-      ops().gemm(false, true, k, k, length, 1.0, y, y, 0.0, g);
-      std::vector<double> a = to_host(g, ops());
-      double trace = 0.0;
-      for (int i = 0; i < k; ++i) trace += a[i * k + i];
-      // A rank-deficient y (a zero gradient) stays finite; the ridge is below the dtype's
-      // rounding, so orthonormal rows stay orthonormal to that rounding.
-      const double ridge = std::max(trace, 1e-300) * (dtype == DType::F64 ? 1e-26 : 1e-12);
-      for (int i = 0; i < k; ++i) a[i * k + i] += ridge;
-      // Cholesky, lower.
-      std::vector<double> l(size_t(k) * k, 0.0);
-      for (int i = 0; i < k; ++i)
-        for (int j = 0; j <= i; ++j) {
-          double s = a[i * k + j];
-          for (int p = 0; p < j; ++p) s -= l[i * k + p] * l[j * k + p];
-          l[i * k + j] = i == j ? std::sqrt(std::max(s, 1e-300)) : s / l[j * k + j];
-        }
-      // inv = L^{-1}, lower triangular.
-      std::vector<double> inv(size_t(k) * k, 0.0);
-      for (int c = 0; c < k; ++c)
-        for (int i = c; i < k; ++i) {
-          double s = i == c ? 1.0 : 0.0;
-          for (int p = c; p < i; ++p) s -= l[i * k + p] * inv[p * k + c];
-          inv[i * k + c] = s / l[i * k + i];
-        }
-      from_host(inv, g, ops());
-      ops().gemm(false, false, k, length, k, 1.0, g, y, 0.0, out);
-      ops().copy(out, y);
+      ops().gemm(false, true, k, k, length, 1.0, y, y, 0.0, g, {count, kl, kl, kk});
+      ops().cholesky_inverse(g, inv, relative_ridge);
+      ops().gemm(false, false, k, length, k, 1.0, inv, y, 0.0, out, {count, kk, kl, kl});
+      ops().copy(out, at(y, 0, {count * kl}));
     }
   }
 
-  // Top-k singular subspaces of x [m, n]: rows of ut [k, m] and vt [k, n]. warm_vt: the
-  // previous right basis (subspace iteration), or null for a seeded random start.
-  // metric: a basis for the metrics only (tails, gradients), always by subspace iteration
-  // from a seeded start: the overlap statistics need no exact basis, and an exact SVD per
-  // metric would triple the cost of a refresh.
-  void top_k(const Tensor& x, int64_t m, int64_t n, const Tensor& ut, const Tensor& vt, const Tensor* warm_vt,
-             uint64_t seed, bool metric = false) {
+  // Top-k singular subspaces of `count` matrices x[b] [m, n] (x[b] at x + b * x_stride):
+  // rows of ut[b] [k, m] and vt[b] [k, n], ut and vt contiguous. warm: the previous right
+  // bases (warm[b] at warm + b * warm_stride; stride 0 repeats one), for subspace
+  // iteration; without it a seeded random start (seeds[b]). metric: a basis for the
+  // metrics only (tails, gradients), always by subspace iteration: the overlap statistics
+  // need no exact basis, and an exact solve per metric would triple a refresh's cost.
+  void top_k(const Tensor& x, int64_t x_stride, int64_t m, int64_t n, int64_t count, const Tensor& ut,
+             const Tensor& vt, const Tensor* warm, int64_t warm_stride, const std::vector<uint64_t>& seeds,
+             bool metric = false) {
+    const int64_t km = k * m, kn = k * n;
     if (sd.spec().solver == SdmoeSolver::EXACT && !metric) {
       // syevd of the Gram matrix of the smaller side (its top-k eigenvectors are the
       // top-k singular vectors of that side), then the other side's basis as the
       // orthonormalised image: span(W V_k) = span(U_k).
       const bool right = n <= m;
-      const int64_t side = right ? n : m, other = right ? m : n;
-      const Tensor g = at(whole(gram), 0, {side, side});
-      if (right) ops().gemm(true, false, n, n, m, 1.0, x, x, 0.0, g);   // W^T W
-      else ops().gemm(false, true, m, m, n, 1.0, x, x, 0.0, g);         // W W^T
-      const Tensor w = at(whole(eig_w), 0, {side}), vecs = at(whole(eig_vecs), 0, {side, side});
+      const int64_t side = right ? n : m, other = right ? m : n, ss = side * side;
+      const Tensor g = at(whole(gram), 0, {count, side, side});
+      if (right) ops().gemm(true, false, n, n, m, 1.0, x, x, 0.0, g, {count, x_stride, x_stride, ss});  // W^T W
+      else ops().gemm(false, true, m, m, n, 1.0, x, x, 0.0, g, {count, x_stride, x_stride, ss});        // W W^T
+      const Tensor w = at(whole(eig_w), 0, {count, side}), vecs = at(whole(eig_vecs), 0, {count, side, side});
       ops().symmetric_eigen(g, w, vecs);  // ascending: the last k rows
       const Tensor top = right ? vt : ut, image = right ? ut : vt;
-      ops().copy(at(vecs, (side - k) * side, {int64_t(k) * side}), at(top, 0, {int64_t(k) * side}));
-      if (right) ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // Vt W^T
-      else ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);       // Ut W
-      orthonormalize_rows(image, other);
+      for (int64_t b = 0; b < count; ++b)
+        ops().copy(at(vecs, b * ss + (side - k) * side, {k * side}), at(top, b * k * side, {k * side}));
+      if (right) ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut, {count, kn, x_stride, km});  // Vt W^T
+      else ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt, {count, km, x_stride, kn});       // Ut W
+      orthonormalize_rows(image, count, other);
       return;
     }
     int rounds = sd.spec().subspace_iterations;
-    if (warm_vt) {
-      ops().copy(*warm_vt, vt);
+    if (warm) {
+      if (warm_stride == kn) ops().copy(at(*warm, 0, {count * kn}), at(vt, 0, {count * kn}));
+      else
+        for (int64_t b = 0; b < count; ++b) ops().copy(at(*warm, b * warm_stride, {kn}), at(vt, b * kn, {kn}));
     } else {
-      ops().init_normal(vt, seed, 0x5bd1e995, 1.0, 0);
-      orthonormalize_rows(vt, n);
+      for (int64_t b = 0; b < count; ++b) ops().init_normal(at(vt, b * kn, {kn}), seeds[b], 0x5bd1e995, 1.0, 0);
+      orthonormalize_rows(vt, count, n);
       rounds = 3 * rounds + 2;  // a cold start needs more rounds
     }
     for (int i = 0; i < rounds; ++i) {
-      ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut);  // ut = vt x^T
-      orthonormalize_rows(ut, m);
-      ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt);  // vt = ut x
-      orthonormalize_rows(vt, n);
+      ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut, {count, kn, x_stride, km});  // ut = vt x^T
+      orthonormalize_rows(ut, count, m);
+      ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt, {count, km, x_stride, kn});  // vt = ut x
+      orthonormalize_rows(vt, count, n);
     }
   }
 
@@ -243,14 +229,14 @@ struct SpectralService::Impl {
       ops().copy(*warm, out);
     } else {
       ops().init_normal(out, seed, 0x5bd1e995, 1.0, 0);
-      orthonormalize_rows(out, size);
+      orthonormalize_rows(out, 1, size);
       rounds = 3 * rounds + 2;
     }
     const Tensor y = at(whole(tmp), 0, {int64_t(k), size});
     for (int i = 0; i < rounds; ++i) {
       ops().gemm(false, false, k, size, size, 1.0, out, g, 0.0, y);
       ops().copy(y, out);
-      orthonormalize_rows(out, size);
+      orthonormalize_rows(out, 1, size);
     }
   }
 
@@ -268,40 +254,66 @@ struct SpectralService::Impl {
   // Phase 2 of a refresh (no communication): the jobs of this rank's replica rank.
   int64_t run_expert_jobs(int64_t step, bool installed);
   void share_install_and_measure(int64_t step, const Tensor& m, RefreshReport& report);
+  // Mean pairwise overlaps of the first `kinds` basis kinds (full, tail, grad x left,
+  // right) of a layer's `experts` experts, gathered in `all`.
+  std::vector<double> mean_overlaps(const SpectralTarget& t, const Tensor& all, int64_t experts, int kinds);
 };
 
 int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
-  // The expert's top-k (its new bases in PER_EXPERT mode), the top-k of its tail under
-  // the new bases, and of its last gradient.
+  // Per expert: its top-k (its new bases in PER_EXPERT mode), the top-k of its tail under
+  // the new bases, and of its last gradient. Jobs are dealt to the replicas round robin
+  // over (target, expert); a replica's experts of one target are then every R-th, at a
+  // fixed stride in memory, and are solved together as strided batches.
   const bool shared = sd.spec().basis == SdmoeBasis::LAYER_SHARED;
   const Tensor exchange = whole(this->exchange);
   const Tensor current = sd.bases();
-  int64_t jobs = 0;
-  int64_t job = 0;
+  const int64_t replicas_n = replica_count();
+  int64_t jobs = 0, jobs_before = 0;
   for (size_t ti = 0; ti < targets.size(); ++ti) {
     const SpectralTarget& t = targets[ti];
-    for (int64_t e = 0; e < t.experts; ++e, ++job) {
-      if (job % replica_count() != replica_rank()) continue;
-      ++jobs;
-      const uint64_t seed = 0x9e3779b97f4a7c15ULL ^ (uint64_t(ti) << 32) ^ uint64_t(t.first_expert + e);
-      const Tensor w = at(source_params, matrix_offset(t, e), {t.m, t.n});
-      const int64_t full = expert_pair(ti, e, 0), tail = expert_pair(ti, e, 1), grad = expert_pair(ti, e, 2);
-      // Warm start from the installed bases, once there are any.
-      const Tensor warm = at(current, t.vt_offset + (t.bases > 1 ? e * k * t.n : 0), {int64_t(k), t.n});
-      top_k(w, t.m, t.n, pair_ut(full, t), pair_vt(full, t), installed ? &warm : nullptr, seed);
-      // The tail W - (common part) under the new bases: the expert's own (PER_EXPERT) or
-      // the layer's (LAYER_SHARED).
-      SpectralTarget one = t;
-      one.experts = 1;
-      one.bases = 1;
-      one.ut_offset = shared ? shared_offset[ti] : full;
-      one.vt_offset = one.ut_offset + k * t.m;
-      const Tensor tail_matrix = at(whole(tmp), 0, {t.m, t.n});
-      projector.project_unique(one, exchange, source_params, matrix_offset(t, e), 0, tail_matrix);
-      top_k(tail_matrix, t.m, t.n, pair_ut(tail, t), pair_vt(tail, t), nullptr, seed + 1, true);
+    const int64_t mine = ((replica_rank() - jobs_before) % replicas_n + replicas_n) % replicas_n;
+    jobs_before += t.experts;
+    const int64_t km = k * t.m, kn = k * t.n;
+    for (int64_t e0 = mine; e0 < t.experts; e0 += max_batch * replicas_n) {
+      const int64_t count = std::min(max_batch, (t.experts - 1 - e0) / replicas_n + 1);
+      jobs += count;
+      const int64_t x_base = matrix_offset(t, e0), x_stride = replicas_n * t.stride;
+      std::vector<uint64_t> seeds(static_cast<size_t>(count)), tail_seeds = seeds, grad_seeds = seeds;
+      for (int64_t b = 0; b < count; ++b) {
+        seeds[b] = 0x9e3779b97f4a7c15ULL ^ (uint64_t(ti) << 32) ^ uint64_t(t.first_expert + e0 + b * replicas_n);
+        tail_seeds[b] = seeds[b] + 1;
+        grad_seeds[b] = seeds[b] + 2;
+      }
+      const Tensor ut = at(whole(pairs), 0, {count * km}), vt = at(whole(pairs), count * km, {count * kn});
+      // Results go to the exchange: expert e's pairs [full, tail, grad] at expert_pair().
+      auto publish = [&](int which) {
+        for (int64_t b = 0; b < count; ++b) {
+          const int64_t to = expert_pair(ti, e0 + b * replicas_n, which);
+          ops().copy(at(ut, b * km, {km}), at(exchange, to, {km}));
+          ops().copy(at(vt, b * kn, {kn}), at(exchange, to + km, {kn}));
+        }
+      };
+      const Tensor x = at(source_params, x_base, {(count - 1) * x_stride + t.m * t.n});
+      // Warm start from the installed bases, once there are any (a shared basis repeats).
+      const Tensor warm = at(current, t.vt_offset + (t.bases > 1 ? e0 * kn : 0), {(t.bases > 1 ? t.bases - e0 : 1) * kn});
+      top_k(x, x_stride, t.m, t.n, count, ut, vt, installed ? &warm : nullptr, t.bases > 1 ? replicas_n * kn : 0,
+            seeds);
+      publish(0);
+      // The tails W - (common part) under the new bases: each expert's own (PER_EXPERT,
+      // still in `pairs`) or the layer's (LAYER_SHARED, in the exchange).
+      SpectralTarget batch = t;
+      batch.experts = count;
+      batch.bases = shared ? 1 : int(count);
+      batch.ut_offset = shared ? shared_offset[ti] : 0;
+      batch.vt_offset = shared ? shared_offset[ti] + km : count * km;
+      const Tensor tails = at(whole(tmp), 0, {count, t.m, t.n});
+      projector.project_unique(batch, shared ? exchange : whole(pairs), source_params, x_base, x_stride, tails);
+      top_k(tails, t.m * t.n, t.m, t.n, count, ut, vt, nullptr, 0, tail_seeds, true);
+      publish(1);
       if (step > 0) {
-        const Tensor g = at(source_grads, matrix_offset(t, e), {t.m, t.n});
-        top_k(g, t.m, t.n, pair_ut(grad, t), pair_vt(grad, t), nullptr, seed + 2, true);
+        const Tensor g = at(source_grads, x_base, {(count - 1) * x_stride + t.m * t.n});
+        top_k(g, x_stride, t.m, t.n, count, ut, vt, nullptr, 0, grad_seeds, true);
+        publish(2);
       }
     }
   }
@@ -340,8 +352,10 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
   }
   sd.install_bases(s.at(staging, 0, {bases_elements(s.targets, k)}), m);
 
-  // Metrics over all experts of each layer: gather the per-expert pairs over ep.
+  // Metrics over all experts of each layer: gather the per-expert pairs over ep, then the
+  // overlaps from one Gram matrix per basis kind on the device (below).
   const int ep_size = s.ep ? s.ep->size() : 1;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   for (size_t ti = 0; ti < s.targets.size(); ++ti) {
     const SpectralTarget& t = s.targets[ti];
     const int64_t area = t.experts * 3 * s.pair_elements(t);
@@ -349,21 +363,24 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
     const Tensor all = s.at(s.whole(s.gathered), 0, {area * ep_size});
     if (s.ep) s.timed_comm([&] { s.ep->all_gather(local, all); });
     else be.copy(local, all);
-    const std::vector<double> host = s.to_host(all, s.be);
-    const int64_t experts = t.experts * ep_size, pair = s.pair_elements(t), stride = 3 * pair;
+    const int64_t experts = t.experts * ep_size;
+    // Kinds: full left, full right, tail left, tail right, grad left, grad right.
+    const int kinds = step > 0 ? 6 : 4;
+    const std::vector<double> overlap = s.mean_overlaps(t, all, experts, kinds);
     SpectralMetrics mt;
     mt.layer = t.layer;
     mt.matrix = t.matrix;
-    mt.overlap_left = mean_overlap(host, 0, stride, experts, k, t.m);
-    mt.overlap_right = mean_overlap(host, k * t.m, stride, experts, k, t.n);
-    mt.tail_overlap_left = mean_overlap(host, pair, stride, experts, k, t.m);
-    mt.tail_overlap_right = mean_overlap(host, pair + k * t.m, stride, experts, k, t.n);
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    mt.grad_overlap_left = step > 0 ? mean_overlap(host, 2 * pair, stride, experts, k, t.m) : nan;
-    mt.grad_overlap_right = step > 0 ? mean_overlap(host, 2 * pair + k * t.m, stride, experts, k, t.n) : nan;
+    mt.overlap_left = overlap[0];
+    mt.overlap_right = overlap[1];
+    mt.tail_overlap_left = overlap[2];
+    mt.tail_overlap_right = overlap[3];
+    mt.grad_overlap_left = step > 0 ? overlap[4] : nan;
+    mt.grad_overlap_right = step > 0 ? overlap[5] : nan;
     mt.router_alignment = nan;
     const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
     if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
+      // The full right bases, packed [experts, k, n] by mean_overlaps.
+      const std::vector<double> full_vt = s.to_host(s.at(s.whole(s.packed), experts * k * s.largest_side, {experts * k * t.n}), s.be);
       const ParamSpec& rs = s.registry.spec(router);
       const std::vector<double> r = s.to_host(s.at(s.live_params, rs.offset, {rs.numel}), s.be);
       double sum = 0.0;
@@ -371,7 +388,7 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
         const double* row = &r[e * t.n];
         double norm = 0.0;
         for (int64_t l = 0; l < t.n; ++l) norm += double(row[l]) * row[l];
-        const double* vt = &host[e * stride + k * t.m];
+        const double* vt = &full_vt[e * k * t.n];
         double captured = 0.0;
         for (int p = 0; p < k; ++p) {
           double dot = 0.0;
@@ -384,6 +401,46 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
     }
     report.metrics.push_back(mt);
   }
+}
+
+std::vector<double> SpectralService::Impl::mean_overlaps(const SpectralTarget& t, const Tensor& all, int64_t experts,
+                                                         int kinds) {
+  // Per kind: the experts' row bases packed into P [experts * k, L], then C = P P^T on the
+  // device; the overlap of experts i, j is |C_ij|_F^2 / k, the sum of squares of their
+  // k x k block. Only C ((experts k)^2 numbers per kind) comes to the host.
+  const int64_t pair = pair_elements(t), per_rank = t.experts * 3 * pair, ek = experts * k;
+  const Tensor packed_all = whole(packed), grams = whole(overlap_grams);
+  for (int kind = 0; kind < kinds; ++kind) {
+    const int which = kind / 2;
+    const bool right = kind % 2 == 1;
+    const int64_t length = right ? t.n : t.m, within = which * pair + (right ? k * t.m : 0);
+    const Tensor rows = at(packed_all, kind * experts * k * largest_side, {ek * length});
+    for (int64_t g = 0; g < experts; ++g) {
+      const int64_t from = (g / t.experts) * per_rank + (g % t.experts) * 3 * pair + within;
+      be.copy(at(all, from, {k * length}), at(rows, g * k * length, {k * length}));
+    }
+    be.gemm(false, true, ek, ek, length, 1.0, rows, rows, 0.0, at(grams, kind * ek * ek, {ek * ek}));
+  }
+  const std::vector<double> c = to_host(at(grams, 0, {kinds * ek * ek}), be);
+  std::vector<double> out(size_t(kinds), std::numeric_limits<double>::quiet_NaN());
+  if (experts < 2) return out;
+  for (int kind = 0; kind < kinds; ++kind) {
+    const double* ck = &c[size_t(kind) * ek * ek];
+    double total = 0.0;
+    for (int64_t i = 0; i < experts; ++i)
+      for (int64_t j = 0; j < experts; ++j) {
+        if (i == j) continue;
+        double f = 0.0;
+        for (int p = 0; p < k; ++p)
+          for (int q = 0; q < k; ++q) {
+            const double x = ck[(i * k + p) * ek + j * k + q];
+            f += x * x;
+          }
+        total += f / k;
+      }
+    out[kind] = total / double(experts * (experts - 1));
+  }
+  return out;
 }
 
 SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params,

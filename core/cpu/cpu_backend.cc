@@ -1,6 +1,7 @@
 // CPU backend: memory, elementwise ops, GEMM, optimizer and LAPACK. Layer kernels are in
 // cpu_kernels.cc.
 #include "core/cpu/cpu_backend.h"
+#include "core/cholesky_inverse.h"
 
 #include <cblas.h>
 #include <lapacke.h>
@@ -356,17 +357,41 @@ void CpuBackend::svd(const Tensor& a, const Tensor& u, const Tensor& s, const Te
 }
 
 void CpuBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) {
-  const int64_t n = a.dim(0);
+  SDMOE_ASSERT((a.ndim == 2 || a.ndim == 3) && a.dim(a.ndim - 1) == a.dim(a.ndim - 2),
+               "symmetric_eigen: a must be [N,N] or [B,N,N], got {}", a.shape_string());
+  const int64_t n = a.dim(a.ndim - 1), batch = a.ndim == 3 ? a.dim(0) : 1;
+  SDMOE_ASSERT(w.numel() == batch * n && vecs.numel() == batch * n * n, "symmetric_eigen output shapes");
   dispatch_float(a.dtype, [&](auto z) {
     using T = decltype(z);
     // Row-major symmetric input read as column-major is the same matrix; the eigenvectors
     // come back as columns in column-major, i.e. as rows in row-major.
-    std::copy(a.ptr<T>(), a.ptr<T>() + n * n, vecs.ptr<T>());
-    if constexpr (std::is_same_v<T, float>) {
-      SDMOE_CHECK_LAPACK(LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, vecs.ptr<T>(), (int)n, w.ptr<T>()));
-    } else {
-      SDMOE_CHECK_LAPACK(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, vecs.ptr<T>(), (int)n, w.ptr<T>()));
+    std::copy(a.ptr<T>(), a.ptr<T>() + batch * n * n, vecs.ptr<T>());
+    for (int64_t b = 0; b < batch; ++b) {
+      T* v = vecs.ptr<T>() + b * n * n;
+      T* values = w.ptr<T>() + b * n;
+      if constexpr (std::is_same_v<T, float>) {
+        SDMOE_CHECK_LAPACK(LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values));
+      } else {
+        SDMOE_CHECK_LAPACK(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values));
+      }
     }
+  });
+}
+
+void CpuBackend::cholesky_inverse(const Tensor& gram, const Tensor& inv, double relative_ridge) {
+  SDMOE_ASSERT(gram.ndim >= 2 && gram.dim(gram.ndim - 1) == gram.dim(gram.ndim - 2) && inv.numel() == gram.numel() &&
+                   inv.dtype == gram.dtype,
+               "cholesky_inverse: gram must be [..., k, k] and inv alike, got {} and {}", gram.shape_string(),
+               inv.shape_string());
+  const int k = int(gram.dim(gram.ndim - 1));
+  SDMOE_ASSERT(k >= 1 && k <= kMaxCholeskyOrder, "cholesky_inverse: k = {} outside [1, {}]", k, kMaxCholeskyOrder);
+  const int64_t batch = gram.numel() / (int64_t(k) * k);
+  dispatch_float(gram.dtype, [&](auto z) {
+    using T = decltype(z);
+    std::vector<double> l(size_t(k) * k), li(size_t(k) * k);
+    for (int64_t b = 0; b < batch; ++b)
+      cholesky_inverse_lower(gram.ptr<T>() + b * k * k, inv.ptr<T>() + b * k * k, k, relative_ridge, l.data(),
+                             li.data());
   });
 }
 

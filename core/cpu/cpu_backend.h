@@ -72,6 +72,7 @@ class CpuBackend final : public Backend {
 
   void svd(const Tensor& a, const Tensor& u, const Tensor& s, const Tensor& vt) override;
   void symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) override;
+  void cholesky_inverse(const Tensor& gram, const Tensor& inv, double relative_ridge) override;
 
  private:
   int threads_;

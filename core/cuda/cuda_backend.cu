@@ -70,6 +70,7 @@ class CudaBackend final : public Backend {
     cublas_ = make_cublas(stream_.get());
     SDMOE_CHECK_CUBLAS(cublasSetMathMode(cublas_.get(), CUBLAS_DEFAULT_MATH));  // exact fp32, no TF32
     cusolver_ = make_cusolver(stream_.get());
+    cusolver_params_ = make_cusolver_params();
     workspace_.set_stream(stream_.get());
   }
 
@@ -426,6 +427,15 @@ class CudaBackend final : public Backend {
   // ---- linear algebra -----------------------------------------------------------------
   void svd(const Tensor& a, const Tensor& u, const Tensor& sv, const Tensor& vt) override;
   void symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) override;
+  void cholesky_inverse(const Tensor& gram, const Tensor& inv, double relative_ridge) override {
+    SDMOE_ASSERT(gram.ndim >= 2 && gram.dim(gram.ndim - 1) == gram.dim(gram.ndim - 2) &&
+                     inv.numel() == gram.numel() && inv.dtype == gram.dtype,
+                 "cholesky_inverse: gram must be [..., k, k] and inv alike, got {} and {}", gram.shape_string(),
+                 inv.shape_string());
+    const int k = int(gram.dim(gram.ndim - 1));
+    SDMOE_ASSERT(k >= 1 && k <= kMaxCholeskyOrder, "cholesky_inverse: k = {} outside [1, {}]", k, kMaxCholeskyOrder);
+    launch_cholesky_inverse(gram.data, inv.data, gram.dtype, gram.numel() / (int64_t(k) * k), k, relative_ridge, s());
+  }
 
  private:
   cudaStream_t s() const { return stream_.get(); }
@@ -480,6 +490,7 @@ class CudaBackend final : public Backend {
   StreamHandle stream_;
   CublasHandle cublas_;
   CusolverHandle cusolver_;
+  CusolverParamsHandle cusolver_params_;
   Workspace workspace_;
   // Per input dtype (F32, BF16): false once cuBLAS answered NOT_SUPPORTED for the grouped
   // GEMM, which then runs as one GEMM per expert.
@@ -539,14 +550,40 @@ void CudaBackend::svd(const Tensor& a, const Tensor& u, const Tensor& sv, const 
 // Row-major symmetric a is the same matrix column-major; syevd leaves the eigenvectors as
 // columns (column-major), which are the rows of vecs in row-major.
 void CudaBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor& vecs) {
-  SDMOE_ASSERT(a.ndim == 2 && a.dim(0) == a.dim(1), "symmetric_eigen: a must be square, got {}", a.shape_string());
-  const int64_t n = a.dim(0);
-  SDMOE_ASSERT(w.numel() == n && vecs.numel() == n * n, "symmetric_eigen output shapes");
+  SDMOE_ASSERT((a.ndim == 2 || a.ndim == 3) && a.dim(a.ndim - 1) == a.dim(a.ndim - 2),
+               "symmetric_eigen: a must be [N,N] or [B,N,N], got {}", a.shape_string());
+  const int64_t n = a.dim(a.ndim - 1), batch = a.ndim == 3 ? a.dim(0) : 1;
+  SDMOE_ASSERT(w.numel() == batch * n && vecs.numel() == batch * n * n, "symmetric_eigen output shapes");
   const float* pa = f32(a, "symmetric_eigen");
   float *pw = f32(w, "symmetric_eigen"), *pv = f32(vecs, "symmetric_eigen");
-  if (n == 0) return;
+  if (n == 0 || batch == 0) return;
   const int in = as_int(n, "symmetric_eigen n");
   if (pv != pa) SDMOE_CHECK_CUDA(cudaMemcpyAsync(pv, pa, a.bytes(), cudaMemcpyDeviceToDevice, s()));
+  if (batch > 1) {
+    // One call for the batch: on the SD-MoE expert shapes (n = 768, 8 matrices) it took
+    // 0.8x the time of eight syevd calls on an H100, and it synchronises once.
+    size_t device_bytes = 0, host_bytes = 0;
+    SDMOE_CHECK_CUSOLVER(cusolverDnXsyevBatched_bufferSize(
+        cusolver_.get(), cusolver_params_.get(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_32F, pv, n,
+        CUDA_R_32F, pw, CUDA_R_32F, &device_bytes, &host_bytes, batch));
+    Carver sizing;
+    sizing.take<char>(device_bytes);
+    sizing.take<int>(batch);
+    Carver carve(workspace_.get(sizing.used()));
+    void* device_work = carve.take<char>(device_bytes);
+    int* info = carve.take<int>(batch);
+    std::vector<char> host_work(std::max<size_t>(host_bytes, 1));
+    SDMOE_CHECK_CUSOLVER(cusolverDnXsyevBatched(cusolver_.get(), cusolver_params_.get(), CUSOLVER_EIG_MODE_VECTOR,
+                                                CUBLAS_FILL_MODE_UPPER, n, CUDA_R_32F, pv, n, CUDA_R_32F, pw,
+                                                CUDA_R_32F, device_work, device_bytes, host_work.data(), host_bytes,
+                                                info, batch));
+    std::vector<int> infos(size_t(batch), 0);
+    SDMOE_CHECK_CUDA(cudaMemcpyAsync(infos.data(), info, batch * sizeof(int), cudaMemcpyDeviceToHost, s()));
+    synchronize();  // also keeps host_work alive until the solver is done with it
+    for (int64_t b = 0; b < batch; ++b)
+      if (infos[b] != 0) SDMOE_FATAL("cuSOLVER", fmt::format("cusolverDnXsyevBatched matrix {}: info={}", b, infos[b]));
+    return;
+  }
   int lwork = 0;
   SDMOE_CHECK_CUSOLVER(cusolverDnSsyevd_bufferSize(cusolver_.get(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
                                                    in, pv, in, pw, &lwork));

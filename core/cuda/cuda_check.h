@@ -109,6 +109,11 @@ struct CusolverDeleter {
     if (h) cusolverDnDestroy(h);
   }
 };
+struct CusolverParamsDeleter {
+  void operator()(cusolverDnParams_t p) const {
+    if (p) cusolverDnDestroyParams(p);
+  }
+};
 struct DeviceMemoryDeleter {
   void operator()(void* p) const noexcept {
     if (p) cudaFree(p);
@@ -119,6 +124,7 @@ using StreamHandle = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, Stream
 using EventHandle = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
 using CublasHandle = std::unique_ptr<std::remove_pointer_t<cublasHandle_t>, CublasDeleter>;
 using CusolverHandle = std::unique_ptr<std::remove_pointer_t<cusolverDnHandle_t>, CusolverDeleter>;
+using CusolverParamsHandle = std::unique_ptr<std::remove_pointer_t<cusolverDnParams_t>, CusolverParamsDeleter>;
 using DeviceMemory = std::unique_ptr<void, DeviceMemoryDeleter>;
 
 // A non-blocking stream: it does not synchronise with the legacy default stream.
@@ -148,6 +154,12 @@ inline CusolverHandle make_cusolver(cudaStream_t stream) {
   CusolverHandle handle(h);
   SDMOE_CHECK_CUSOLVER(cusolverDnSetStream(h, stream));
   return handle;
+}
+
+inline CusolverParamsHandle make_cusolver_params() {
+  cusolverDnParams_t p = nullptr;
+  SDMOE_CHECK_CUSOLVER(cusolverDnCreateParams(&p));
+  return CusolverParamsHandle(p);
 }
 
 inline DeviceMemory make_device_memory(size_t bytes) {

@@ -130,6 +130,9 @@ void launch_sum_squares(const void* x, DType dtype, int64_t n, double* partials,
 int64_t column_partials(int64_t rows, int64_t cols);
 void launch_column_sums(const float* x, int64_t rows, int64_t cols, double* partials, double* out, cudaStream_t s);
 void launch_cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, cudaStream_t s);
+// Backend::cholesky_inverse on `batch` k x k matrices (f32 or f64).
+void launch_cholesky_inverse(const void* gram, void* inv, DType dtype, int64_t batch, int k, double relative_ridge,
+                             cudaStream_t s);
 void launch_init_normal(void* x, DType dtype, int64_t n, uint64_t seed, uint64_t stream, double std,
                         int64_t index_offset, cudaStream_t s);
 // out[c * rows + r] = in[r * cols + c]

@@ -327,5 +327,86 @@ TEST_P(CpuOpsTest, SymmetricEigenKnownSpectrum) {
   expect_close(a, get(at.t), 0, 0, "input unchanged");
 }
 
+TEST_P(CpuOpsTest, SymmetricEigenBatchedKnownSpectra) {
+  // Three matrices in one call, each with its own spectrum: the batch must not mix them.
+  const DType dt = GetParam();
+  const int64_t n = 5, batch = 3;
+  std::vector<double> a(batch * n * n, 0.0);
+  std::vector<std::vector<double>> spectra;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<double> lambda(n);
+    for (int64_t p = 0; p < n; ++p) lambda[p] = double(b + 1) * (double(p) - 1.5);
+    spectra.push_back(lambda);
+    const auto q = orthonormal_columns(n, n, 90 + uint32_t(b));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = i; j < n; ++j) {
+        double x = 0;
+        for (int64_t p = 0; p < n; ++p) x += q[i * n + p] * lambda[p] * q[j * n + p];
+        a[b * n * n + i * n + j] = a[b * n * n + j * n + i] = x;
+      }
+  }
+  a = rounded(dt, a);
+  Owned at = make_from(dt, {batch, n, n}, a), w = make(dt, {batch, n}), vecs = make(dt, {batch, n, n});
+  cpu().symmetric_eigen(at.t, w.t, vecs.t);
+  const auto gw = get(w.t), gv = get(vecs.t);
+  const double tol = (dt == DType::F32 ? 2e-5 : 1e-12) * 4.0;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<double> want = spectra[b];
+    std::sort(want.begin(), want.end());
+    const std::vector<double> got(gw.begin() + b * n, gw.begin() + (b + 1) * n);
+    expect_close(want, got, tol * double(b + 1), 0, "eigenvalues of matrix " + std::to_string(b));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < n; ++r) {
+        double x = 0;
+        for (int64_t c = 0; c < n; ++c) x += a[b * n * n + r * n + c] * gv[b * n * n + i * n + c];
+        EXPECT_NEAR(x, got[i] * gv[b * n * n + i * n + r], tol * double(b + 1)) << "matrix " << b << " pair " << i;
+      }
+  }
+}
+
+TEST_P(CpuOpsTest, CholeskyInverseWhitensEachMatrix) {
+  // inv (G + ridge I) inv^T = I with inv lower triangular, for a batch of Gram matrices of
+  // random k x L rows; one of them all zeros (a zero gradient), which must stay finite.
+  const DType dt = GetParam();
+  const int64_t k = 6, length = 40, batch = 3;
+  const double relative_ridge = dt == DType::F32 ? 1e-12 : 1e-26;
+  std::vector<double> g(batch * k * k, 0.0);
+  for (int64_t b = 0; b < 2; ++b) {
+    const auto y = randn(k * length, 300 + uint32_t(b));
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        double x = 0;
+        for (int64_t l = 0; l < length; ++l) x += y[i * length + l] * y[j * length + l];
+        g[b * k * k + i * k + j] = x;
+      }
+  }
+  g = rounded(dt, g);
+  Owned gt = make_from(dt, {batch, k, k}, g), inv = make(dt, {batch, k, k});
+  cpu().cholesky_inverse(gt.t, inv.t, relative_ridge);
+  const auto li = get(inv.t);
+  const double tol = dt == DType::F32 ? 1e-5 : 1e-12;
+  for (int64_t b = 0; b < batch; ++b) {
+    const double* l = &li[b * k * k];
+    double trace = 0;
+    for (int64_t i = 0; i < k; ++i) trace += g[b * k * k + i * k + i];
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = i + 1; j < k; ++j) EXPECT_EQ(l[i * k + j], 0.0) << "upper triangle of matrix " << b;
+    for (int64_t i = 0; i < k * k; ++i) EXPECT_TRUE(std::isfinite(l[i])) << "matrix " << b;
+    if (b == 2) {  // the zero matrix: the identity, so zero rows stay zero
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) EXPECT_EQ(l[i * k + j], i == j ? 1.0 : 0.0) << "zero matrix " << i << "," << j;
+      continue;
+    }
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        double x = 0;
+        for (int64_t p = 0; p < k; ++p)
+          for (int64_t q = 0; q < k; ++q)
+            x += l[i * k + p] * (g[b * k * k + p * k + q] + (p == q ? relative_ridge * trace : 0.0)) * l[j * k + q];
+        EXPECT_NEAR(x, i == j ? 1.0 : 0.0, tol) << "matrix " << b << " entry " << i << "," << j;
+      }
+  }
+}
+
 }  // namespace
 }  // namespace sdmoe::test

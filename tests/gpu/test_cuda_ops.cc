@@ -886,6 +886,67 @@ TEST(CudaBackend, SymmetricEigen) {
   }
 }
 
+// A batch in one call (cusolverDnXsyevBatched) against the CPU one matrix at a time.
+TEST(CudaBackend, SymmetricEigenBatched) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = 96, batch = 3;
+  std::vector<float> av(batch * n * n);
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto r = randn(n * n, 400 + uint32_t(b));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        av[b * n * n + i * n + j] = float(b + 1) * 0.5f * (r[i * n + j] + r[j * n + i]);
+  }
+  Twin a = twin({batch, n, n}, av), w = twin(DType::F32, {batch, n}), vecs = twin(DType::F32, {batch, n, n});
+  gpu().symmetric_eigen(a.g, w.g, vecs.g);
+  const auto wg = gpu_f(w), vg = gpu_f(vecs);
+  for (int64_t b = 0; b < batch; ++b) {
+    const std::string what = fmt::format("batched eigen matrix {}", b);
+    Twin one = twin({n, n}, std::vector<float>(av.begin() + b * n * n, av.begin() + (b + 1) * n * n));
+    Twin w1 = twin(DType::F32, {n}), v1 = twin(DType::F32, {n, n});
+    cpu().symmetric_eigen(one.c, w1.c, v1.c);
+    const auto ww = cpu_f(w1);
+    double scale = 0.0;
+    for (float x : ww) scale = std::max(scale, double(std::fabs(x)));
+    expect_close(ww, std::vector<float>(wg.begin() + b * n, wg.begin() + (b + 1) * n), 1e-5 * scale + 1e-6, 0,
+                 what + " eigenvalues");
+    double resid = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < n; ++r) {
+        double acc = 0.0;
+        for (int64_t c = 0; c < n; ++c) acc += double(av[b * n * n + r * n + c]) * vg[b * n * n + i * n + c];
+        resid = std::max(resid, std::fabs(acc - double(wg[b * n + i]) * vg[b * n * n + i * n + r]));
+      }
+    EXPECT_LT(resid, 1e-4 * std::max(1.0, scale)) << what << " residual";
+  }
+}
+
+// The CholeskyQR step against the CPU: same double arithmetic on the same f32 input, so
+// the results agree to f32 rounding; k above the smallest kernel size too.
+TEST(CudaBackend, CholeskyInverse) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (int64_t k : {int64_t(8), int64_t(24)}) {
+    const int64_t length = 3 * k, batch = 5;
+    std::vector<float> gv(batch * k * k, 0.0f);
+    for (int64_t b = 0; b + 1 < batch; ++b) {  // the last stays zero
+      const auto y = randn(k * length, 500 + uint32_t(b + k));
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          double x = 0;
+          for (int64_t l = 0; l < length; ++l) x += double(y[i * length + l]) * y[j * length + l];
+          gv[b * k * k + i * k + j] = float(x);
+        }
+    }
+    Twin g = twin({batch, k, k}, gv), inv = twin(DType::F32, {batch, k, k});
+    cpu().cholesky_inverse(g.c, inv.c, 1e-12);
+    gpu().cholesky_inverse(g.g, inv.g, 1e-12);
+    const auto want = cpu_f(inv), got = gpu_f(inv);
+    double scale = 0.0;
+    for (float x : want) scale = std::max(scale, double(std::fabs(x)));
+    expect_close(want, got, 1e-6 * scale, 0, fmt::format("cholesky_inverse k={}", k));
+  }
+}
+
 // ================================ errors ====================================================
 
 TEST(CudaBackendDeathTest, F64IsFatal) {

@@ -492,6 +492,31 @@ TEST(SdmoeMetrics, OverlapOfIdenticalAndOfRandomExperts) {
     EXPECT_LT(m.overlap_right, 0.8);
     EXPECT_GE(m.overlap_left, 0.0);
   }
+  // And exactly the definition, mean over ordered pairs i != j of |U_i^T U_j|_F^2 / k,
+  // recomputed here from the installed (PER_EXPERT) bases.
+  const Mat bases = get(s.sd.bases());
+  for (size_t ti = 0; ti < s.sd.targets().size(); ++ti) {
+    const SpectralTarget& t = s.sd.targets()[ti];
+    for (const auto& [offset, length, reported] :
+         {std::tuple{t.ut_offset, t.m, apart.metrics[ti].overlap_left},
+          std::tuple{t.vt_offset, t.n, apart.metrics[ti].overlap_right}}) {
+      double total = 0;
+      for (int64_t i = 0; i < t.experts; ++i)
+        for (int64_t j = 0; j < t.experts; ++j) {
+          if (i == j) continue;
+          double f = 0;
+          for (int p = 0; p < kRank; ++p)
+            for (int q = 0; q < kRank; ++q) {
+              double dot = 0;
+              for (int64_t l = 0; l < length; ++l)
+                dot += bases[offset + (i * kRank + p) * length + l] * bases[offset + (j * kRank + q) * length + l];
+              f += dot * dot;
+            }
+          total += f / kRank;
+        }
+      EXPECT_NEAR(reported, total / double(t.experts * (t.experts - 1)), 1e-12) << "target " << ti;
+    }
+  }
   EXPECT_EQ(apart.jobs_computed, int64_t(s.sd.targets().size()) * s.sd.targets()[0].experts);
 }
 
