@@ -53,8 +53,15 @@ struct AdamWStep {
 struct SdmoePartStep {
   AdamWStep adam;
   double lr_common, lr_unique;
-  double decay_shift;  // (lr_common - lr_unique) x weight decay
-  bool sgd;            // plain SGD: no moments
+  double decay_shift;   // (lr_common - lr_unique) x weight decay
+  double decay_common;  // lr_common x weight decay
+  bool sgd;             // plain SGD: no moments
+};
+
+// `count` matrices of `elements` elements each, the first at element 0 of a flat tensor
+// and the next `stride` elements further (the experts' slices of a stacked parameter).
+struct MatrixStack {
+  int64_t count = 1, elements = 0, stride = 0;
 };
 
 class Backend {
@@ -183,14 +190,17 @@ class Backend {
   virtual void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m,
                             const Tensor& v, const AdamWStep& step) = 0;
 
-  // Elementwise, with g_common = g - g_unique:
+  // Elementwise over a stack of expert matrices, with g_unique = g - g_common:
   //   a_c = -lr_common x AdamW direction of g_common with moments (m_c, v_c),
   //   a_u = -lr_unique x AdamW direction of g_unique with moments (m_u, v_u)
   //   (sgd: a = -lr x grad_scale x g_part, moments untouched);
-  //   common_out = a_c, diff_out = a_u - a_c + decay_shift x w.
-  virtual void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c,
-                               const Tensor& v_c, const Tensor& m_u, const Tensor& v_u, const Tensor& common_out,
-                               const Tensor& diff_out, const SdmoePartStep& step) = 0;
+  //   diff = a_u - a_c + decay_shift x w, then w <- (1 - decay_common) x w + a_c + diff.
+  // w, g, m_c and v_c hold the stack at its stride; g_common, m_u, v_u and diff are
+  // contiguous [count, elements]. The caller then subtracts the common projection of diff
+  // from w, which leaves each part's update projected into its own subspace.
+  virtual void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& m_c, const Tensor& v_c,
+                               const Tensor& g_common, const Tensor& m_u, const Tensor& v_u, const Tensor& diff,
+                               const MatrixStack& stack, const SdmoePartStep& step) = 0;
 
   // ---- linear algebra -----------------------------------------------------------------
   // Thin SVD a [M,N] = u [M,R] diag(s [R]) vt [R,N], R = min(M,N), singular values

@@ -93,6 +93,10 @@ void describe(const pb::Descriptor* d, const std::string& prefix, std::string& o
       describe(f->message_type(), path + ".", out);
       continue;
     }
+    if (f->is_repeated()) {  // no default beyond the empty list, which the help describes
+      out += fmt::format("  {:<34} {} (repeated)\n", path, help);
+      continue;
+    }
     std::string def;
     switch (f->cpp_type()) {
       case pb::FieldDescriptor::CPPTYPE_INT32: def = std::to_string(f->default_value_int32()); break;

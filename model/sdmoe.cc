@@ -204,6 +204,13 @@ SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, cons
   unique_m_ = Buffer(backend, std::max<size_t>(size_t(unique_elements_) * width, 64));
   unique_v_ = Buffer(backend, std::max<size_t>(size_t(unique_elements_) * width, 64));
   be_.fill(bases(), 0.0);
+  int64_t stacked_elements = 0;
+  for (const SpectralTarget& t : targets_) {
+    stacked_offset_.push_back(stacked_elements);
+    stacked_elements += t.experts * (2 * spec_.rank * (t.m + t.n) + int64_t(spec_.rank) * spec_.rank);
+  }
+  stacked_ = Buffer(backend, std::max<size_t>(size_t(stacked_elements) * width, 64));
+  if (stacked_elements > 0) be_.fill(flat_at(raw(stacked_), 0, stacked_elements), 0.0);
   if (unique_elements_ > 0) {
     be_.fill(flat_at(raw(unique_m_), 0, unique_elements_), 0.0);
     be_.fill(flat_at(raw(unique_v_), 0, unique_elements_), 0.0);
@@ -263,29 +270,56 @@ void SpectralDecomposition::update(int param_id, const Tensor& params, const Ten
 void SpectralDecomposition::update_target(size_t index, const Tensor& params, const Tensor& grads, const Tensor& m,
                                           const Tensor& v, const AdamWStep& step, bool sgd) {
   const SpectralTarget& t = targets_[index];
-  const ParamSpec& ps = registry_.spec(t.param_id);
-  const int64_t mn = t.m * t.n, base = ps.offset + t.first;
+  const int64_t mn = t.m * t.n, base = registry_.spec(t.param_id).offset + t.first;
   const double lr_c = step.lr * spec_.lr_mult_common, lr_u = step.lr * spec_.lr_mult_unique, wd = step.weight_decay;
-  const Tensor g_unique = projector_.scratch(0, t);
-  const Tensor a_common = projector_.scratch(1, t), a_unique = projector_.scratch(2, t);
-  auto slot = [&](const Tensor& s, int64_t e) { return flat_at(s, e * mn, mn); };
-  auto matrix = [&](const Tensor& flat, int64_t e) { return flat_at(flat, base + e * t.stride, mn); };
-  const int64_t moment_base = moment_offset(t.param_id) + t.first;
-  auto moments = [&](const Tensor& flat, int64_t e) { return flat_at(flat, moment_base + e * t.stride, mn); };
+  const Tensor g_common = projector_.scratch(0, t), diff = projector_.scratch(1, t);
+  const int64_t span = (t.experts - 1) * t.stride + mn, moment_base = moment_offset(t.param_id) + t.first;
+  // G_C = Pi_C(G); one fused pass over the stack: both parts' directions and moments, W
+  // moved by the common direction plus the difference D, and D itself; then W -= Pi_C(D),
+  // which leaves Pi_C(A_C) - lr_C wd W_C + Pi_U(A_U) - lr_U wd W_U (Backend::sdmoe_part_step).
+  add_common_part(index, grads, base, t.stride, 1.0, g_common, 0, mn, 0.0);
+  const SdmoePartStep part{step, lr_c, lr_u, (lr_c - lr_u) * wd, lr_c * wd, sgd};
+  be_.sdmoe_part_step(flat_at(params, base, span), flat_at(grads, base, span), flat_at(m, moment_base, span),
+                      flat_at(v, moment_base, span), g_common, flat_at(raw(unique_m_), unique_offset_[index], t.experts * mn),
+                      flat_at(raw(unique_v_), unique_offset_[index], t.experts * mn), diff,
+                      MatrixStack{t.experts, mn, t.stride}, part);
+  add_common_part(index, diff, 0, mn, -1.0, params, base, t.stride, 1.0);
+}
 
-  projector_.project_unique(t, bases(), grads, base, t.stride, g_unique);
-  // One fused pass per expert: both parts' directions, moments and the difference the
-  // second projection needs (Backend::sdmoe_part_step).
-  const SdmoePartStep part{step, lr_c, lr_u, (lr_c - lr_u) * wd, sgd};
-  for (int64_t e = 0; e < t.experts; ++e)
-    be_.sdmoe_part_step(matrix(params, e), matrix(grads, e), slot(g_unique, e), moments(m, e), moments(v, e),
-                        unique_m(index, e), unique_v(index, e), slot(a_common, e), slot(a_unique, e), part);
-  projector_.project_unique(t, bases(), a_unique, 0, mn, a_unique);
-  for (int64_t e = 0; e < t.experts; ++e) {
-    const Tensor w = matrix(params, e);
-    if (wd != 0.0) be_.scale(w, 1.0 - lr_c * wd);
-    be_.axpy(1.0, slot(a_common, e), w);
-    be_.axpy(1.0, slot(a_unique, e), w);
+void SpectralDecomposition::add_common_part(size_t index, const Tensor& x, int64_t x_base, int64_t x_stride,
+                                            double alpha, const Tensor& out, int64_t out_base, int64_t out_stride,
+                                            double beta) {
+  const SpectralTarget& t = targets_[index];
+  const int64_t k = spec_.rank, m = t.m, n = t.n, e = t.experts;
+  if (e == 0) return;
+  const int64_t ut_stride = t.bases > 1 ? k * m : 0, vt_stride = t.bases > 1 ? k * n : 0;
+  const Tensor ut = flat_at(bases(), t.ut_offset, (t.bases - 1) * ut_stride + k * m);
+  const Tensor vt = flat_at(bases(), t.vt_offset, (t.bases - 1) * vt_stride + k * n);
+  const int64_t l_at = stacked_offset_[index], r_at = l_at + e * 2 * k * m, c_at = r_at + e * 2 * k * n;
+  const Tensor l_low = flat_at(raw(stacked_), l_at + k * m, e * 2 * k * m - k * m);  // rows k..2k of L
+  const Tensor r_top = flat_at(raw(stacked_), r_at, e * 2 * k * n);                  // rows 0..k of R
+  const Tensor c = flat_at(raw(stacked_), c_at, e * k * k);
+  const Tensor xs = flat_at(x, x_base, (e - 1) * x_stride + m * n);
+  be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});   // Ut X
+  be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});    // Vt X^T
+  be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});        // Ut X V
+  be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});      // Ut X (I - V V^T)
+  const Tensor l = flat_at(raw(stacked_), l_at, e * 2 * k * m), r = flat_at(raw(stacked_), r_at, e * 2 * k * n);
+  be_.gemm(true, false, m, n, 2 * k, alpha, l, r, beta, flat_at(out, out_base, (e - 1) * out_stride + m * n),
+           {e, 2 * k * m, 2 * k * n, out_stride});
+}
+
+void SpectralDecomposition::load_stacked_bases() {
+  const int64_t k = spec_.rank;
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const SpectralTarget& t = targets_[i];
+    const int64_t l_at = stacked_offset_[i], r_at = l_at + t.experts * 2 * k * t.m;
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const int64_t b = t.bases > 1 ? e : 0;
+      be_.copy(flat_at(bases(), t.ut_offset + b * k * t.m, k * t.m), flat_at(raw(stacked_), l_at + e * 2 * k * t.m, k * t.m));
+      be_.copy(flat_at(bases(), t.vt_offset + b * k * t.n, k * t.n),
+               flat_at(raw(stacked_), r_at + e * 2 * k * t.n + k * t.n, k * t.n));
+    }
   }
 }
 
@@ -306,6 +340,7 @@ void SpectralDecomposition::install_bases(const Tensor& new_bases, const Tensor&
     }
   }
   be_.copy(new_bases, bases());
+  load_stacked_bases();
   for (size_t i = 0; i < targets_.size(); ++i) {
     const SpectralTarget& t = targets_[i];
     const int64_t mn = t.m * t.n, base = registry_.spec(t.param_id).offset + t.first;

@@ -69,7 +69,7 @@ int64_t bases_elements(const std::vector<SpectralTarget>& targets, int k);
 // the largest target and kept between calls.
 class SpectralProjector {
  public:
-  static constexpr int kScratchSlots = 3;
+  static constexpr int kScratchSlots = 2;
   // scratch_slots: how many [experts, m, n] scratch tensors to keep (scratch()).
   SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k,
                     int scratch_slots = kScratchSlots);
@@ -135,6 +135,13 @@ class SpectralDecomposition {
   Tensor raw(const Buffer& b) const;
   void update_target(size_t index, const Tensor& params, const Tensor& grads, const Tensor& m, const Tensor& v,
                      const AdamWStep& step, bool sgd);
+  // out[e] = beta out[e] + alpha Pi_C(x[e]) for target `index`'s experts (x[e] at x_base +
+  // e x_stride, out[e] at out_base + e out_stride): Pi_C(X) = [Ut; Vt X^T]^T [Ut X (I - V V^T); Vt],
+  // one GEMM of inner size 2k after four thin ones, against the installed bases.
+  void add_common_part(size_t index, const Tensor& x, int64_t x_base, int64_t x_stride, double alpha,
+                       const Tensor& out, int64_t out_base, int64_t out_stride, double beta);
+  // Copies the installed bases into the stacked operands of add_common_part.
+  void load_stacked_bases();
 
   Backend& be_;
   DType dtype_;
@@ -146,6 +153,10 @@ class SpectralDecomposition {
   std::map<int, int64_t> moment_offsets_;
   int64_t bases_elements_ = 0, unique_elements_ = 0;
   Buffer bases_, unique_m_, unique_v_;
+  // Per target: L [experts, 2k, m] (rows: Ut, then Vt X^T), R [experts, 2k, n] (rows:
+  // Ut X (I - V V^T), then Vt) and C [experts, k, k]; the basis rows stay between steps.
+  std::vector<int64_t> stacked_offset_;
+  Buffer stacked_;
   SpectralProjector projector_;
 };
 

@@ -310,17 +310,24 @@ void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Ten
 
 void CpuBackend::bind_to_current_thread() { omp_set_num_threads(threads_); }
 
-void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c,
-                                 const Tensor& v_c, const Tensor& m_u, const Tensor& v_u, const Tensor& common_out,
-                                 const Tensor& diff_out, const SdmoePartStep& st) {
-  for (const Tensor* t : {&g, &g_unique, &m_c, &v_c, &m_u, &v_u, &common_out, &diff_out}) expect_same(w, *t, "sdmoe_part_step");
+void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& m_c, const Tensor& v_c,
+                                 const Tensor& g_common, const Tensor& m_u, const Tensor& v_u, const Tensor& diff,
+                                 const MatrixStack& stack, const SdmoePartStep& st) {
+  const int64_t strided = stack.count == 0 ? 0 : (stack.count - 1) * stack.stride + stack.elements,
+                packed = stack.count * stack.elements;
+  for (const Tensor* t : {&g, &m_c, &v_c, &g_common, &m_u, &v_u, &diff}) expect_same(w, *t, "sdmoe_part_step");
+  for (const Tensor* t : {&w, &g, &m_c, &v_c})
+    SDMOE_ASSERT(t->numel() >= strided, "sdmoe_part_step: strided operand of {} elements, stack needs {}", t->numel(),
+                 strided);
+  for (const Tensor* t : {&g_common, &m_u, &v_u, &diff})
+    SDMOE_ASSERT(t->numel() == packed, "sdmoe_part_step: packed operand of {} elements, stack has {}", t->numel(),
+                 packed);
   dispatch_float(w.dtype, [&](auto z) {
     using T = decltype(z);
-    const T *pw = w.ptr<T>(), *pg = g.ptr<T>(), *pu = g_unique.ptr<T>();
-    T *mc = m_c.ptr<T>(), *vc = v_c.ptr<T>(), *mu = m_u.ptr<T>(), *vu = v_u.ptr<T>();
-    T *oc = common_out.ptr<T>(), *od = diff_out.ptr<T>();
+    T *pw = w.ptr<T>(), *mc = m_c.ptr<T>(), *vc = v_c.ptr<T>(), *mu = m_u.ptr<T>(), *vu = v_u.ptr<T>();
+    const T *pg = g.ptr<T>(), *pc = g_common.ptr<T>();
+    T* od = diff.ptr<T>();
     const AdamWStep& a = st.adam;
-    const int64_t n = w.numel();
     // -lr x the AdamW direction of one part's gradient, its moments updated.
     auto direction = [&](double gi, T& m, T& v, double lr) {
       if (st.sgd) return -lr * gi;
@@ -331,11 +338,14 @@ void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor&
       return -lr * (mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps);
     };
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const double gu = double(pu[i]) * a.grad_scale, gc = (double(pg[i]) - double(pu[i])) * a.grad_scale;
-      const double ac = direction(gc, mc[i], vc[i], st.lr_common), au = direction(gu, mu[i], vu[i], st.lr_unique);
-      oc[i] = T(ac);
-      od[i] = T(au - ac + st.decay_shift * double(pw[i]));
+    for (int64_t i = 0; i < packed; ++i) {
+      const int64_t at = (i / stack.elements) * stack.stride + i % stack.elements;
+      const double gc = double(pc[i]) * a.grad_scale, gu = (double(pg[at]) - double(pc[i])) * a.grad_scale;
+      const double ac = direction(gc, mc[at], vc[at], st.lr_common), au = direction(gu, mu[i], vu[i], st.lr_unique);
+      const double wi = double(pw[at]);
+      const double d = double(T(au - ac + st.decay_shift * wi));
+      od[i] = T(d);
+      pw[at] = T((1.0 - st.decay_common) * wi + ac + d);
     }
   });
 }

@@ -66,8 +66,8 @@ class CpuBackend final : public Backend {
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWStep& step) override;
-  void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c, const Tensor& v_c,
-                       const Tensor& m_u, const Tensor& v_u, const Tensor& common_out, const Tensor& diff_out,
+  void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& m_c, const Tensor& v_c, const Tensor& g_common,
+                       const Tensor& m_u, const Tensor& v_u, const Tensor& diff, const MatrixStack& stack,
                        const SdmoePartStep& step) override;
 
   void svd(const Tensor& a, const Tensor& u, const Tensor& s, const Tensor& vt) override;

@@ -409,19 +409,24 @@ class CudaBackend final : public Backend {
                 st.grad_scale};
     launch_adamw(f32(param, "adamw"), f32(grad, "adamw"), f32(m, "adamw"), f32(v, "adamw"), n, a, s());
   }
-  void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& g_unique, const Tensor& m_c, const Tensor& v_c,
-                       const Tensor& m_u, const Tensor& v_u, const Tensor& common_out, const Tensor& diff_out,
+  void sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor& m_c, const Tensor& v_c, const Tensor& g_common,
+                       const Tensor& m_u, const Tensor& v_u, const Tensor& diff, const MatrixStack& stack,
                        const SdmoePartStep& st) override {
-    const int64_t n = w.numel();
-    for (const Tensor* t : {&g, &g_unique, &m_c, &v_c, &m_u, &v_u, &common_out, &diff_out})
-      SDMOE_ASSERT(t->numel() == n, "sdmoe_part_step shapes");
+    const int64_t strided = stack.count == 0 ? 0 : (stack.count - 1) * stack.stride + stack.elements,
+                  packed = stack.count * stack.elements;
+    for (const Tensor* t : {&w, &g, &m_c, &v_c})
+      SDMOE_ASSERT(t->numel() >= strided, "sdmoe_part_step: strided operand of {} elements, stack needs {}",
+                   t->numel(), strided);
+    for (const Tensor* t : {&g_common, &m_u, &v_u, &diff})
+      SDMOE_ASSERT(t->numel() == packed, "sdmoe_part_step: packed operand of {} elements, stack has {}", t->numel(),
+                   packed);
     const AdamWStep& d = st.adam;
     const SdmoePartArgs a{{d.lr, d.beta1, d.beta2, d.eps, d.weight_decay, d.bias_correction1, d.bias_correction2,
                            d.grad_scale},
-                          st.lr_common, st.lr_unique, st.decay_shift, st.sgd};
+                          st.lr_common, st.lr_unique, st.decay_shift, st.decay_common, st.sgd};
     const char* op = "sdmoe_part_step";
-    launch_sdmoe_part_step(f32(w, op), f32(g, op), f32(g_unique, op), f32(m_c, op), f32(v_c, op), f32(m_u, op),
-                           f32(v_u, op), f32(common_out, op), f32(diff_out, op), n, a, s());
+    launch_sdmoe_part_step(f32(w, op), f32(g, op), f32(m_c, op), f32(v_c, op), f32(g_common, op), f32(m_u, op),
+                           f32(v_u, op), f32(diff, op), stack.count, stack.elements, stack.stride, a, s());
   }
 
   // ---- linear algebra -----------------------------------------------------------------

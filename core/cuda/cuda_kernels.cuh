@@ -156,12 +156,13 @@ struct AdamWArgs {
 void launch_adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWArgs& a, cudaStream_t s);
 struct SdmoePartArgs {
   AdamWArgs adam;
-  double lr_common, lr_unique, decay_shift;
+  double lr_common, lr_unique, decay_shift, decay_common;
   bool sgd;
 };
-void launch_sdmoe_part_step(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c, float* m_u,
-                            float* v_u, float* common_out, float* diff_out, int64_t n, const SdmoePartArgs& a,
-                            cudaStream_t s);
+// Backend::sdmoe_part_step over `count` matrices of `elements` (w, g, m_c, v_c at `stride`).
+void launch_sdmoe_part_step(float* w, const float* g, float* m_c, float* v_c, const float* g_common, float* m_u,
+                            float* v_u, float* diff, int64_t count, int64_t elements, int64_t stride,
+                            const SdmoePartArgs& a, cudaStream_t s);
 
 // ---- attention (kernels_attention.cu) ----------------------------------------------------
 // packed [B,S,parts,H,Dh] <-> heads[p] [B,H,S,Dh] for p < parts (heads[1..] may be null

@@ -271,16 +271,19 @@ __device__ double sdmoe_direction(double gi, float& m, float& v, double lr, cons
   return -lr * (mi / a.adam.bias_correction1) / (sqrt(vi / a.adam.bias_correction2) + a.adam.eps);
 }
 
-__global__ void sdmoe_part_step_kernel(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c,
-                                       float* m_u, float* v_u, float* common_out, float* diff_out, int64_t n,
-                                       SdmoePartArgs a) {
+__global__ void sdmoe_part_step_kernel(float* w, const float* g, float* m_c, float* v_c, const float* g_common,
+                                       float* m_u, float* v_u, float* diff, int64_t n, int64_t elements,
+                                       int64_t stride, SdmoePartArgs a) {
   SDMOE_GRID_STRIDE(i, n) {
-    const double gu = double(g_unique[i]) * a.adam.grad_scale;
-    const double gc = (double(g[i]) - double(g_unique[i])) * a.adam.grad_scale;
-    const double ac = sdmoe_direction(gc, m_c[i], v_c[i], a.lr_common, a);
+    const int64_t at = (i / elements) * stride + i % elements;
+    const double gc = double(g_common[i]) * a.adam.grad_scale;
+    const double gu = (double(g[at]) - double(g_common[i])) * a.adam.grad_scale;
+    const double ac = sdmoe_direction(gc, m_c[at], v_c[at], a.lr_common, a);
     const double au = sdmoe_direction(gu, m_u[i], v_u[i], a.lr_unique, a);
-    common_out[i] = static_cast<float>(ac);
-    diff_out[i] = static_cast<float>(au - ac + a.decay_shift * double(w[i]));
+    const double wi = double(w[at]);
+    const double d = double(static_cast<float>(au - ac + a.decay_shift * wi));
+    diff[i] = static_cast<float>(d);
+    w[at] = static_cast<float>((1.0 - a.decay_common) * wi + ac + d);
   }
 }
 
@@ -508,12 +511,13 @@ void launch_swiglu_backward(const float* gate_up, const float* dout, float* dgat
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_sdmoe_part_step(const float* w, const float* g, const float* g_unique, float* m_c, float* v_c, float* m_u,
-                            float* v_u, float* common_out, float* diff_out, int64_t n, const SdmoePartArgs& a,
-                            cudaStream_t s) {
+void launch_sdmoe_part_step(float* w, const float* g, float* m_c, float* v_c, const float* g_common, float* m_u,
+                            float* v_u, float* diff, int64_t count, int64_t elements, int64_t stride,
+                            const SdmoePartArgs& a, cudaStream_t s) {
+  const int64_t n = count * elements;
   if (n == 0) return;
-  sdmoe_part_step_kernel<<<elementwise_blocks(n), kThreads, 0, s>>>(w, g, g_unique, m_c, v_c, m_u, v_u, common_out,
-                                                                    diff_out, n, a);
+  sdmoe_part_step_kernel<<<elementwise_blocks(n), kThreads, 0, s>>>(w, g, m_c, v_c, g_common, m_u, v_u, diff, n,
+                                                                    elements, stride, a);
   SDMOE_CHECK_CUDA(cudaGetLastError());
 }
 

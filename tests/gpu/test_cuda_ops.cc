@@ -787,27 +787,37 @@ TEST(CudaBackend, AdamW) {
 
 TEST(CudaBackend, SdmoePartStep) {
   if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const int64_t n = 50021;
-  auto pos = [&](uint32_t seed) {
+  // Three expert matrices of 10007 elements at a stride of 12000 (the gaps are another
+  // matrix type's elements and must stay untouched), the packed operands contiguous.
+  const int64_t count = 3, elements = 10007, stride = 12000, span = (count - 1) * stride + elements,
+                packed = count * elements;
+  auto pos = [&](int64_t n, uint32_t seed) {
     auto v = randn(n, seed, 1e-3f);
     for (auto& x : v) x = std::fabs(x);
     return v;
   };
   for (bool sgd : {false, true}) {
-    Twin w = twin({n}, randn(n, 170)), g = twin({n}, randn(n, 171)), gu = twin({n}, randn(n, 172, 0.5f));
-    Twin mc = twin({n}, randn(n, 173, 0.1f)), vc = twin({n}, pos(174)), mu = twin({n}, randn(n, 175, 0.1f)),
-         vu = twin({n}, pos(176)), common = twin(DType::F32, {n}), diff = twin(DType::F32, {n});
+    const auto w0 = randn(span, 170);
+    Twin w = twin({span}, w0), g = twin({span}, randn(span, 171)), gc = twin({packed}, randn(packed, 172, 0.5f));
+    Twin mc = twin({span}, randn(span, 173, 0.1f)), vc = twin({span}, pos(span, 174)),
+         mu = twin({packed}, randn(packed, 175, 0.1f)), vu = twin({packed}, pos(packed, 176)),
+         diff = twin(DType::F32, {packed});
     for (int t = 1; t <= 3; ++t) {
       const AdamWStep adam{0.0, 0.9, 0.95, 1e-8, 0.0, 1.0 - std::pow(0.9, t), 1.0 - std::pow(0.95, t), 0.5};
-      const SdmoePartStep step{adam, 1e-3, 5e-4, 5e-5, sgd};
-      cpu().sdmoe_part_step(w.c, g.c, gu.c, mc.c, vc.c, mu.c, vu.c, common.c, diff.c, step);
-      gpu().sdmoe_part_step(w.g, g.g, gu.g, mc.g, vc.g, mu.g, vu.g, common.g, diff.g, step);
+      const SdmoePartStep step{adam, 1e-3, 5e-4, 5e-5, 1e-4, sgd};
+      const MatrixStack stack{count, elements, stride};
+      cpu().sdmoe_part_step(w.c, g.c, mc.c, vc.c, gc.c, mu.c, vu.c, diff.c, stack, step);
+      gpu().sdmoe_part_step(w.g, g.g, mc.g, vc.g, gc.g, mu.g, vu.g, diff.g, stack, step);
     }
     const std::string what = sgd ? "sgd " : "adamw ";
-    expect_close(cpu_f(common), gpu_f(common), 1e-9, 1e-5, what + "common");
+    expect_close(cpu_f(w), gpu_f(w), 1e-7, 1e-6, what + "w");
     expect_close(cpu_f(diff), gpu_f(diff), 1e-9, 1e-5, what + "difference");
     expect_close(cpu_f(mc), gpu_f(mc), 1e-7, 1e-6, what + "m_c");
     expect_close(cpu_f(vu), gpu_f(vu), 1e-12, 1e-6, what + "v_u");
+    const auto wg = gpu_f(w);
+    for (int64_t e = 0; e + 1 < count; ++e)
+      for (int64_t i = e * stride + elements; i < (e + 1) * stride; ++i)
+        ASSERT_EQ(wg[i], w0[i]) << what << "gap element " << i << " changed";
   }
 }
 
