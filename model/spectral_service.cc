@@ -130,14 +130,6 @@ struct SpectralService::Impl {
     }
     return out;
   }
-  void from_host(const std::vector<double>& in, const Tensor& x, Backend& via) const {
-    if (x.dtype == DType::F64) {
-      via.copy_from_host(in.data(), x);
-    } else {
-      const std::vector<float> f(in.begin(), in.end());
-      via.copy_from_host(f.data(), x);
-    }
-  }
   static uint64_t seed_of(size_t target, int side) { return 0x2545f4914f6cdd1dULL + 7919 * target + side; }
   int replica_rank() const { return replicas ? replicas->rank() : 0; }
   int replica_count() const { return replicas ? replicas->size() : 1; }
