@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_dispatch.h"
+#include "core/cpu/gemm_short_inner.h"
 #include "core/rng.h"
 
 extern "C" {
@@ -55,6 +56,10 @@ void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, cons
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (!ta && tb && cpu::gemm_nt_short_inner_applies(m, n, k))
+      return cpu::gemm_nt_short_inner(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   auto opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<T, float>) {
