@@ -9,13 +9,18 @@
 
 namespace {
 constexpr const char* kUsage =
-    "usage: sdmoe_pretrain --config FILE.textproto [--set field.path=value ...]\n"
+    "usage: sdmoe_pretrain --config FILE.textproto [--set field.path=value ...] [--resume]\n"
     "       mpirun -np N sdmoe_pretrain --config FILE.textproto\n"
     "\n"
     "Pretrains a GPT-style mixture-of-experts model. N ranks train data-parallel replicas\n"
     "with the same results as one rank with the same global batch. The config is protobuf\n"
     "text (schema: launcher/config.proto); --set overrides one field, e.g.\n"
-    "--set training.steps=10 --set model.moe.top_k=1.\n\nconfig fields:\n";
+    "--set training.steps=10 --set model.moe.top_k=1.\n"
+    "\n"
+    "With checkpoint.dir set, checkpoints are written every checkpoint.interval steps, at\n"
+    "the end, and on SIGTERM or SIGUSR1 (then the run exits 0); a run whose checkpoint.dir\n"
+    "holds one resumes from it. --resume (= --set checkpoint.resume=REQUIRED) fails instead\n"
+    "of starting fresh when there is none.\n\nconfig fields:\n";
 }
 
 int main(int argc, char** argv) {
@@ -32,6 +37,8 @@ int main(int argc, char** argv) {
       (arg == "--config" ? config_path = argv[++i] : (overrides.emplace_back(argv[++i]), config_path));
     } else if (arg.rfind("--config=", 0) == 0) {
       config_path = arg.substr(9);
+    } else if (arg == "--resume") {
+      overrides.push_back("checkpoint.resume=REQUIRED");
     } else if (arg.rfind("--set=", 0) == 0) {
       overrides.push_back(arg.substr(6));
     } else {

@@ -1,8 +1,11 @@
 #include "launcher/trainer.h"
 
+#include <signal.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -11,6 +14,7 @@
 #include "data/bpe_tokenizer.h"
 #include "data/sequence_loader.h"
 #include "data/token_dataset.h"
+#include "launcher/checkpoint.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
 #include "model/sdmoe.h"
@@ -20,12 +24,27 @@
 namespace sdmoe {
 namespace {
 
+// SIGTERM or SIGUSR1 (Slurm's notice before preemption or the time limit): the step in
+// progress finishes, a checkpoint is written and the run exits 0.
+volatile std::sig_atomic_t stop_signal = 0;
+extern "C" void on_stop_signal(int signal) { stop_signal = signal; }
+
+void install_stop_handlers() {
+  struct sigaction action = {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGUSR1, &action, nullptr);
+}
+
 struct Job {
   ModelSpec model;
   OptimizerSpec optimizer;
   SdmoeSpec sdmoe;
   int micro_batch = 0, accumulation = 0;
   std::shared_ptr<const data::TokenDataset> train, validation;
+  std::string resume_from;  // checkpoint to start from; empty: a fresh start
 };
 
 // Everything that can be wrong with the input, checked on this rank without any
@@ -66,6 +85,11 @@ Job check_job(const config::Run& run, int dp) {
       fail("{}: dataset was tokenized with a different vocabulary than {} (fingerprint {:016x} vs {:016x})", path,
            run.data().tokenizer_dir(), job.train->tokenizer_fingerprint(), tok.fingerprint());
   }
+  const config::Checkpoint& ck = run.checkpoint();
+  if (ck.interval() < 0) fail("checkpoint.interval must be >= 0");
+  if (ck.keep() < 0) fail("checkpoint.keep must be >= 0");
+  if (ck.interval() > 0 && ck.dir().empty()) fail("checkpoint.interval is set but checkpoint.dir is not");
+  job.resume_from = Checkpointer::resume_path(ck);
   const int64_t window = int64_t(job.model.seq_len) + 1;
   if (job.train->num_tokens() < window || job.validation->num_tokens() < window)
     fail("{}: fewer than seq_len + 1 = {} tokens in a split", path, window);
@@ -249,7 +273,34 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                   m.tail_overlap_right, m.grad_overlap_left, m.grad_overlap_right, m.router_alignment);
     std::fflush(stdout);
   };
-  if (spectral) {
+  // With ZeRO-1 each replica keeps a distinct shard of the moments; SD-MoE keeps expert
+  // state whole (see sync_options).
+  Checkpointer checkpointer(run, model, optimizer, decomposition.get(), groups,
+                            MomentSharding{zero1 && dims.dp > 1, zero1 && !job.sdmoe.enabled && dims.edp > 1});
+  int64_t first_step = 0;
+  if (!job.resume_from.empty()) {
+    const auto start = std::chrono::steady_clock::now();
+    TrainingPosition position;
+    try {
+      position = checkpointer.load(job.resume_from);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", e.what());
+      return 2;
+    }
+    first_step = position.step;
+    train_loader.set_position(position.data_position);
+    if (spectral) spectral->bases_restored();
+    if (root) {
+      std::printf("resumed from %s: step %ld, %lu training samples consumed (%.2f s)\n", job.resume_from.c_str(),
+                  (long)first_step, (unsigned long)position.data_position,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      std::fflush(stdout);
+    }
+    // The uninterrupted run started this boundary's asynchronous refresh after saving.
+    if (spectral && job.sdmoe.async && spectral->due(first_step)) spectral->start_async(first_step, false);
+  }
+  install_stop_handlers();
+  if (spectral && job.resume_from.empty()) {
     // Initialisation splits each W with its own top-k bases (moments are still zero).
     const RefreshReport first = spectral->refresh(0, optimizer.first_moments());
     if (root)
@@ -275,12 +326,13 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   if (run.training().eval_interval() > 0) {
     const double initial = validate();
-    if (root) std::printf("step 0/%d | val_loss %.6f\n", run.training().steps(), initial);
+    if (root) std::printf("step %ld/%d | val_loss %.6f\n", (long)first_step, run.training().steps(), initial);
   }
   std::vector<int32_t> tokens;
   const int moe_layers = job.model.moe_layer_count();
   const auto traffic = traffic_groups(groups);
-  for (int64_t step = 0; step < run.training().steps(); ++step) {
+  const config::Checkpoint& ck = run.checkpoint();
+  for (int64_t step = first_step; step < run.training().steps(); ++step) {
     const auto start = std::chrono::steady_clock::now();
     for (const auto& [name, comm] : traffic) comm->reset_bytes_sent();
     model.zero_grads();
@@ -311,13 +363,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
         refresh = spectral->finish_async(step + 1, optimizer.first_moments());
         refreshed = true;
       }
-      if (spectral->due(step + 1)) {
-        if (job.sdmoe.async) {
-          spectral->start_async(step + 1);
-        } else {
-          refresh = spectral->refresh(step + 1, optimizer.first_moments());
-          refreshed = true;
-        }
+      if (spectral->due(step + 1) && !job.sdmoe.async) {
+        refresh = spectral->refresh(step + 1, optimizer.first_moments());
+        refreshed = true;
       }
     }
     be.synchronize();
@@ -362,6 +410,30 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     }
     if (refreshed) print_spectral(r.step, refresh);
     if (on_step) on_step(r);
+
+    // Every rank learns of a signal at the same step boundary.
+    int stop = stop_signal;
+    MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    const bool last = r.step == run.training().steps();
+    if (!ck.dir().empty() && (stop != 0 || last || (ck.interval() > 0 && r.step % ck.interval() == 0))) {
+      const auto save_start = std::chrono::steady_clock::now();
+      checkpointer.save({r.step, train_loader.position()});
+      if (root) {
+        std::printf("checkpoint %s written (%.2f s)\n", Checkpointer::step_directory(ck.dir(), r.step).c_str(),
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - save_start).count());
+        std::fflush(stdout);
+      }
+    }
+    if (stop != 0) {
+      if (root) {
+        std::printf("stopping after step %ld on signal %d%s\n", (long)r.step, stop,
+                    ck.dir().empty() ? " (no checkpoint.dir: nothing saved)" : "");
+        std::fflush(stdout);
+      }
+      return ck.dir().empty() ? 1 : 0;
+    }
+    // Started after the checkpoint, so that a resumed run starts it at the same boundary.
+    if (spectral && job.sdmoe.async && spectral->due(step + 1)) spectral->start_async(step + 1);
   }
   return 0;
 }

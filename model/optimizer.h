@@ -43,6 +43,9 @@ class AdamW {
   Tensor first_moments() const { return moments(m_); }
   Tensor second_moments() const { return moments(v_); }
   int64_t moment_elements() const { return moment_elements_; }
+  // The flat-buffer ranges this optimizer updates; their moments lie one after another,
+  // in this order, in first_moments() and second_moments().
+  const std::vector<ElementRange>& ranges() const { return ranges_; }
 
  private:
   Tensor moments(const Buffer& b) const {

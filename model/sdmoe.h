@@ -125,6 +125,10 @@ class SpectralDecomposition {
   // moments stay as they are (elementwise scales, not subspace objects).
   void install_bases(const Tensor& new_bases, const Tensor& m);
 
+  // Puts back bases saved by a checkpoint (already in bases(): the caller wrote them there)
+  // and rebuilds what is derived from them. The moments are restored separately.
+  void bases_restored() { load_stacked_bases(); }
+
   // Unique-part moments of target t, expert e: [m, n] each.
   Tensor unique_m(size_t t, int64_t e) const;
   Tensor unique_v(size_t t, int64_t e) const;

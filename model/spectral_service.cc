@@ -40,6 +40,9 @@ struct SpectralService::Impl {
   std::thread worker;
   bool pending = false;
   int64_t pending_step = 0, pending_jobs = 0;
+  // Whether the refresh in progress measures the gradients' subspaces (not at step 0, nor
+  // right after a resume, where no gradient exists yet).
+  bool with_gradients = false;
   double pending_seconds = 0.0;
 
   // Exchange layout, per target: [shared pair (LAYER_SHARED) | per expert: full, tail, grad
@@ -302,7 +305,7 @@ int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
       projector.project_unique(batch, shared ? exchange : whole(pairs), source_params, x_base, x_stride, tails);
       top_k(tails, t.m * t.n, t.m, t.n, count, ut, vt, nullptr, 0, tail_seeds, true);
       publish(1);
-      if (step > 0) {
+      if (with_gradients) {
         const Tensor g = at(source_grads, x_base, {(count - 1) * x_stride + t.m * t.n});
         top_k(g, x_stride, t.m, t.n, count, ut, vt, nullptr, 0, grad_seeds, true);
         publish(2);
@@ -357,7 +360,7 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
     else be.copy(local, all);
     const int64_t experts = t.experts * ep_size;
     // Kinds: full left, full right, tail left, tail right, grad left, grad right.
-    const int kinds = step > 0 ? 6 : 4;
+    const int kinds = s.with_gradients ? 6 : 4;
     const std::vector<double> overlap = s.mean_overlaps(t, all, experts, kinds);
     SpectralMetrics mt;
     mt.layer = t.layer;
@@ -366,8 +369,8 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
     mt.overlap_right = overlap[1];
     mt.tail_overlap_left = overlap[2];
     mt.tail_overlap_right = overlap[3];
-    mt.grad_overlap_left = step > 0 ? overlap[4] : nan;
-    mt.grad_overlap_right = step > 0 ? overlap[5] : nan;
+    mt.grad_overlap_left = s.with_gradients ? overlap[4] : nan;
+    mt.grad_overlap_right = s.with_gradients ? overlap[5] : nan;
     mt.router_alignment = nan;
     const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
     if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
@@ -454,6 +457,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
   const bool shared = sd_.spec().basis == SdmoeBasis::LAYER_SHARED;
   RefreshReport report;
   report.step = step;
+  s.with_gradients = step > 0;
   s.comm_seconds = 0.0;
   be.synchronize();
   const auto start = Clock::now();
@@ -511,7 +515,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
   return report;
 }
 
-void SpectralService::start_async(int64_t step) {
+void SpectralService::start_async(int64_t step, bool with_gradients) {
   Impl& s = *impl_;
   SDMOE_ASSERT(!s.pending && installed_, "start_async needs installed bases and no pending refresh");
   SDMOE_ASSERT(sd_.spec().basis == SdmoeBasis::PER_EXPERT, "asynchronous refresh needs PER_EXPERT bases");
@@ -534,6 +538,7 @@ void SpectralService::start_async(int64_t step) {
   s.region_base = begin;
   s.pending = true;
   s.pending_step = step;
+  s.with_gradients = with_gradients && step > 0;
   s.worker = std::thread([&s, step] {
     s.work.bind_to_current_thread();  // its GPU (a new thread starts on device 0), its threads
     const auto start = Clock::now();

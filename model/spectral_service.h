@@ -68,13 +68,18 @@ class SpectralService {
     return steps_done > 0 && steps_done % sd_.spec().refresh_interval == 0;
   }
   int64_t jobs_computed() const { return jobs_total_; }
+  // The decomposition's bases were restored from a checkpoint: later refreshes warm-start
+  // from them.
+  void bases_restored() { installed_ = true; }
 
   // Asynchronous refresh (PER_EXPERT): start_async snapshots the experts' parameters and
   // gradients after `step` steps and computes this rank's jobs on a worker thread while
   // training continues; finish_async, called at a later step boundary by every rank at the
   // same step, waits for the worker, shares the results, installs them and measures. The
   // staleness is the number of steps between the two.
-  void start_async(int64_t step);
+  // with_gradients false: the gradients of `step` are not at hand (right after a resume),
+  // so this refresh reports no gradient-subspace metrics.
+  void start_async(int64_t step, bool with_gradients = true);
   RefreshReport finish_async(int64_t step, const Tensor& m);
   bool async_pending() const;
 

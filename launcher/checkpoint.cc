@@ -1,0 +1,539 @@
+#include "launcher/checkpoint.h"
+
+#include <fcntl.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "data/hdf5_handle.h"
+
+namespace sdmoe {
+namespace fs = std::filesystem;
+namespace h5 = data::hdf5;
+
+namespace {
+
+constexpr const char* kFileName = "checkpoint.h5";
+constexpr const char* kFormat = "sdmoe-checkpoint";
+constexpr int64_t kFormatVersion = 1;
+// Chunks of at most this many elements, each with a Fletcher-32 checksum that HDF5
+// verifies on every read: a flipped byte fails the load instead of loading wrong.
+constexpr int64_t kChunkElements = int64_t(1) << 20;
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+// What must match for a checkpoint's tensors to mean the same thing in this model: the
+// architecture, not the sequence length or the loss coefficients. "name=value" words.
+std::string architecture(const ModelSpec& s) {
+  const MoeSpec& m = s.moe;
+  return fmt::format(
+      "vocab_size={} dim={} layers={} heads={} ffn_dim={} tie_embeddings={} rope_theta={} norm_eps={} "
+      "moe.num_experts={} moe.top_k={} moe.expert_ffn_dim={} moe.router_score={} moe.normalize_topk={} "
+      "moe.shared_expert_ffn_dim={} moe.first_dense_layers={} moe.layer_freq={}",
+      s.vocab_size, s.dim, s.layers, s.heads, s.ffn_dim, s.tie_embeddings, s.rope_theta, s.norm_eps, m.num_experts,
+      m.top_k, m.expert_ffn_dim, int(m.router_score), m.normalize_topk, m.shared_expert_ffn_dim, m.first_dense_layers,
+      m.layer_freq);
+}
+
+// The words of two architecture strings that differ, as "model.heads 4 (checkpoint) vs 2".
+std::string architecture_difference(const std::string& saved, const std::string& current) {
+  std::istringstream a(saved), b(current);
+  std::string x, y, out;
+  while (a >> x && b >> y) {
+    if (x == y) continue;
+    const size_t eq = y.find('=');
+    out += fmt::format("{}model.{} {} in the checkpoint, {} in this config", out.empty() ? "" : "; ", y.substr(0, eq),
+                       x.substr(x.find('=') + 1), y.substr(eq + 1));
+  }
+  return out.empty() ? saved + " vs " + current : out;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "x" : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t product(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// Runs (logical offset, count) of the logical tensor that local elements [a, b) of `ps`
+// occupy, appended to `runs`: a local row (last axis) is one contiguous logical run.
+void append_runs(const ParamSpec& ps, int64_t a, int64_t b, std::vector<int64_t>& runs) {
+  const int64_t row = ps.shape.empty() ? 1 : std::max<int64_t>(1, ps.shape.back());
+  for (int64_t i = a; i < b;) {
+    const int64_t end = std::min(b, (i / row + 1) * row), logical = ps.logical_index(i);
+    if (!runs.empty() && runs[runs.size() - 2] + runs.back() == logical) runs.back() += end - i;
+    else runs.insert(runs.end(), {logical, end - i});
+    i = end;
+  }
+}
+
+// The logical tensor of `numel` elements on world rank 0, assembled from every rank's
+// (runs, values); empty elsewhere. Every element must come exactly once.
+std::vector<float> gather_logical(const std::vector<int64_t>& runs, const std::vector<float>& values, int64_t numel,
+                                  const std::string& what) {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  const bool root = world_rank() == 0;
+  SDMOE_ASSERT(values.size() < size_t(INT32_MAX), "checkpoint: {} elements of {} on one rank", values.size(), what);
+  const int mine[2] = {int(runs.size()), int(values.size())};
+  std::vector<int> counts(root ? 2 * size : 0);
+  MPI_Gather(mine, 2, MPI_INT, counts.data(), 2, MPI_INT, 0, MPI_COMM_WORLD);
+  std::vector<int> run_counts(size), run_displs(size), value_counts(size), value_displs(size);
+  int64_t total_runs = 0, total_values = 0;
+  if (root)
+    for (int r = 0; r < size; ++r) {
+      run_counts[r] = counts[2 * r];
+      value_counts[r] = counts[2 * r + 1];
+      run_displs[r] = int(total_runs);
+      value_displs[r] = int(total_values);
+      total_runs += run_counts[r];
+      total_values += value_counts[r];
+    }
+  SDMOE_ASSERT(total_values < INT32_MAX, "checkpoint: {} has {} elements; gathers are limited to 2^31", what,
+               total_values);
+  std::vector<int64_t> all_runs(total_runs);
+  std::vector<float> all_values(total_values);
+  MPI_Gatherv(runs.data(), mine[0], MPI_INT64_T, all_runs.data(), run_counts.data(), run_displs.data(), MPI_INT64_T, 0,
+              MPI_COMM_WORLD);
+  MPI_Gatherv(values.data(), mine[1], MPI_FLOAT, all_values.data(), value_counts.data(), value_displs.data(), MPI_FLOAT,
+              0, MPI_COMM_WORLD);
+  if (!root) return {};
+  std::vector<float> out(numel);
+  int64_t covered = 0, source = 0;
+  for (size_t i = 0; i + 1 < all_runs.size(); i += 2) {
+    const int64_t offset = all_runs[i], count = all_runs[i + 1];
+    SDMOE_ASSERT(offset >= 0 && offset + count <= numel, "checkpoint: {}: run [{}, +{}) outside {}", what, offset,
+                 count, numel);
+    std::copy_n(all_values.data() + source, count, out.data() + offset);
+    source += count;
+    covered += count;
+  }
+  SDMOE_ASSERT(covered == numel && source == total_values, "checkpoint: {}: {} of {} elements gathered", what, covered,
+               numel);
+  return out;
+}
+
+std::vector<float> host_copy(Backend& be, const Tensor& t) {
+  std::vector<float> out(t.numel());
+  if (t.numel() > 0) be.copy_to_host(t, out.data());
+  be.synchronize();
+  return out;
+}
+
+// ---- HDF5 ------------------------------------------------------------------------------
+
+void write_attribute(hid_t where, const char* name, int64_t value) {
+  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
+  h5::Handle attr = h5::attribute(H5Acreate2(where, name, H5T_NATIVE_INT64, space.get(), H5P_DEFAULT, H5P_DEFAULT));
+  if (!attr.valid() || H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0) fail("cannot write attribute {}", name);
+}
+
+void write_attribute(hid_t where, const char* name, const std::string& value) {
+  h5::Handle type = h5::datatype(H5Tcopy(H5T_C_S1));
+  H5Tset_size(type.get(), std::max<size_t>(1, value.size()));
+  H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
+  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
+  h5::Handle attr = h5::attribute(H5Acreate2(where, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT));
+  std::string padded = value.empty() ? std::string(1, '\0') : value;
+  if (!attr.valid() || H5Awrite(attr.get(), type.get(), padded.data()) < 0) fail("cannot write attribute {}", name);
+}
+
+bool has_attribute(hid_t where, const char* name) { return H5Aexists(where, name) > 0; }
+
+int64_t read_int_attribute(hid_t where, const char* name, const std::string& file) {
+  h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
+  int64_t value = 0;
+  if (!attr.valid() || H5Aread(attr.get(), H5T_NATIVE_INT64, &value) < 0)
+    fail("{}: not an sdmoe checkpoint (attribute '{}' missing)", file, name);
+  return value;
+}
+
+std::string read_string_attribute(hid_t where, const char* name, const std::string& file) {
+  h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
+  if (!attr.valid()) fail("{}: not an sdmoe checkpoint (attribute '{}' missing)", file, name);
+  h5::Handle type = h5::datatype(H5Aget_type(attr.get()));
+  if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) > 0)
+    fail("{}: attribute '{}' is not a fixed-length string", file, name);
+  std::string value(H5Tget_size(type.get()), '\0');
+  if (H5Aread(attr.get(), type.get(), value.data()) < 0) fail("{}: cannot read attribute '{}'", file, name);
+  return value.substr(0, value.find('\0'));
+}
+
+void write_dataset(hid_t file, const std::string& path, const std::vector<int64_t>& shape, const float* data) {
+  std::vector<hsize_t> dims(shape.begin(), shape.end()), chunk(dims.size(), 1);
+  if (dims.empty()) dims = chunk = {1};
+  // Chunk: whole trailing axes and as many leading rows as fit kChunkElements.
+  int64_t inner = 1;
+  for (size_t a = dims.size(); a-- > 0;) {
+    chunk[a] = hsize_t(std::max<int64_t>(1, std::min<int64_t>(int64_t(dims[a]), kChunkElements / inner)));
+    inner *= int64_t(chunk[a]);
+  }
+  h5::Handle space = h5::dataspace(H5Screate_simple(int(dims.size()), dims.data(), nullptr));
+  h5::Handle links = h5::plist(H5Pcreate(H5P_LINK_CREATE));
+  H5Pset_create_intermediate_group(links.get(), 1);
+  h5::Handle layout = h5::plist(H5Pcreate(H5P_DATASET_CREATE));
+  if (product(shape) > 0) {
+    H5Pset_chunk(layout.get(), int(chunk.size()), chunk.data());
+    H5Pset_fletcher32(layout.get());
+  }
+  h5::Handle ds = h5::dataset(
+      H5Dcreate2(file, path.c_str(), H5T_IEEE_F32LE, space.get(), links.get(), layout.get(), H5P_DEFAULT));
+  if (!ds.valid() || (product(shape) > 0 && H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0))
+    fail("cannot write dataset {}", path);
+}
+
+// A checkpoint file opened for reading, with checks that name the file and the dataset.
+class CheckpointFile {
+ public:
+  explicit CheckpointFile(const std::string& path) : path_(path) {
+    h5::silence_error_printing();
+    if (!fs::exists(path)) fail("checkpoint {} does not exist", path);
+    file_ = h5::file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT));
+    if (!file_.valid()) fail("{}: cannot open checkpoint (truncated or not an HDF5 file)", path);
+    if (read_string_attribute(file_.get(), "format", path) != kFormat) fail("{}: not an sdmoe checkpoint", path);
+    const int64_t version = read_int_attribute(file_.get(), "format_version", path);
+    if (version != kFormatVersion)
+      fail("{}: checkpoint format version {}, this build reads version {}", path, version, kFormatVersion);
+  }
+  hid_t get() const { return file_.get(); }
+  const std::string& path() const { return path_; }
+  bool exists(const std::string& name) const { return H5Lexists(file_.get(), name.c_str(), H5P_DEFAULT) > 0; }
+
+  // The whole dataset `name`, which must have `shape`.
+  std::vector<float> read(const std::string& name, const std::vector<int64_t>& shape) const {
+    // H5Lexists fails on a missing parent group, so probe each level.
+    for (size_t slash = name.find('/'); slash != std::string::npos; slash = name.find('/', slash + 1))
+      if (!exists(name.substr(0, slash))) fail("{}: no dataset {} (the checkpoint is from a different model)", path_, name);
+    if (!exists(name)) fail("{}: no dataset {} (the checkpoint is from a different model)", path_, name);
+    h5::Handle ds = h5::dataset(H5Dopen2(file_.get(), name.c_str(), H5P_DEFAULT));
+    if (!ds.valid()) fail("{}: cannot open dataset {}", path_, name);
+    h5::Handle space = h5::dataspace(H5Dget_space(ds.get()));
+    const int rank = H5Sget_simple_extent_ndims(space.get());
+    std::vector<hsize_t> dims(std::max(rank, 0));
+    H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
+    std::vector<int64_t> got(dims.begin(), dims.end());
+    const std::vector<int64_t> want = shape.empty() ? std::vector<int64_t>{1} : shape;
+    if (got != want)
+      fail("{}: {} has shape {} in the checkpoint but {} in this model (the model config differs)", path_, name,
+           shape_text(got), shape_text(want));
+    std::vector<float> out(product(want));
+    if (!out.empty() && H5Dread(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
+      fail("{}: cannot read {} (checksum mismatch or truncated file: the checkpoint is corrupt)", path_, name);
+    return out;
+  }
+
+ private:
+  std::string path_;
+  h5::Handle file_;
+};
+
+std::string matrix_group(const SpectralTarget& t) {
+  return fmt::format("sdmoe/layers.{}.{}", t.layer, sdmoe_matrix_name(t.matrix));
+}
+
+void sync_file(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// The step of a directory named step_NNNNNNNN, or -1.
+int64_t step_of_directory(const std::string& name) {
+  long long step = -1;
+  char tail = 0;
+  if (name.size() == 13 && std::sscanf(name.c_str(), "step_%8lld%c", &step, &tail) == 1) return step;
+  return -1;
+}
+
+}  // namespace
+
+Checkpointer::Checkpointer(const config::Run& run, GptModel& model, AdamW& optimizer, SpectralDecomposition* sdmoe,
+                           const ProcessGroups& groups, MomentSharding sharding)
+    : run_(run), model_(model), optimizer_(optimizer), sdmoe_(sdmoe), groups_(groups), sharding_(sharding) {
+  SDMOE_ASSERT(model.dtype() == DType::F32, "checkpoints hold fp32 models");
+}
+
+std::string Checkpointer::step_directory(const std::string& dir, int64_t step) {
+  return (fs::path(dir) / fmt::format("step_{:08d}", step)).string();
+}
+
+std::string Checkpointer::resume_path(const config::Checkpoint& cfg) {
+  if (!cfg.load().empty()) {
+    if (!fs::exists(cfg.load())) fail("checkpoint.load: {} does not exist", cfg.load());
+    return cfg.load();
+  }
+  const fs::path latest = fs::path(cfg.dir()) / "latest";
+  if (cfg.dir().empty() || !fs::exists(latest)) {
+    if (cfg.resume() == config::Checkpoint::REQUIRED)
+      fail("resume requested but {} has no checkpoint ({} does not exist)", cfg.dir().empty() ? "checkpoint.dir" : cfg.dir(),
+           latest.string());
+    return "";
+  }
+  std::ifstream in(latest);
+  std::string name;
+  std::getline(in, name);
+  if (step_of_directory(name) < 0) fail("{}: does not name a step directory ('{}')", latest.string(), name);
+  const fs::path target = fs::path(cfg.dir()) / name;
+  if (!fs::is_directory(target)) fail("{} points to {}, which does not exist", latest.string(), target.string());
+  return target.string();
+}
+
+void Checkpointer::save(const TrainingPosition& position) {
+  const config::Checkpoint& cfg = run_.checkpoint();
+  SDMOE_ASSERT(!cfg.dir().empty(), "save without checkpoint.dir");
+  Backend& be = model_.backend();
+  const bool root = world_rank() == 0;
+  const std::string final_dir = step_directory(cfg.dir(), position.step);
+  const fs::path partial = final_dir + ".partial";
+  std::string error;
+  h5::Handle file;
+  if (root) {
+    try {
+      h5::silence_error_printing();
+      std::error_code ec;
+      fs::remove_all(partial, ec);
+      fs::create_directories(partial);
+      file = h5::file(H5Fcreate((partial / kFileName).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
+      if (!file.valid()) fail("cannot create {}", (partial / kFileName).string());
+      write_attribute(file.get(), "format", std::string(kFormat));
+      write_attribute(file.get(), "format_version", kFormatVersion);
+      write_attribute(file.get(), "step", position.step);
+      write_attribute(file.get(), "data_position", int64_t(position.data_position));
+      write_attribute(file.get(), "training_seed", int64_t(run_.training().seed()));
+      write_attribute(file.get(), "data_seed", int64_t(run_.data().seed()));
+      write_attribute(file.get(), "architecture", architecture(model_spec_from(run_.model())));
+      write_attribute(file.get(), "sdmoe", int64_t(sdmoe_ != nullptr));
+      write_attribute(file.get(), "config", resolved_config_text(run_));
+      write_attribute(file.get(), "layout", groups_.dims.describe());
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  }
+  // Rank 0 may have failed already; the gathers still run so that no rank is left
+  // waiting, and the outcome is shared at the end.
+  auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<float>& data) {
+    if (!root || !error.empty()) return;
+    try {
+      write_dataset(file.get(), path, shape, data.data());
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  };
+
+  const ParamRegistry& reg = model_.registry();
+  const std::vector<float> params = host_copy(be, model_.params());
+  const std::vector<float> m = host_copy(be, optimizer_.first_moments()), v = host_copy(be, optimizer_.second_moments());
+  const bool dp_first = groups_.dp->rank() == 0, edp_first = groups_.edp->rank() == 0, tp_first = groups_.tp->rank() == 0;
+  for (const ParamSpec& ps : reg.specs()) {
+    const bool expert = ps.role == ParamRole::EXPERT;
+    // One replica writes each block: the first of the (expert-)data-parallel group, and
+    // for tensors replicated over tensor parallelism the first tp rank.
+    const bool writes_block = expert ? edp_first : dp_first && (ps.tp_sharded || tp_first);
+    const int64_t numel = product(ps.logical_shape);
+    std::vector<int64_t> runs;
+    std::vector<float> values;
+    if (writes_block) {
+      append_runs(ps, 0, ps.numel, runs);
+      values.assign(params.begin() + ps.offset, params.begin() + ps.offset + ps.numel);
+    }
+    write("params/" + ps.name, ps.logical_shape, gather_logical(runs, values, numel, ps.name));
+    // Moments: each optimizer range overlapping the tensor. ZeRO-1 shards are distinct on
+    // every replica; otherwise the block's writer writes them.
+    const bool sharded = expert ? sharding_.experts : sharding_.dense;
+    for (int which = 0; which < 2; ++which) {
+      runs.clear();
+      values.clear();
+      int64_t base = 0;
+      for (const ElementRange& r : optimizer_.ranges()) {
+        const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
+        if (a < b && (sharded || writes_block)) {
+          append_runs(ps, a - ps.offset, b - ps.offset, runs);
+          const std::vector<float>& src = which == 0 ? m : v;
+          values.insert(values.end(), src.begin() + base + (a - r.begin), src.begin() + base + (b - r.begin));
+        }
+        base += r.end - r.begin;
+      }
+      const std::string name = std::string(which == 0 ? "optimizer/exp_avg/" : "optimizer/exp_avg_sq/") + ps.name;
+      write(name, ps.logical_shape, gather_logical(runs, values, numel, name));
+    }
+  }
+
+  if (sdmoe_) {
+    const int k = sdmoe_->spec().rank;
+    const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
+    const std::vector<float> bases = host_copy(be, sdmoe_->bases());
+    for (size_t ti = 0; ti < sdmoe_->targets().size(); ++ti) {
+      const SpectralTarget& t = sdmoe_->targets()[ti];
+      const std::string group = matrix_group(t);
+      const int64_t logical_bases = per_expert ? t.total_experts : 1, first = per_expert ? t.first_expert : 0;
+      // Per-expert bases are split over ep like the experts; layer-shared ones are the
+      // same on every ep rank.
+      const bool writes_bases = edp_first && (per_expert || groups_.ep->rank() == 0);
+      for (int side = 0; side < 2; ++side) {
+        const int64_t length = side == 0 ? t.m : t.n, offset = side == 0 ? t.ut_offset : t.vt_offset;
+        std::vector<int64_t> runs;
+        std::vector<float> values;
+        if (writes_bases) {
+          runs = {first * k * length, t.bases * k * length};
+          values.assign(bases.begin() + offset, bases.begin() + offset + t.bases * k * length);
+        }
+        const std::string name = group + (side == 0 ? "/Ut" : "/Vt");
+        write(name, {logical_bases, k, length}, gather_logical(runs, values, logical_bases * k * length, name));
+      }
+      for (int which = 0; which < 2; ++which) {
+        std::vector<int64_t> runs;
+        std::vector<float> values;
+        if (edp_first) {
+          runs = {t.first_expert * t.m * t.n, t.experts * t.m * t.n};
+          for (int64_t e = 0; e < t.experts; ++e) {
+            const std::vector<float> part = host_copy(be, which == 0 ? sdmoe_->unique_m(ti, e) : sdmoe_->unique_v(ti, e));
+            values.insert(values.end(), part.begin(), part.end());
+          }
+        }
+        const std::string name = group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq");
+        write(name, {t.total_experts, t.m, t.n}, gather_logical(runs, values, t.total_experts * t.m * t.n, name));
+      }
+    }
+  }
+
+  if (root && error.empty()) {
+    try {
+      if (H5Fflush(file.get(), H5F_SCOPE_GLOBAL) < 0) fail("cannot flush {}", (partial / kFileName).string());
+      file.reset();
+      std::ofstream(partial / "config.textproto") << resolved_config_text(run_);
+      sync_file(partial / kFileName);
+      sync_file(partial / "config.textproto");
+      std::error_code ec;
+      fs::remove_all(final_dir, ec);
+      fs::rename(partial, final_dir);
+      sync_file(cfg.dir());
+      // The pointer last: written beside and renamed over the old one.
+      const fs::path latest = fs::path(cfg.dir()) / "latest", staging = fs::path(cfg.dir()) / "latest.partial";
+      std::ofstream(staging) << fs::path(final_dir).filename().string() << "\n";
+      sync_file(staging);
+      fs::rename(staging, latest);
+      sync_file(cfg.dir());
+      if (cfg.keep() > 0) {
+        std::vector<std::pair<int64_t, fs::path>> steps;
+        for (const auto& entry : fs::directory_iterator(cfg.dir())) {
+          const int64_t s = step_of_directory(entry.path().filename().string());
+          if (s >= 0 && entry.is_directory()) steps.emplace_back(s, entry.path());
+        }
+        std::sort(steps.begin(), steps.end());
+        for (size_t i = 0; i + size_t(cfg.keep()) < steps.size(); ++i)
+          if (steps[i].first != position.step) fs::remove_all(steps[i].second, ec);
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  int failed = error.empty() ? 0 : 1;
+  MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  if (failed) fail("checkpoint at step {} failed: {}", position.step, root ? error : std::string("see rank 0"));
+}
+
+TrainingPosition Checkpointer::load(const std::string& where) {
+  std::string error;
+  TrainingPosition position;
+  Backend& be = model_.backend();
+  try {
+    const std::string path = fs::is_directory(where) ? (fs::path(where) / kFileName).string() : where;
+    CheckpointFile file(path);
+    const std::string want = architecture(model_spec_from(run_.model())),
+                      got = read_string_attribute(file.get(), "architecture", path);
+    if (got != want) fail("{}: the checkpoint's model differs: {}", path, architecture_difference(got, want));
+    const bool saved_sdmoe = read_int_attribute(file.get(), "sdmoe", path) != 0;
+    if (saved_sdmoe != (sdmoe_ != nullptr))
+      fail("{}: the checkpoint was written with sdmoe.enabled {}, this run has {}", path, saved_sdmoe,
+           sdmoe_ != nullptr);
+    position.step = read_int_attribute(file.get(), "step", path);
+    position.data_position = uint64_t(read_int_attribute(file.get(), "data_position", path));
+
+    const ParamRegistry& reg = model_.registry();
+    std::vector<float> params = host_copy(be, model_.params());
+    std::vector<float> m = host_copy(be, optimizer_.first_moments()), v = host_copy(be, optimizer_.second_moments());
+    std::vector<int64_t> runs;
+    // Copies the logical runs of local elements [a, b) of ps from `logical` to dst.
+    auto take = [&](const ParamSpec& ps, int64_t a, int64_t b, const std::vector<float>& logical, float* dst) {
+      runs.clear();
+      append_runs(ps, a, b, runs);
+      for (size_t i = 0; i < runs.size(); i += 2) dst = std::copy_n(logical.data() + runs[i], runs[i + 1], dst);
+    };
+    for (const ParamSpec& ps : reg.specs()) {
+      take(ps, 0, ps.numel, file.read("params/" + ps.name, ps.logical_shape), params.data() + ps.offset);
+      for (int which = 0; which < 2; ++which) {
+        const std::vector<float> logical =
+            file.read(std::string(which == 0 ? "optimizer/exp_avg/" : "optimizer/exp_avg_sq/") + ps.name, ps.logical_shape);
+        int64_t base = 0;
+        for (const ElementRange& r : optimizer_.ranges()) {
+          const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
+          if (a < b) take(ps, a - ps.offset, b - ps.offset, logical, (which == 0 ? m : v).data() + base + (a - r.begin));
+          base += r.end - r.begin;
+        }
+      }
+    }
+    if (sdmoe_) {
+      const int k = sdmoe_->spec().rank;
+      const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
+      std::vector<float> bases = host_copy(be, sdmoe_->bases());
+      std::vector<std::vector<float>> unique[2];
+      for (size_t ti = 0; ti < sdmoe_->targets().size(); ++ti) {
+        const SpectralTarget& t = sdmoe_->targets()[ti];
+        const std::string group = matrix_group(t);
+        const int64_t logical_bases = per_expert ? t.total_experts : 1, first = per_expert ? t.first_expert : 0;
+        for (int side = 0; side < 2; ++side) {
+          const int64_t length = side == 0 ? t.m : t.n;
+          const std::vector<float> logical = file.read(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length});
+          std::copy_n(logical.data() + first * k * length, t.bases * k * length,
+                      bases.data() + (side == 0 ? t.ut_offset : t.vt_offset));
+        }
+        for (int which = 0; which < 2; ++which) {
+          const std::vector<float> logical =
+              file.read(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n});
+          unique[which].emplace_back(logical.begin() + t.first_expert * t.m * t.n,
+                                     logical.begin() + (t.first_expert + t.experts) * t.m * t.n);
+        }
+      }
+      // Everything read: only now is the live state replaced.
+      be.copy_from_host(bases.data(), sdmoe_->bases());
+      for (size_t ti = 0; ti < sdmoe_->targets().size(); ++ti) {
+        const SpectralTarget& t = sdmoe_->targets()[ti];
+        for (int64_t e = 0; e < t.experts; ++e) {
+          be.copy_from_host(unique[0][ti].data() + e * t.m * t.n, sdmoe_->unique_m(ti, e));
+          be.copy_from_host(unique[1][ti].data() + e * t.m * t.n, sdmoe_->unique_v(ti, e));
+        }
+      }
+      sdmoe_->bases_restored();
+    }
+    be.copy_from_host(params.data(), model_.params());
+    if (!m.empty()) {
+      be.copy_from_host(m.data(), optimizer_.first_moments());
+      be.copy_from_host(v.data(), optimizer_.second_moments());
+    }
+    be.synchronize();
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  int failed = error.empty() ? 0 : 1;
+  MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (failed) fail("{}", error.empty() ? std::string("another rank could not load the checkpoint") : error);
+  return position;
+}
+
+}  // namespace sdmoe

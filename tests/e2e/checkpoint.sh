@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Checkpoint, resume and preemption checks of sdmoe_pretrain under mpirun, run by ctest:
+#   checkpoint.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
+set -uo pipefail
+bin="$1"; repo="$2"; what="$3"
+cd "$repo"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+tmp="$(mktemp -d)"; trap 'pkill -KILL -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+die() { echo "FAIL: $*"; exit 1; }
+
+# Tiny MoE with SD-MoE (bases refreshed every 3 steps), so that the checkpoint carries
+# parameters, AdamW moments, bases and unique-part moments.
+common=(--config configs/tiny.textproto --set training.eval_interval=0 --set training.log_interval=1
+        --set threads=1 --set sdmoe.enabled=true --set sdmoe.refresh_interval=3)
+run2() { mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 "$@"; }
+# "step N loss" lines, full printed precision.
+losses() { grep -o '^step [0-9]*/[0-9]* | loss [0-9.]*' "$1" | awk '{split($2, s, "/"); print s[1], $5}'; }
+# same_state A B: the two checkpoint files hold bit-identical tensors (h5diff compares
+# every element; the config attribute names different directories and is not compared).
+same_state() {
+  for group in /params /optimizer /sdmoe; do
+    h5diff -q "$1" "$2" "$group" "$group" > /dev/null || die "checkpoints differ in $group: $1 vs $2"
+  done
+}
+
+case "$what" in
+resume_exact)
+  # An uninterrupted run against one killed with SIGKILL after its first checkpoint and
+  # resumed (automatically, from `latest`): the loss of every step after the checkpoint
+  # and the final state must be identical, bit for bit (same layout, same CPU code).
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/a" --set checkpoint.interval=4 > "$tmp/a.log" 2>&1 \
+    || { cat "$tmp/a.log"; die "uninterrupted run failed"; }
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 > "$tmp/b1.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 600); do [ -e "$tmp/b/latest" ] && break; sleep 0.02; done
+  pkill -KILL -f "checkpoint.dir=$tmp/b"; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  [ -e "$tmp/b/latest" ] || { cat "$tmp/b1.log"; die "no checkpoint before the kill"; }
+  [ -d "$tmp/b/step_00000024" ] && die "the run finished before it was killed; nothing was tested"
+  echo "killed after $(cat "$tmp/b/latest")"
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --resume > "$tmp/b2.log" 2>&1 \
+    || { cat "$tmp/b2.log"; die "resumed run failed"; }
+  grep -q "^resumed from $tmp/b/step_" "$tmp/b2.log" || die "the second run did not resume"
+  losses "$tmp/b2.log" > "$tmp/b.loss"
+  [ "$(wc -l < "$tmp/b.loss")" -ge 4 ] || die "too few steps after the resume"
+  losses "$tmp/a.log" | awk 'NR == FNR {resumed[$1] = 1; next} $1 in resumed' "$tmp/b.loss" - > "$tmp/a.loss"
+  diff "$tmp/a.loss" "$tmp/b.loss" > "$tmp/diff" || { head -20 "$tmp/diff"; die "losses after the resume differ from the uninterrupted run"; }
+  same_state "$tmp/a/step_00000024/checkpoint.h5" "$tmp/b/step_00000024/checkpoint.h5"
+  # keep = 3 (the default): only the three newest checkpoints remain.
+  [ "$(ls -d "$tmp/a"/step_* | wc -l)" -eq 3 ] || die "expected 3 kept checkpoints, found: $(ls "$tmp/a")"
+  # Asynchronous subspace-iteration refreshes and ZeRO-1: resumed from a checkpoint taken
+  # at a refresh boundary (step 6) while the uninterrupted run went on, the final state is
+  # again identical.
+  async=(--set sdmoe.async=true --set sdmoe.solver=SUBSPACE_ITERATION --set parallel.zero1=true --set training.steps=9)
+  run2 "${async[@]}" --set checkpoint.dir="$tmp/c" --set checkpoint.interval=3 --set checkpoint.keep=0 > "$tmp/c.log" 2>&1 \
+    || { cat "$tmp/c.log"; die "async run failed"; }
+  run2 "${async[@]}" --set checkpoint.dir="$tmp/d" --set checkpoint.load="$tmp/c/step_00000006" > "$tmp/d.log" 2>&1 \
+    || { cat "$tmp/d.log"; die "async resumed run failed"; }
+  same_state "$tmp/c/step_00000009/checkpoint.h5" "$tmp/d/step_00000009/checkpoint.h5"
+  echo "resumed runs identical to uninterrupted ones"
+  ;;
+kill_during_write)
+  # SIGKILL while a checkpoint is being written (its .partial directory exists): the
+  # previous checkpoint and `latest` must still load, and the run must then complete.
+  caught=0
+  for attempt in 1 2 3 4 5; do
+    rm -rf "$tmp/k"
+    run2 --set training.steps=400 --set checkpoint.dir="$tmp/k" --set checkpoint.interval=2 > "$tmp/k1.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 3000); do
+      if [ -e "$tmp/k/latest" ] && compgen -G "$tmp/k/step_*.partial" > /dev/null; then break; fi
+      sleep 0.002
+    done
+    pkill -KILL -f "checkpoint.dir=$tmp/k"; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    if compgen -G "$tmp/k/step_*.partial" > /dev/null && [ -e "$tmp/k/latest" ]; then caught=1; break; fi
+  done
+  [ "$caught" -eq 1 ] || die "could not kill the run during a checkpoint write in 5 attempts"
+  partial="$(basename "$(compgen -G "$tmp/k/step_*.partial" | head -1)")"
+  previous="$(cat "$tmp/k/latest")"
+  echo "killed while writing $partial; latest is $previous"
+  run2 --set training.steps="$(( 10#${previous#step_} + 2 ))" --set checkpoint.dir="$tmp/k" --set checkpoint.interval=2 \
+    --resume > "$tmp/k2.log" 2>&1 || { cat "$tmp/k2.log"; die "resume after a kill during a write failed"; }
+  grep -q "^resumed from $tmp/k/$previous:" "$tmp/k2.log" || { cat "$tmp/k2.log"; die "did not resume from $previous"; }
+  ;;
+signals)
+  # SIGTERM to every rank (what Slurm's srun delivers at preemption) and SIGUSR1 to
+  # mpirun (which forwards it): the step finishes, a checkpoint is written, exit 0.
+  for how in term_ranks usr1_mpirun; do
+    dir="$tmp/$how"
+    run2 --set training.steps=100000 --set checkpoint.dir="$dir" > "$tmp/$how.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 600); do grep -q '^step 3/' "$tmp/$how.log" && break; sleep 0.05; done
+    start=$(date +%s.%N)
+    # The ranks' command lines start with the binary, mpirun's with mpirun.
+    if [ "$how" = term_ranks ]; then pkill -TERM -f "^$bin/sdmoe_pretrain .*checkpoint.dir=$dir"
+    else pkill -USR1 -f "^mpirun .*checkpoint.dir=$dir"; fi
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; die "$how: still running 30 s after the signal"; }
+    wait "$pid"; rc=$?
+    seconds=$(echo "$(date +%s.%N) - $start" | bc)
+    [ "$rc" -eq 0 ] || { cat "$tmp/$how.log"; die "$how: exit code $rc, expected 0"; }
+    grep -q "^stopping after step [0-9]* on signal" "$tmp/$how.log" || die "$how: no stop message"
+    [ -e "$dir/latest" ] || die "$how: no checkpoint written"
+    echo "$how: exit 0 after $seconds s, $(cat "$dir/latest") saved"
+  done
+  ;;
+reshard)
+  # Saved under (ep 2) on 2 ranks, loaded under 1 rank, (tp 2, ep 2) on 4 ranks and
+  # (dp 2, ZeRO-1, etp-free) on 2 ranks: the loss of the next step must match the saving
+  # layout's to 2e-6 (printed to 1e-6; the layouts differ only in summation order).
+  run2 --set training.steps=6 --set checkpoint.dir="$tmp/r" --set checkpoint.interval=5 > "$tmp/r.log" 2>&1 \
+    || { cat "$tmp/r.log"; die "saving run failed"; }
+  want="$(losses "$tmp/r.log" | awk '$1 == 6 {print $2}')"
+  [ -n "$want" ] || die "no step-6 loss in the saving run"
+  layouts=("1|" "4|--set parallel.tp=2 --set parallel.ep=2" "2|--set parallel.zero1=true")
+  for layout in "${layouts[@]}"; do
+    np="${layout%%|*}"; read -r -a extra <<< "${layout#*|}"
+    mpirun -np "$np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${extra[@]}" --set training.steps=6 \
+      --set checkpoint.load="$tmp/r/step_00000005" > "$tmp/l.log" 2>&1 || { cat "$tmp/l.log"; die "load under $np ranks ${extra[*]} failed"; }
+    got="$(losses "$tmp/l.log" | awk '$1 == 6 {print $2}')"
+    awk -v a="$want" -v b="$got" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b != "" && d <= 2e-6) }' \
+      || die "step-6 loss $got under $np ranks ${extra[*]}, $want under ep 2"
+    echo "np $np ${extra[*]}: step-6 loss $got (saved under ep 2: $want)"
+  done
+  ;;
+bad_checkpoint)
+  # Each broken checkpoint gives one clear line on every rank and a nonzero exit.
+  run2 --set training.steps=2 --set checkpoint.dir="$tmp/g" > "$tmp/g.log" 2>&1 || { cat "$tmp/g.log"; die "saving run failed"; }
+  good="$tmp/g/step_00000002"
+  expect_error() {  # LABEL PATTERN ARGS...: both ranks fail with PATTERN
+    local label="$1" pattern="$2"; shift 2
+    timeout 120 mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set training.steps=4 "$@" > "$tmp/e.log" 2>&1
+    local rc=$?
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { cat "$tmp/e.log"; die "$label: exit code $rc"; }
+    [ "$(grep -c "sdmoe_pretrain: error: .*$pattern" "$tmp/e.log")" -eq 2 ] || { cat "$tmp/e.log"; die "$label: expected '$pattern' from both ranks"; }
+    echo "$label: $(grep -m1 'error:' "$tmp/e.log")"
+  }
+  cp -r "$good" "$tmp/truncated"; truncate -s $(( $(stat -c %s "$tmp/truncated/checkpoint.h5") / 2 )) "$tmp/truncated/checkpoint.h5"
+  expect_error truncated "truncated" --set checkpoint.load="$tmp/truncated"
+  # Flip bytes in the middle of the file (inside the tensor data): a checksum fails.
+  cp -r "$good" "$tmp/flipped"; size=$(stat -c %s "$tmp/flipped/checkpoint.h5")
+  printf '\xde\xad\xbe\xef\xde\xad\xbe\xef' | dd of="$tmp/flipped/checkpoint.h5" bs=1 seek=$((size / 2)) conv=notrunc 2> /dev/null
+  expect_error corrupt "corrupt" --set checkpoint.load="$tmp/flipped"
+  expect_error other_model "differs" --set checkpoint.load="$good" --set model.heads=2
+  expect_error other_width "differs" --set checkpoint.load="$good" --set model.moe.expert_ffn_dim=32
+  expect_error no_sdmoe "sdmoe.enabled" --set checkpoint.load="$good" --set sdmoe.enabled=false
+  expect_error other_rank "differs" --set checkpoint.load="$good" --set sdmoe.rank=4
+  expect_error missing "does not exist" --set checkpoint.load="$tmp/nothing"
+  expect_error required "has no checkpoint" --set checkpoint.dir="$tmp/empty" --resume
+  echo "step_00000099" > "$tmp/g/latest"
+  expect_error dangling "does not exist" --set checkpoint.dir="$tmp/g"
+  ;;
+h5py_reader)
+  # An independent reader (h5py) finds what docs/checkpoint.md describes: attributes,
+  # logical tensor shapes, and orthonormal SD-MoE bases.
+  run2 --set training.steps=3 --set checkpoint.dir="$tmp/h" > "$tmp/h.log" 2>&1 || { cat "$tmp/h.log"; die "saving run failed"; }
+  /usr/bin/python3 - "$tmp/h/step_00000003/checkpoint.h5" <<'EOF' || die "h5py reader"
+import sys
+import h5py
+import numpy as np
+f = h5py.File(sys.argv[1], "r")
+assert f.attrs["format"] == b"sdmoe-checkpoint", f.attrs["format"]
+assert int(f.attrs["step"]) == 3 and int(f.attrs["data_position"]) == 3 * 8, dict(f.attrs)
+emb = f["params/embedding"]
+assert emb.shape == (50304, 64) and emb.dtype == np.float32, emb.shape
+# 4 experts of the tiny config, whole (the run split them over 2 ranks).
+gate_up = [n for n in f["params"] if n.endswith("experts.gate_up")]
+assert gate_up and f["params"][gate_up[0]].shape[0] == 4, gate_up
+for name in f["params"]:
+    assert f["optimizer/exp_avg"][name].shape == f["params"][name].shape, name
+    assert np.all(f["optimizer/exp_avg_sq"][name][()] >= 0), name
+for group in f["sdmoe"].values():
+    for side in ("Ut", "Vt"):
+        b = group[side][()].astype(np.float64)      # [experts, k, length]
+        gram = b @ np.transpose(b, (0, 2, 1))
+        err = np.abs(gram - np.eye(b.shape[1])).max()
+        assert err < 1e-4, (group.name, side, err)
+print("h5py: %d parameter tensors, %d SD-MoE matrix groups, bases orthonormal" % (len(f["params"]), len(f["sdmoe"])))
+EOF
+  ;;
+*) die "unknown check $what" ;;
+esac
+echo "PASS: $what"
