@@ -263,7 +263,7 @@ int64_t step_of_directory(const std::string& name) {
 
 }  // namespace
 
-Checkpointer::Checkpointer(const config::Run& run, GptModel& model, AdamW& optimizer, SpectralDecomposition* sdmoe,
+Checkpointer::Checkpointer(const config::Run& run, GptModel& model, AdamW* optimizer, SpectralDecomposition* sdmoe,
                            const ProcessGroups& groups, MomentSharding sharding)
     : run_(run), model_(model), optimizer_(optimizer), sdmoe_(sdmoe), groups_(groups), sharding_(sharding) {
   SDMOE_ASSERT(model.dtype() == DType::F32, "checkpoints hold fp32 models");
@@ -296,7 +296,8 @@ std::string Checkpointer::resume_path(const config::Checkpoint& cfg) {
 
 void Checkpointer::save(const TrainingPosition& position) {
   const config::Checkpoint& cfg = run_.checkpoint();
-  SDMOE_ASSERT(!cfg.dir().empty(), "save without checkpoint.dir");
+  SDMOE_ASSERT(!cfg.dir().empty() && optimizer_, "save without checkpoint.dir or optimizer");
+  const AdamW& optimizer = *optimizer_;
   Backend& be = model_.backend();
   const bool root = world_rank() == 0;
   const std::string final_dir = step_directory(cfg.dir(), position.step);
@@ -338,7 +339,7 @@ void Checkpointer::save(const TrainingPosition& position) {
 
   const ParamRegistry& reg = model_.registry();
   const std::vector<float> params = host_copy(be, model_.params());
-  const std::vector<float> m = host_copy(be, optimizer_.first_moments()), v = host_copy(be, optimizer_.second_moments());
+  const std::vector<float> m = host_copy(be, optimizer.first_moments()), v = host_copy(be, optimizer.second_moments());
   const bool dp_first = groups_.dp->rank() == 0, edp_first = groups_.edp->rank() == 0, tp_first = groups_.tp->rank() == 0;
   for (const ParamSpec& ps : reg.specs()) {
     const bool expert = ps.role == ParamRole::EXPERT;
@@ -360,7 +361,7 @@ void Checkpointer::save(const TrainingPosition& position) {
       runs.clear();
       values.clear();
       int64_t base = 0;
-      for (const ElementRange& r : optimizer_.ranges()) {
+      for (const ElementRange& r : optimizer.ranges()) {
         const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
         if (a < b && (sharded || writes_block)) {
           append_runs(ps, a - ps.offset, b - ps.offset, runs);
@@ -448,7 +449,7 @@ void Checkpointer::save(const TrainingPosition& position) {
   if (failed) fail("checkpoint at step {} failed: {}", position.step, root ? error : std::string("see rank 0"));
 }
 
-TrainingPosition Checkpointer::load(const std::string& where) {
+TrainingPosition Checkpointer::load(const std::string& where, bool parameters_only) {
   std::string error;
   TrainingPosition position;
   Backend& be = model_.backend();
@@ -459,7 +460,8 @@ TrainingPosition Checkpointer::load(const std::string& where) {
                       got = read_string_attribute(file.get(), "architecture", path);
     if (got != want) fail("{}: the checkpoint's model differs: {}", path, architecture_difference(got, want));
     const bool saved_sdmoe = read_int_attribute(file.get(), "sdmoe", path) != 0;
-    if (saved_sdmoe != (sdmoe_ != nullptr))
+    SDMOE_ASSERT(parameters_only || optimizer_, "load of the training state without an optimizer");
+    if (!parameters_only && saved_sdmoe != (sdmoe_ != nullptr))
       fail("{}: the checkpoint was written with sdmoe.enabled {}, this run has {}", path, saved_sdmoe,
            sdmoe_ != nullptr);
     position.step = read_int_attribute(file.get(), "step", path);
@@ -467,7 +469,11 @@ TrainingPosition Checkpointer::load(const std::string& where) {
 
     const ParamRegistry& reg = model_.registry();
     std::vector<float> params = host_copy(be, model_.params());
-    std::vector<float> m = host_copy(be, optimizer_.first_moments()), v = host_copy(be, optimizer_.second_moments());
+    std::vector<float> m, v;
+    if (!parameters_only) {
+      m = host_copy(be, optimizer_->first_moments());
+      v = host_copy(be, optimizer_->second_moments());
+    }
     std::vector<int64_t> runs;
     // Copies the logical runs of local elements [a, b) of ps from `logical` to dst.
     auto take = [&](const ParamSpec& ps, int64_t a, int64_t b, const std::vector<float>& logical, float* dst) {
@@ -477,18 +483,19 @@ TrainingPosition Checkpointer::load(const std::string& where) {
     };
     for (const ParamSpec& ps : reg.specs()) {
       take(ps, 0, ps.numel, file.read("params/" + ps.name, ps.logical_shape), params.data() + ps.offset);
+      if (parameters_only) continue;
       for (int which = 0; which < 2; ++which) {
         const std::vector<float> logical =
             file.read(std::string(which == 0 ? "optimizer/exp_avg/" : "optimizer/exp_avg_sq/") + ps.name, ps.logical_shape);
         int64_t base = 0;
-        for (const ElementRange& r : optimizer_.ranges()) {
+        for (const ElementRange& r : optimizer_->ranges()) {
           const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
           if (a < b) take(ps, a - ps.offset, b - ps.offset, logical, (which == 0 ? m : v).data() + base + (a - r.begin));
           base += r.end - r.begin;
         }
       }
     }
-    if (sdmoe_) {
+    if (sdmoe_ && !parameters_only) {
       const int k = sdmoe_->spec().rank;
       const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
       std::vector<float> bases = host_copy(be, sdmoe_->bases());
@@ -523,8 +530,8 @@ TrainingPosition Checkpointer::load(const std::string& where) {
     }
     be.copy_from_host(params.data(), model_.params());
     if (!m.empty()) {
-      be.copy_from_host(m.data(), optimizer_.first_moments());
-      be.copy_from_host(v.data(), optimizer_.second_moments());
+      be.copy_from_host(m.data(), optimizer_->first_moments());
+      be.copy_from_host(v.data(), optimizer_->second_moments());
     }
     be.synchronize();
   } catch (const Error& e) {

@@ -37,7 +37,8 @@ struct MomentSharding {
 
 class Checkpointer {
  public:
-  Checkpointer(const config::Run& run, GptModel& model, AdamW& optimizer, SpectralDecomposition* sdmoe,
+  // optimizer and sdmoe may be null for a run that only loads parameters (evaluation).
+  Checkpointer(const config::Run& run, GptModel& model, AdamW* optimizer, SpectralDecomposition* sdmoe,
                const ProcessGroups& groups, MomentSharding sharding);
 
   // The checkpoint to start from: checkpoint.load, else DIR/latest when it exists, else ""
@@ -49,8 +50,9 @@ class Checkpointer {
   void save(const TrainingPosition& position);
   // Collective over the world: every rank reads `path` (a step directory or its
   // checkpoint.h5) into its blocks. A missing, truncated or corrupt file, or one from a
-  // different model, throws sdmoe::Error on every rank with the reason.
-  TrainingPosition load(const std::string& path);
+  // different model, throws sdmoe::Error on every rank with the reason. parameters_only:
+  // the model's parameters alone (W_eff for SD-MoE matrices), for evaluation.
+  TrainingPosition load(const std::string& path, bool parameters_only = false);
 
   // The directory of step `step` inside dir.
   static std::string step_directory(const std::string& dir, int64_t step);
@@ -58,7 +60,7 @@ class Checkpointer {
  private:
   const config::Run& run_;
   GptModel& model_;
-  AdamW& optimizer_;
+  AdamW* optimizer_;
   SpectralDecomposition* sdmoe_;
   const ProcessGroups& groups_;
   MomentSharding sharding_;

@@ -15,6 +15,8 @@
 #include "data/sequence_loader.h"
 #include "data/token_dataset.h"
 #include "launcher/checkpoint.h"
+#include "launcher/metrics_log.h"
+#include "launcher/tensorboard_writer.h"
 #include "model/gpt.h"
 #include "model/optimizer.h"
 #include "model/sdmoe.h"
@@ -118,6 +120,14 @@ std::string bytes_summary(const StepRecord& r) {
   return s.empty() ? std::string() : " | sent" + s;
 }
 
+// "1h02m03s" and the like.
+std::string duration_text(double seconds) {
+  const int64_t s = int64_t(std::max(0.0, seconds) + 0.5);
+  if (s >= 3600) return fmt::format("{}h{:02d}m{:02d}s", s / 3600, (s / 60) % 60, s % 60);
+  if (s >= 60) return fmt::format("{}m{:02d}s", s / 60, s % 60);
+  return fmt::format("{}s", s);
+}
+
 std::string load_summary(const StepRecord& r) {
   std::string s;
   for (size_t l = 0; l < r.min_load.size(); ++l) s += fmt::format(" {:.2f}-{:.2f}", r.min_load[l], r.max_load[l]);
@@ -177,21 +187,31 @@ std::string nccl_unavailable_reason(const Backend& be, const MpiRuntime& mpi) {
   return "";
 }
 
-int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
-  const bool root = mpi.world_rank() == 0;
-
-  // Input checks on every rank, then one agreement so that no rank is left waiting.
+// What every run needs before its first collective, agreed on by all ranks.
+struct Setup {
   Job job;
   ParallelDims dims;
   std::unique_ptr<Backend> backend;
+  CommBackend comm_kind = CommBackend::MPI;
+  std::unique_ptr<JsonlMetrics> jsonl;  // world rank 0, when metrics.jsonl is set
+  std::unique_ptr<TensorboardWriter> tensorboard;  // world rank 0, when metrics.tensorboard_dir is set
+};
+
+// Input checks on every rank, then one agreement so that no rank is left waiting. False
+// (after each failing rank printed its one line as `tool: error: ...`) when any rank failed.
+bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* tool, Setup& setup) {
   std::string error, no_nccl = "not checked";
   const auto comm_choice = run.parallel().comm_backend();
   try {
-    dims = check_parallel(run, mpi.world_size());
-    job = check_job(run, dims.dp);
-    backend = make_backend(run, mpi);
-    no_nccl = nccl_unavailable_reason(*backend, mpi);
+    setup.dims = check_parallel(run, mpi.world_size());
+    setup.job = check_job(run, setup.dims.dp);
+    setup.backend = make_backend(run, mpi);
+    no_nccl = nccl_unavailable_reason(*setup.backend, mpi);
     if (comm_choice == config::Parallel::NCCL && !no_nccl.empty()) fail("parallel.comm_backend NCCL: {}", no_nccl);
+    if (mpi.world_rank() == 0 && !run.metrics().jsonl().empty())
+      setup.jsonl = std::make_unique<JsonlMetrics>(run.metrics().jsonl());
+    if (mpi.world_rank() == 0 && !run.metrics().tensorboard_dir().empty())
+      setup.tensorboard = std::make_unique<TensorboardWriter>(run.metrics().tensorboard_dir());
   } catch (const Error& e) {
     error = e.what();
   }
@@ -199,11 +219,38 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   std::vector<double> agreement{error.empty() ? 0.0 : 1.0, no_nccl.empty() ? 0.0 : 1.0};
   MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   if (agreement[0] != 0.0) {
-    if (!error.empty()) std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", error.c_str());
-    return 2;
+    if (!error.empty()) std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
+    return false;
   }
-  const CommBackend comm_kind =
+  setup.comm_kind =
       comm_choice == config::Parallel::MPI || agreement[1] != 0.0 ? CommBackend::MPI : CommBackend::NCCL;
+  return true;
+}
+
+// Mean cross-entropy of `batches` micro-batches from the start of `loader`, shared out over
+// the data-parallel ranks (so every layout evaluates the same sequences).
+double evaluate(GptModel& model, data::SequenceLoader& loader, int micro_batch, int batches, Communicator& dp) {
+  loader.set_position(0);
+  std::vector<int32_t> tokens;
+  std::vector<double> sums{0.0, 0.0};
+  for (int i = 0; i < batches / dp.size(); ++i) {
+    loader.next(micro_batch, tokens);
+    MicroBatchStats s = model.forward_only(tokens.data());
+    sums[0] += s.loss_sum;
+    sums[1] += double(s.tokens);
+  }
+  dp.all_reduce_host(sums, ReduceOp::SUM);
+  return sums[0] / sums[1];
+}
+
+int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
+  const bool root = mpi.world_rank() == 0;
+  Setup setup;
+  if (!agree_on_setup(run, mpi, "sdmoe_pretrain", setup)) return 2;
+  Job& job = setup.job;
+  const ParallelDims& dims = setup.dims;
+  std::unique_ptr<Backend>& backend = setup.backend;
+  const CommBackend comm_kind = setup.comm_kind;
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
@@ -275,7 +322,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   };
   // With ZeRO-1 each replica keeps a distinct shard of the moments; SD-MoE keeps expert
   // state whole (see sync_options).
-  Checkpointer checkpointer(run, model, optimizer, decomposition.get(), groups,
+  Checkpointer checkpointer(run, model, &optimizer, decomposition.get(), groups,
                             MomentSharding{zero1 && dims.dp > 1, zero1 && !job.sdmoe.enabled && dims.edp > 1});
   int64_t first_step = 0;
   if (!job.resume_from.empty()) {
@@ -311,17 +358,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   }
 
   auto validate = [&]() {
-    val_loader.set_position(0);  // the same held-out batches every time
-    std::vector<int32_t> tokens;
-    std::vector<double> sums{0.0, 0.0};
-    for (int i = 0; i < run.training().eval_batches() / dims.dp; ++i) {
-      val_loader.next(job.micro_batch, tokens);
-      MicroBatchStats s = model.forward_only(tokens.data());
-      sums[0] += s.loss_sum;
-      sums[1] += double(s.tokens);
-    }
-    groups.dp->all_reduce_host(sums, ReduceOp::SUM);
-    return sums[0] / sums[1];
+    return evaluate(model, val_loader, job.micro_batch, run.training().eval_batches(), *groups.dp);
   };
 
   if (run.training().eval_interval() > 0) {
@@ -332,12 +369,15 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   const int moe_layers = job.model.moe_layer_count();
   const auto traffic = traffic_groups(groups);
   const config::Checkpoint& ck = run.checkpoint();
+  const auto loop_start = std::chrono::steady_clock::now();
   for (int64_t step = first_step; step < run.training().steps(); ++step) {
     const auto start = std::chrono::steady_clock::now();
     for (const auto& [name, comm] : traffic) comm->reset_bytes_sent();
     model.zero_grads();
-    // [loss_sum, tokens, aux, z, then min/max load per MoE layer summed over micro-batches]
-    std::vector<double> sums(4 + 2 * moe_layers, 0.0);
+    // [loss_sum, tokens, aux, z, then min/max load per MoE layer, then each expert's load
+    // per MoE layer, summed over micro-batches]
+    const int experts = job.model.moe.num_experts;
+    std::vector<double> sums(4 + 2 * moe_layers + experts * moe_layers, 0.0);
     for (int micro = 0; micro < job.accumulation; ++micro) {
       train_loader.next(job.micro_batch, tokens);
       if (micro == job.accumulation - 1) sync.expect_backward();  // reduce buckets as they finish
@@ -349,6 +389,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       for (int l = 0; l < moe_layers; ++l) {
         sums[4 + 2 * l] += s.moe[l].min_load;
         sums[5 + 2 * l] += s.moe[l].max_load;
+        for (int x = 0; x < experts && x < int(s.moe[l].load.size()); ++x)
+          sums[4 + 2 * moe_layers + l * experts + x] += s.moe[l].load[x];
       }
     }
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
@@ -381,6 +423,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     for (int l = 0; l < moe_layers; ++l) {
       r.min_load.push_back(sums[4 + 2 * l] / micro_batches);
       r.max_load.push_back(sums[5 + 2 * l] / micro_batches);
+      r.expert_load.emplace_back(experts);
+      for (int x = 0; x < experts; ++x) r.expert_load[l][x] = sums[4 + 2 * moe_layers + l * experts + x] / micro_batches;
     }
     for (const auto& [name, comm] : traffic) r.bytes_sent.emplace_back(name, comm->bytes_sent());
     if (refreshed) {
@@ -405,10 +449,17 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                   r.model_flops / 1e9, 100.0 * r.peak_fraction, r.aux_loss, r.z_loss, load_summary(r).c_str());
       if (r.val_loss >= 0) std::printf(" | val_loss %.6f", r.val_loss);
       std::printf("%s", bytes_summary(r).c_str());
+      // Remaining steps at the mean pace since this process started training.
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
+      std::printf(" | ETA %s", duration_text(elapsed / double(r.step - first_step) *
+                                             double(run.training().steps() - r.step)).c_str());
       std::printf("\n");
       std::fflush(stdout);
     }
     if (refreshed) print_spectral(r.step, refresh);
+    if (setup.jsonl)
+      setup.jsonl->append(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count());
+    if (setup.tensorboard) setup.tensorboard->append(r);
     if (on_step) on_step(r);
 
     // Every rank learns of a signal at the same step boundary.
@@ -434,6 +485,51 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     }
     // Started after the checkpoint, so that a resumed run starts it at the same boundary.
     if (spectral && job.sdmoe.async && spectral->due(step + 1)) spectral->start_async(step + 1);
+  }
+  return 0;
+}
+
+int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split) {
+  Setup setup;
+  if (!agree_on_setup(run, mpi, "sdmoe_eval", setup)) return 2;
+  const Job& job = setup.job;
+  if (job.resume_from.empty() || (split != "train" && split != "validation")) {
+    // The same on every rank (config and argument only): no rank waits.
+    std::fprintf(stderr, "sdmoe_eval: error: %s\n",
+                 job.resume_from.empty() ? "no checkpoint: give --checkpoint PATH (or a checkpoint.dir with a latest)"
+                                         : "--split must be train or validation");
+    return 2;
+  }
+  const int batches = run.training().eval_batches();
+  if (batches <= 0 || batches % setup.dims.dp != 0) {
+    std::fprintf(stderr, "sdmoe_eval: error: training.eval_batches (%d) must be a positive multiple of the data-parallel ranks (%d)\n",
+                 batches, setup.dims.dp);
+    return 2;
+  }
+  Backend& be = *setup.backend;
+  ProcessGroups groups = make_process_groups(setup.dims, be, setup.comm_kind);
+  GptModel model(job.model, be, DType::F32, job.micro_batch,
+                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()));
+  Checkpointer checkpointer(run, model, nullptr, nullptr, groups, MomentSharding{});
+  TrainingPosition position;
+  try {
+    position = checkpointer.load(job.resume_from, /*parameters_only=*/true);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "sdmoe_eval: error: %s\n", e.what());
+    return 2;
+  }
+  // The sequences training validates on (validation: seed + 1) or starts from (train).
+  const bool validation = split == "validation";
+  data::SequenceLoader loader(validation ? job.validation : job.train, job.model.seq_len,
+                              run.data().seed() + (validation ? 1 : 0), groups.dp->rank(), setup.dims.dp);
+  const auto start = std::chrono::steady_clock::now();
+  const double loss = evaluate(model, loader, job.micro_batch, batches, *groups.dp);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (mpi.world_rank() == 0) {
+    std::printf("sdmoe_eval: %s (step %ld), %s split, %d sequences of %d tokens, %s: loss %.6f, perplexity %.3f (%.2f s)\n",
+                job.resume_from.c_str(), (long)position.step, split.c_str(), batches * job.micro_batch,
+                job.model.seq_len, setup.dims.describe().c_str(), loss, std::exp(loss), seconds);
+    std::fflush(stdout);
   }
   return 0;
 }

@@ -21,6 +21,7 @@ struct StepRecord {
   double aux_loss = 0.0, z_loss = 0.0;  // per micro-batch mean, summed over MoE layers
   double tokens_per_second = 0.0, model_flops = 0.0, peak_fraction = 0.0;
   std::vector<double> min_load, max_load;  // per MoE layer
+  std::vector<std::vector<double>> expert_load;  // per MoE layer, each expert's share of routed rows
   double val_loss = -1.0;   // < 0 when no validation ran this step
   // Bytes rank 0 sent in this step per communication group ("dp", "ep", ...; groups with
   // the same ranks are one communicator and share one entry, named "dp=edp" and so on).
@@ -38,5 +39,11 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
 // the configuration and data and agrees on any error before the first collective; a
 // failing rank prints one line and all ranks return 2.
 int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step = {});
+
+// Loads the parameters of the configured checkpoint (checkpoint.load, or checkpoint.dir's
+// latest) under the configured layout and prints the mean loss and perplexity of
+// training.eval_batches micro-batches of `split` ("train" or "validation"): the sequences
+// training validates on, so the figure matches the training log's val_loss at that step.
+int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split);
 
 }  // namespace sdmoe

@@ -275,6 +275,7 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
     stats.min_load = std::min(stats.min_load, expert_load_[x]);
     stats.max_load = std::max(stats.max_load, expert_load_[x]);
   }
+  stats.load = expert_load_;
   stats.aux_loss *= moe_.aux_loss_coef * double(e);
   stats.z_loss = moe_.z_loss_coef * be.sum_squares(lse_) / double(t);
   return stats;

@@ -142,6 +142,7 @@ struct RoutingPlan {
 struct MoeStats {
   double aux_loss = 0.0, z_loss = 0.0;
   double min_load = 0.0, max_load = 0.0;  // smallest and largest share of routed rows
+  std::vector<double> load;               // each expert's share of routed rows
 };
 
 // The rows the local experts work on, expert-major. Without expert parallelism these are

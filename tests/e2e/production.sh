@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Checkpoint, resume and preemption checks of sdmoe_pretrain under mpirun, run by ctest:
-#   checkpoint.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
+# Production checks of sdmoe_pretrain and sdmoe_eval under mpirun, run by ctest:
+# checkpoints, resume and preemption, evaluation, metrics files and plots.
+#   production.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
+#                              | eval | metrics | tensorboard
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -176,6 +178,157 @@ for group in f["sdmoe"].values():
         assert err < 1e-4, (group.name, side, err)
 print("h5py: %d parameter tensors, %d SD-MoE matrix groups, bases orthonormal" % (len(f["params"]), len(f["sdmoe"])))
 EOF
+  ;;
+eval)
+  # sdmoe_eval on a checkpoint, under the saving layout and two others, reports the
+  # validation loss the training log printed at that step (same sequences), to 2e-6.
+  run2 --set training.steps=4 --set training.eval_interval=4 --set checkpoint.dir="$tmp/v" > "$tmp/v.log" 2>&1 \
+    || { cat "$tmp/v.log"; die "training run failed"; }
+  want="$(grep -o '^step 4/4 .*val_loss [0-9.]*' "$tmp/v.log" | grep -o 'val_loss [0-9.]*' | awk '{print $2}')"
+  [ -n "$want" ] || { cat "$tmp/v.log"; die "no val_loss at step 4 in the training log"; }
+  for layout in "2|--set parallel.ep=2" "1|" "4|--set parallel.tp=2 --set parallel.ep=2"; do
+    np="${layout%%|*}"; read -r -a extra <<< "${layout#*|}"
+    mpirun -np "$np" --bind-to none "$bin/sdmoe_eval" "${common[@]}" "${extra[@]}" \
+      --checkpoint "$tmp/v/step_00000004" > "$tmp/e.log" 2>&1 || { cat "$tmp/e.log"; die "sdmoe_eval under $np ranks failed"; }
+    got="$(grep -o 'loss [0-9.]*, perplexity' "$tmp/e.log" | awk '{print $2}')"
+    awk -v a="$want" -v b="$got" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b != "" && d <= 2e-6) }' \
+      || { cat "$tmp/e.log"; die "sdmoe_eval loss $got under $np ranks ${extra[*]}, training logged $want"; }
+    echo "np $np ${extra[*]}: $(grep sdmoe_eval: "$tmp/e.log" | sed 's/.*split, //')"
+  done
+  # The training split, and a missing checkpoint.
+  "$bin/sdmoe_eval" "${common[@]}" --checkpoint "$tmp/v/step_00000004" --split train > "$tmp/e.log" 2>&1 \
+    && grep -q "train split" "$tmp/e.log" || { cat "$tmp/e.log"; die "sdmoe_eval --split train"; }
+  "$bin/sdmoe_eval" "${common[@]}" --checkpoint "$tmp/none" > "$tmp/e.log" 2>&1 && die "sdmoe_eval without a checkpoint succeeded"
+  grep -q "sdmoe_eval: error: .*does not exist" "$tmp/e.log" || { cat "$tmp/e.log"; die "no clear error for a missing checkpoint"; }
+  ;;
+metrics)
+  # The JSONL metrics file: one record per step with the documented fields, validation
+  # and SD-MoE metrics where they happen, expert loads that sum to one; a resumed run
+  # appends; scripts/plot_run.py turns it into PNG files.
+  run2 --set training.steps=6 --set training.eval_interval=3 --set metrics.jsonl="$tmp/run.jsonl" \
+    --set checkpoint.dir="$tmp/m" --set checkpoint.interval=3 > "$tmp/m.log" 2>&1 || { cat "$tmp/m.log"; die "run failed"; }
+  grep -q '| ETA [0-9]' "$tmp/m.log" || die "no ETA in the log line"
+  run2 --set training.steps=8 --set training.eval_interval=3 --set metrics.jsonl="$tmp/run.jsonl" \
+    --set checkpoint.dir="$tmp/m" > "$tmp/m2.log" 2>&1 || { cat "$tmp/m2.log"; die "resumed run failed"; }
+  /usr/bin/python3 - "$tmp/run.jsonl" "$tmp/m.log" <<'PYTHON' || die "metrics JSONL"
+import json, re, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+steps = [r["step"] for r in records]
+assert steps == list(range(1, 9)), steps
+logged = {int(m.group(1)): float(m.group(2))
+          for m in re.finditer(r"^step (\d+)/6 \| loss ([0-9.]+)", open(sys.argv[2]).read(), re.M)}
+assert len(logged) == 6, logged
+for r in records:
+    for key in ("loss", "lr", "grad_norm", "tokens_per_second", "model_flops", "peak_fraction", "aux_loss", "z_loss",
+                "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time"):
+        assert key in r, (r["step"], key)
+    if r["step"] in logged:
+        assert abs(r["loss"] - logged[r["step"]]) < 1e-6, (r["step"], r["loss"], logged[r["step"]])
+    assert len(r["expert_load"]) == 2 and all(len(l) == 4 for l in r["expert_load"]), r["expert_load"]
+    for layer, load in enumerate(r["expert_load"]):
+        assert abs(sum(load) - 1.0) < 1e-6, load  # 9 significant digits per value
+        # min_load / max_load average each micro-batch's extreme, so they bound the mean shares.
+        assert r["min_load"][layer] <= min(load) + 1e-9 and max(load) <= r["max_load"][layer] + 1e-9, (load, r)
+    assert ("val_loss" in r) == (r["step"] in (3, 6, 8)), (r["step"], "val_loss")
+    assert ("spectral" in r) == (r["step"] % 3 == 0), (r["step"], "spectral")
+    if "spectral" in r:
+        assert len(r["spectral"]) == 6 and all(0 <= m["overlap_left"] <= 1 for m in r["spectral"]), r["spectral"]
+    assert r["bytes_sent"].get("dp=ep", 0) > 0, r["bytes_sent"]
+print("metrics: %d records, fields and values as documented" % len(records))
+PYTHON
+  /usr/bin/python3 scripts/plot_run.py "$tmp/run.jsonl" "$tmp/plots" > "$tmp/plots.txt" || die "plot_run.py failed"
+  for png in loss throughput expert_load_layer0 expert_load_layer1 spectral_overlap; do
+    [ "$(head -c 8 "$tmp/plots/$png.png" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || die "$png.png is not a PNG"
+  done
+  echo "plots: $(wc -l < "$tmp/plots.txt") PNG files"
+  ;;
+tensorboard)
+  # TensorBoard event files, read back by an independent parser written here: TFRecord
+  # framing with masked CRC-32C on length and payload, then the Event and Summary
+  # protobuf wire format decoded field by field, against TensorBoard's field numbers.
+  run2 --set training.steps=4 --set training.eval_interval=2 --set metrics.tensorboard_dir="$tmp/tb" \
+    > "$tmp/t.log" 2>&1 || { cat "$tmp/t.log"; die "run failed"; }
+  /usr/bin/python3 - "$tmp/tb" "$tmp/t.log" <<'PYTHON' || die "TensorBoard event file"
+import glob, re, struct, sys
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+def masked(data):
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+def varint(buf, i):
+    shift = value = 0
+    while True:
+        b = buf[i]; i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+def fields(buf):
+    i = 0
+    while i < len(buf):
+        key, i = varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(buf, i)
+        elif wire == 1:
+            value = buf[i:i + 8]; i += 8
+        elif wire == 5:
+            value = buf[i:i + 4]; i += 4
+        elif wire == 2:
+            n, i = varint(buf, i); value = buf[i:i + n]; i += n
+        else:
+            raise ValueError("wire type %d" % wire)
+        yield number, wire, value
+
+assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+files = glob.glob(sys.argv[1] + "/events.out.tfevents.*")
+assert len(files) == 1, files
+data = open(files[0], "rb").read()
+events, i = [], 0
+while i < len(data):
+    header = data[i:i + 8]
+    (length,) = struct.unpack("<Q", header)
+    (length_crc,) = struct.unpack("<I", data[i + 8:i + 12])
+    assert length_crc == masked(header), "length checksum"
+    payload = data[i + 12:i + 12 + length]
+    (payload_crc,) = struct.unpack("<I", data[i + 12 + length:i + 16 + length])
+    assert payload_crc == masked(payload), "payload checksum"
+    i += 16 + length
+    event = {"scalars": {}}
+    for number, wire, value in fields(payload):
+        if number == 1 and wire == 1: event["wall_time"] = struct.unpack("<d", value)[0]
+        elif number == 2 and wire == 0: event["step"] = value
+        elif number == 3 and wire == 2: event["file_version"] = value.decode()
+        elif number == 5 and wire == 2:
+            for n, w, v in fields(value):
+                assert n == 1 and w == 2
+                tag = simple = None
+                for n2, w2, v2 in fields(v):
+                    if n2 == 1: tag = v2.decode()
+                    elif n2 == 2 and w2 == 5: simple = struct.unpack("<f", v2)[0]
+                event["scalars"][tag] = simple
+    events.append(event)
+assert events[0].get("file_version") == "brain.Event:2", events[0]
+steps = [e["step"] for e in events[1:]]
+assert steps == [1, 2, 3, 4], steps
+logged = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+)/4 \| loss ([0-9.]+)", open(sys.argv[2]).read(), re.M)}
+for e in events[1:]:
+    s = e["scalars"]
+    assert abs(s["train/loss"] - logged[e["step"]]) < 1e-5, (e["step"], s["train/loss"])
+    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_second", "moe/layer0/max_load", "moe/layer1/min_load"):
+        assert tag in s, (e["step"], tag)
+    assert ("val/loss" in s) == (e["step"] % 2 == 0), (e["step"], sorted(s))
+print("tensorboard: %d events, checksums valid, scalars match the log" % len(events))
+PYTHON
   ;;
 *) die "unknown check $what" ;;
 esac
