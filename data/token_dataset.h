@@ -22,12 +22,32 @@ struct TokenFileInfo {
   uint64_t tokenizer_fingerprint = 0;  // BpeTokenizer::fingerprint() of the tokenizer used
 };
 
+// Which documents of a Megatron dataset (which has no splits of its own) to read: all,
+// or the first (TRAIN) or last (VALIDATION) documents with validation_fraction of them
+// held out (at least one).
+struct MegatronSelection {
+  enum class Part { ALL, TRAIN, VALIDATION };
+  Part part = Part::ALL;
+  double validation_fraction = 0.05;
+  int32_t eod_token = 50256;  // GPT-2's <|endoftext|>; Megatron files do not record it
+};
+
+// A Megatron dataset's prefix: PATH without a trailing .bin or .idx.
+std::string megatron_prefix(const std::string& path);
+// Whether PATH (a prefix, or the .bin or .idx) names an existing PREFIX.bin + PREFIX.idx pair.
+bool is_megatron_dataset(const std::string& path);
+
 // One split of a token file, held in memory as int32.
 class TokenDataset {
  public:
   // split is "train" or "validation". Throws sdmoe::Error "<path>: <reason>" for a missing
   // file, a non-HDF5 file, a wrong format, a missing split, or truncated/corrupt data.
   static TokenDataset open(const std::string& path, const std::string& split);
+  // A Megatron-LM indexed dataset (PREFIX.bin/.idx, docs/data.md), or part of it. Every
+  // document must end with the EOD token (Megatron's preprocess_data.py --append-eod).
+  // The vocabulary size is taken as the largest token + 1 and the tokenizer fingerprint
+  // is unknown (0). Throws sdmoe::Error naming the file and the problem.
+  static TokenDataset open_megatron(const std::string& path, const MegatronSelection& selection);
 
   // For tests and tools that make data in memory. Validates like open() does.
   static TokenDataset from_memory(const TokenFileInfo& info, std::vector<int32_t> tokens,

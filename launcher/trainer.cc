@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
+#include <tuple>
 
 #include "core/cpu/cpu_backend.h"
 #include "data/bpe_tokenizer.h"
@@ -45,7 +47,8 @@ struct Job {
   OptimizerSpec optimizer;
   SdmoeSpec sdmoe;
   int micro_batch = 0, accumulation = 0;
-  std::shared_ptr<const data::TokenDataset> train, validation;
+  // The training and validation datasets with their blend weights (one each without a blend).
+  std::vector<data::BlendSource> train, validation;
   std::string resume_from;  // checkpoint to start from; empty: a fresh start
 };
 
@@ -74,27 +77,56 @@ Job check_job(const config::Run& run, int dp) {
   job.sdmoe = sdmoe_spec_from(run.sdmoe());
   job.sdmoe.validate(job.model);
 
-  const std::string& path = run.data().path();
-  if (path.empty()) fail("data.path is not set");
-  job.train = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "train"));
-  job.validation = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "validation"));
-  if (job.train->vocab_size() > job.model.vocab_size)
-    fail("{}: dataset vocabulary ({}) is larger than model.vocab_size ({})", path, job.train->vocab_size(),
-         job.model.vocab_size);
-  if (!run.data().tokenizer_dir().empty()) {
-    data::BpeTokenizer tok = data::BpeTokenizer::load(run.data().tokenizer_dir());
-    if (tok.fingerprint() != job.train->tokenizer_fingerprint() || tok.vocab_size() != job.train->vocab_size())
-      fail("{}: dataset was tokenized with a different vocabulary than {} (fingerprint {:016x} vs {:016x})", path,
-           run.data().tokenizer_dir(), job.train->tokenizer_fingerprint(), tok.fingerprint());
+  // The datasets: data.path, or each entry of data.blend with its weight.
+  const config::Data& d = run.data();
+  if (!d.path().empty() && d.blend_size() > 0) fail("set data.path or data.blend, not both");
+  if (d.path().empty() && d.blend_size() == 0) fail("data.path is not set");
+  std::vector<std::tuple<std::string, std::string, double>> sources;  // path, validation path, weight
+  if (d.blend_size() == 0) sources.emplace_back(d.path(), d.validation_path(), 1.0);
+  for (const config::Data::BlendEntry& b : d.blend()) {
+    if (b.path().empty()) fail("data.blend: an entry has no path");
+    if (!(b.weight() > 0)) fail("data.blend: {} has weight {}, must be positive", b.path(), b.weight());
+    sources.emplace_back(b.path(), b.validation_path(), b.weight());
+  }
+  std::optional<data::BpeTokenizer> tokenizer;
+  if (!d.tokenizer_dir().empty()) tokenizer = data::BpeTokenizer::load(d.tokenizer_dir());
+  const int64_t window = int64_t(job.model.seq_len) + 1;
+  for (const auto& [path, validation_path, weight] : sources) {
+    std::shared_ptr<const data::TokenDataset> train, validation;
+    if (data::is_megatron_dataset(path)) {
+      if (tokenizer)
+        fail("data.tokenizer_dir cannot be checked against a Megatron dataset ({} records no tokenizer); leave it empty", path);
+      if (validation_path.empty() && !(d.validation_fraction() > 0 && d.validation_fraction() < 1))
+        fail("data.validation_fraction ({}) must be in (0, 1)", d.validation_fraction());
+      using Part = data::MegatronSelection::Part;
+      auto open = [&](const std::string& p, Part part) {
+        return std::make_shared<data::TokenDataset>(
+            data::TokenDataset::open_megatron(p, {part, d.validation_fraction(), d.eod_token()}));
+      };
+      train = open(path, validation_path.empty() ? Part::TRAIN : Part::ALL);
+      validation = validation_path.empty() ? open(path, Part::VALIDATION) : open(validation_path, Part::ALL);
+    } else {
+      if (!validation_path.empty()) fail("{}: validation_path is for Megatron datasets; an HDF5 file has its own split", path);
+      train = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "train"));
+      validation = std::make_shared<data::TokenDataset>(data::TokenDataset::open(path, "validation"));
+      if (tokenizer && (tokenizer->fingerprint() != train->tokenizer_fingerprint() || tokenizer->vocab_size() != train->vocab_size()))
+        fail("{}: dataset was tokenized with a different vocabulary than {} (fingerprint {:016x} vs {:016x})", path,
+             d.tokenizer_dir(), train->tokenizer_fingerprint(), tokenizer->fingerprint());
+    }
+    for (const auto* ds : {train.get(), validation.get()}) {
+      if (ds->vocab_size() > job.model.vocab_size)
+        fail("{}: dataset vocabulary ({}) is larger than model.vocab_size ({})", path, ds->vocab_size(),
+             job.model.vocab_size);
+      if (ds->num_tokens() < window) fail("{}: fewer than seq_len + 1 = {} tokens in a split", path, window);
+    }
+    job.train.push_back({train, weight});
+    job.validation.push_back({validation, weight});
   }
   const config::Checkpoint& ck = run.checkpoint();
   if (ck.interval() < 0) fail("checkpoint.interval must be >= 0");
   if (ck.keep() < 0) fail("checkpoint.keep must be >= 0");
   if (ck.interval() > 0 && ck.dir().empty()) fail("checkpoint.interval is set but checkpoint.dir is not");
   job.resume_from = Checkpointer::resume_path(ck);
-  const int64_t window = int64_t(job.model.seq_len) + 1;
-  if (job.train->num_tokens() < window || job.validation->num_tokens() < window)
-    fail("{}: fewer than seq_len + 1 = {} tokens in a split", path, window);
   return job;
 }
 
@@ -296,9 +328,13 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                 comm_kind == CommBackend::NCCL ? "NCCL" : "MPI", be.name().c_str());
     std::printf("model: %s, %.2fM parameters, %.1f MFLOP per token\n", job.model.summary().c_str(),
                 model.registry().total_elements() / 1e6, job.model.train_flops_per_token() / 1e6);
+    int64_t train_tokens = 0, validation_tokens = 0;
+    for (const data::BlendSource& b : job.train) train_tokens += b.dataset->num_tokens();
+    for (const data::BlendSource& b : job.validation) validation_tokens += b.dataset->num_tokens();
     std::printf("data: %s (%ld train / %ld validation tokens), %d micro-batch(es) of %d per rank per step\n",
-                run.data().path().c_str(), (long)job.train->num_tokens(), (long)job.validation->num_tokens(),
-                job.accumulation, job.micro_batch);
+                run.data().blend_size() > 0 ? fmt::format("blend of {} datasets", run.data().blend_size()).c_str()
+                                            : run.data().path().c_str(),
+                (long)train_tokens, (long)validation_tokens, job.accumulation, job.micro_batch);
     std::printf("optimizer state: %.1f MB per rank%s\n", 2.0 * double(optimizer.moment_elements()) * 4 / 1e6,
                 zero1 ? (job.sdmoe.enabled ? " (ZeRO-1: dense state sharded over the data-parallel ranks; experts whole for SD-MoE)"
                                : " (ZeRO-1: sharded over the data-parallel ranks)")

@@ -134,5 +134,77 @@ TEST(SequenceLoader, RejectsTooSmallDatasetAndBadArguments) {
   EXPECT_THROW(loader.next(0, batch), sdmoe::Error);
 }
 
+// A dataset whose tokens are offset + i, so a row's first token tells the dataset and
+// the window.
+std::shared_ptr<const TokenDataset> offset_dataset(int32_t num_tokens, int32_t offset) {
+  std::vector<int32_t> tokens(static_cast<size_t>(num_tokens));
+  for (int32_t i = 0; i < num_tokens; ++i) tokens[static_cast<size_t>(i)] = offset + i;
+  const TokenFileInfo info{offset + num_tokens, offset + num_tokens - 1, 0};
+  return std::make_shared<const TokenDataset>(
+      TokenDataset::from_memory(info, std::move(tokens), std::vector<int64_t>{0, num_tokens}));
+}
+
+// Blend of three datasets, weights 5 : 3 : 2. Over every prefix of the stream each dataset
+// has given its share of the samples to within one (the greedy schedule's guarantee);
+// each dataset's samples, in order, are that dataset's own shuffled stream (dataset 0's
+// with the plain loader's seed); rows hold the right dataset's tokens.
+TEST(SequenceLoader, BlendFollowsWeightsAndEachDatasetsOwnStream) {
+  const int seq = 4;
+  const std::vector<std::shared_ptr<const TokenDataset>> ds{offset_dataset(401, 0), offset_dataset(201, 10000),
+                                                            offset_dataset(101, 20000)};
+  const std::vector<double> weight{5, 3, 2};
+  SequenceLoader blend({{ds[0], weight[0]}, {ds[1], weight[1]}, {ds[2], weight[2]}}, seq, 9, 0, 1);
+  std::vector<uint64_t> count(3, 0);
+  std::vector<std::vector<uint64_t>> windows(3);
+  std::vector<int32_t> row;
+  for (uint64_t g = 0; g < 1000; ++g) {
+    blend.next(1, row);
+    const int source = row[0] / 10000;
+    ASSERT_LT(source, 3);
+    const auto [picked, window] = blend.sample(g);
+    ASSERT_EQ(int(picked), source) << "sample " << g;
+    ASSERT_EQ(row[0], source * 10000 + int32_t(window) * seq) << "sample " << g;
+    windows[source].push_back(window);
+    ++count[source];
+    for (int i = 0; i < 3; ++i)
+      ASSERT_LE(std::abs(double(count[i]) - weight[i] / 10.0 * double(g + 1)), 1.0) << "dataset " << i << " at " << g;
+  }
+  // Dataset 0 alone, with the same seed: the same windows in the same order.
+  SequenceLoader alone(ds[0], seq, 9, 0, 1);
+  for (size_t c = 0; c < windows[0].size(); ++c) ASSERT_EQ(windows[0][c], alone.window_of_global_sample(c));
+  // Datasets 1 and 2 wrap into further epochs, each window once per epoch.
+  for (int i = 1; i < 3; ++i) {
+    const uint64_t n = (ds[i]->num_tokens() - 1) / seq;
+    std::set<uint64_t> first_epoch(windows[i].begin(), windows[i].begin() + int64_t(n));
+    EXPECT_EQ(first_epoch.size(), n) << "dataset " << i;
+  }
+}
+
+// Resuming a blend at any position, forwards or backwards, gives the same stream; two
+// data-parallel ranks share it out as with one dataset.
+TEST(SequenceLoader, BlendResumesAndShardsLikeOneDataset) {
+  const std::vector<BlendSource> sources{{offset_dataset(301, 0), 1.0}, {offset_dataset(151, 10000), 2.0}};
+  SequenceLoader reference(sources, 6, 4, 0, 1);
+  const std::vector<int32_t> all = take(reference, 3, 20);
+  for (uint64_t position : {uint64_t(30), uint64_t(9), uint64_t(57)}) {
+    SequenceLoader resumed(sources, 6, 4, 0, 1);
+    take(resumed, 3, 5);  // moves past, then jumps
+    resumed.set_position(position);
+    const std::vector<int32_t> rest = take(resumed, 3, 1);
+    ASSERT_EQ(rest, std::vector<int32_t>(all.begin() + int64_t(position) * 7, all.begin() + int64_t(position + 3) * 7))
+        << "position " << position;
+  }
+  SequenceLoader rank0(sources, 6, 4, 0, 2), rank1(sources, 6, 4, 1, 2);
+  std::vector<int32_t> a, b;
+  for (int step = 0; step < 10; ++step) {
+    rank0.next(2, a);
+    rank1.next(2, b);
+    const auto at = all.begin() + int64_t(step) * 4 * 7;
+    ASSERT_EQ(a, std::vector<int32_t>(at, at + 14));
+    ASSERT_EQ(b, std::vector<int32_t>(at + 14, at + 28));
+  }
+  EXPECT_THROW(SequenceLoader({{sources[0].dataset, 0.0}}, 6, 4, 0, 1), sdmoe::Error);
+}
+
 }  // namespace
 }  // namespace sdmoe::data

@@ -2,7 +2,7 @@
 # Production checks of sdmoe_pretrain and sdmoe_eval under mpirun, run by ctest:
 # checkpoints, resume and preemption, evaluation, metrics files and plots.
 #   production.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
-#                              | eval | metrics | tensorboard
+#                              | eval | metrics | tensorboard | megatron
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -329,6 +329,67 @@ for e in events[1:]:
     assert ("val/loss" in s) == (e["step"] % 2 == 0), (e["step"], sorted(s))
 print("tensorboard: %d events, checksums valid, scalars match the log" % len(events))
 PYTHON
+  ;;
+megatron)
+  # The corpus's train and validation splits rewritten as Megatron .bin/.idx datasets by
+  # numpy, following Megatron's indexed_dataset.py layout (uint16 for train, int32 for
+  # validation; every third document cut into two sequences, as sentence splitting does).
+  # Training on them must give the very losses of training on the HDF5 file: same tokens,
+  # same document boundaries, same windows.
+  /usr/bin/python3 - .data/corpus.h5 "$tmp/mg" <<'PYTHON' || die "writing the Megatron datasets"
+import struct, sys
+import h5py
+import numpy as np
+f = h5py.File(sys.argv[1], "r")
+for split, dtype, code in (("train", np.uint16, 8), ("validation", np.int32, 4)):
+    tokens = f[split]["tokens"][()]
+    offsets = f[split]["doc_offsets"][()]
+    lengths, doc_index = [], [0]
+    for d in range(len(offsets) - 1):
+        n = int(offsets[d + 1] - offsets[d])
+        parts = [n // 2, n - n // 2] if d % 3 == 2 and n >= 2 else [n]
+        lengths += parts
+        doc_index.append(len(lengths))
+    lengths = np.array(lengths, dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]) * np.dtype(dtype).itemsize
+    prefix = "%s_%s" % (sys.argv[2], split)
+    tokens.astype(dtype).tofile(prefix + ".bin")
+    with open(prefix + ".idx", "wb") as out:
+        out.write(b"MMIDIDX\x00\x00")
+        out.write(struct.pack("<Q", 1))
+        out.write(struct.pack("<B", code))
+        out.write(struct.pack("<Q", len(lengths)))
+        out.write(struct.pack("<Q", len(doc_index)))
+        out.write(lengths.tobytes(order="C"))
+        out.write(pointers.astype(np.int64).tobytes(order="C"))
+        out.write(np.array(doc_index, dtype=np.int64).tobytes(order="C"))
+PYTHON
+  plain=(--config configs/tiny.textproto --set training.steps=6 --set training.eval_interval=3 --set training.log_interval=1 --set threads=1)
+  "$bin/sdmoe_pretrain" "${plain[@]}" > "$tmp/h5.log" 2>&1 || { cat "$tmp/h5.log"; die "HDF5 run failed"; }
+  "$bin/sdmoe_pretrain" "${plain[@]}" --set data.path="$tmp/mg_train" --set data.validation_path="$tmp/mg_validation" \
+    --set data.tokenizer_dir="" > "$tmp/mg.log" 2>&1 || { cat "$tmp/mg.log"; die "Megatron run failed"; }
+  grep -o '| loss [0-9.]*\|val_loss [0-9.]*' "$tmp/h5.log" > "$tmp/h5.loss"
+  grep -o '| loss [0-9.]*\|val_loss [0-9.]*' "$tmp/mg.log" > "$tmp/mg.loss"
+  [ "$(wc -l < "$tmp/h5.loss")" -eq 9 ] || { cat "$tmp/h5.log"; die "expected 6 losses and 3 validation losses"; }
+  diff "$tmp/h5.loss" "$tmp/mg.loss" || die "training on the Megatron datasets differs from training on the HDF5 file"
+  # Without validation_path, the last documents of the one dataset are held out.
+  "$bin/sdmoe_pretrain" "${plain[@]}" --set data.path="$tmp/mg_train.bin" --set data.tokenizer_dir="" \
+    --set data.validation_fraction=0.1 > "$tmp/mg1.log" 2>&1 || { cat "$tmp/mg1.log"; die "held-out run failed"; }
+  grep -q "^step 6/6" "$tmp/mg1.log" || die "held-out run did not train"
+  echo "Megatron uint16/int32 datasets train exactly as the HDF5 corpus"
+  # A blend of the Megatron dataset and an HDF5 file (weights 3 : 1): one rank and two
+  # data-parallel ranks see the same samples, so their losses agree (to 1e-4, the
+  # summation-order tolerance of e2e_mpi_equal).
+  sed "s|  path: \".data/corpus.h5\"|  blend { path: \"$tmp/mg_train\" weight: 3 validation_path: \"$tmp/mg_validation\" }\n  blend { path: \".data/brown.h5\" weight: 1 }\n  tokenizer_dir: \"\"|; /tokenizer_dir: \".data\//d" configs/tiny.textproto > "$tmp/blend.textproto"
+  grep -q "blend {" "$tmp/blend.textproto" || die "could not write the blend config"
+  blend=(--config "$tmp/blend.textproto" --set training.steps=4 --set training.eval_interval=0 --set training.log_interval=1 --set threads=1)
+  "$bin/sdmoe_pretrain" "${blend[@]}" > "$tmp/b1.log" 2>&1 || { cat "$tmp/b1.log"; die "blend run failed"; }
+  grep -q "^data: blend of 2 datasets" "$tmp/b1.log" || die "the blend was not used"
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${blend[@]}" > "$tmp/b2.log" 2>&1 || { cat "$tmp/b2.log"; die "2-rank blend run failed"; }
+  paste <(grep -o '| loss [0-9.]*' "$tmp/b1.log" | awk '{print $3}') <(grep -o '| loss [0-9.]*' "$tmp/b2.log" | awk '{print $3}') \
+    | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 || $2 == "") bad = 1; n++} END {exit bad || n != 4}' \
+    || die "blend losses differ between 1 and 2 ranks"
+  echo "blend of a Megatron and an HDF5 dataset: same losses on 1 and 2 ranks"
   ;;
 *) die "unknown check $what" ;;
 esac
