@@ -2,7 +2,7 @@
 # Production checks of sdmoe_pretrain and sdmoe_eval under mpirun, run by ctest:
 # checkpoints, resume and preemption, evaluation, metrics files and plots.
 #   production.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
-#                              | eval | metrics | tensorboard | megatron
+#                              | eval | metrics | tensorboard | megatron | scaling
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -390,6 +390,20 @@ PYTHON
     | awk '{d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 || $2 == "") bad = 1; n++} END {exit bad || n != 4}' \
     || die "blend losses differ between 1 and 2 ranks"
   echo "blend of a Megatron and an HDF5 dataset: same losses on 1 and 2 ranks"
+  ;;
+scaling)
+  # scripts/scaling/scaling.py on 1 and 2 local ranks: both runs happen, the report has a
+  # row per rank count and a PNG, and the bytes the 2-rank run all-reduces per step are
+  # the ring cost 2 (p - 1) / p x 4 bytes x parameters (parameters from the log).
+  /usr/bin/python3 scripts/scaling/scaling.py run --mode weak --ranks 1,2 --global-batch 4 --steps 4 --out "$tmp/sc" \
+    > "$tmp/sc.txt" 2>&1 || { cat "$tmp/sc.txt"; die "scaling.py run failed"; }
+  [ "$(grep -c '^| [12] |' "$tmp/sc/scaling.md")" -eq 2 ] || { cat "$tmp/sc/scaling.md"; die "expected 2 rows"; }
+  [ "$(head -c 4 "$tmp/sc/scaling.png" | od -An -tx1 | tr -d ' \n')" = "89504e47" ] || die "scaling.png is not a PNG"
+  params="$(grep -o '[0-9.]*M parameters' "$tmp/sc/ranks_2/log.txt" | awk '{print $1 * 1e6}')"
+  sent="$(grep '^| 2 |' "$tmp/sc/scaling.md" | grep -o 'dp=edp [0-9.]*' | awk '{print $2 * 1e6}')"
+  awk -v p="$params" -v s="$sent" 'BEGIN { want = 2 * 0.5 * 4 * p; d = (s - want) / want; if (d < 0) d = -d; exit !(p > 0 && d < 0.01) }' \
+    || die "2 ranks sent $sent bytes per step; the ring model gives 4 x $params"
+  echo "scaling: $(grep '^| 2 |' "$tmp/sc/scaling.md")"
   ;;
 *) die "unknown check $what" ;;
 esac
