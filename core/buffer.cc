@@ -1,13 +1,37 @@
 #include "core/buffer.h"
 
+#include <atomic>
+
 namespace sdmoe {
+namespace {
+
+// Indexed by Device (CPU, CUDA).
+std::atomic<int64_t> in_use[2], peak[2];
+
+void count(const Backend* backend, int64_t bytes) {
+  if (!backend || bytes == 0) return;
+  const int d = backend->device() == Device::CUDA ? 1 : 0;
+  const int64_t now = in_use[d].fetch_add(bytes) + bytes;
+  int64_t seen = peak[d].load();
+  while (now > seen && !peak[d].compare_exchange_weak(seen, now)) {
+  }
+}
+
+}  // namespace
+
+int64_t buffer_bytes_in_use(Device device) { return in_use[device == Device::CUDA ? 1 : 0].load(); }
+int64_t buffer_bytes_peak(Device device) { return peak[device == Device::CUDA ? 1 : 0].load(); }
 
 Buffer::Buffer(Backend& backend, size_t bytes) : backend_(&backend), bytes_(bytes) {
   data_ = bytes ? backend.allocate(bytes) : nullptr;
+  if (data_) count(backend_, int64_t(bytes_));
 }
 
 Buffer::~Buffer() {
-  if (data_) backend_->deallocate(data_);
+  if (data_) {
+    backend_->deallocate(data_);
+    count(backend_, -int64_t(bytes_));
+  }
 }
 
 Buffer::Buffer(Buffer&& other) noexcept
@@ -18,7 +42,10 @@ Buffer::Buffer(Buffer&& other) noexcept
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
   if (this != &other) {
-    if (data_) backend_->deallocate(data_);
+    if (data_) {
+      backend_->deallocate(data_);
+      count(backend_, -int64_t(bytes_));
+    }
     backend_ = other.backend_;
     data_ = other.data_;
     bytes_ = other.bytes_;

@@ -13,6 +13,11 @@ struct ElementRange {
   int64_t begin = 0, end = 0;
 };
 
+// Bytes held by live Buffers on each device kind, and the most held at once: the model's
+// parameters, gradients, optimizer state, activations and scratch all live in Buffers.
+int64_t buffer_bytes_in_use(Device device);
+int64_t buffer_bytes_peak(Device device);
+
 class Buffer {
  public:
   Buffer() = default;

@@ -93,6 +93,8 @@ void TensorboardWriter::append(const StepRecord& r) {
   add_scalar(s, "perf/model_tflops", r.model_flops / 1e12);
   add_scalar(s, "perf/peak_percent", 100.0 * r.peak_fraction);
   if (r.val_loss >= 0) add_scalar(s, "val/loss", r.val_loss);
+  add_scalar(s, "memory/buffers_gb", double(r.buffer_bytes) / 1e9);
+  add_scalar(s, "memory/buffers_peak_gb", double(r.buffer_peak_bytes) / 1e9);
   for (size_t l = 0; l < r.min_load.size(); ++l) {
     add_scalar(s, fmt::format("moe/layer{}/min_load", l), r.min_load[l]);
     add_scalar(s, fmt::format("moe/layer{}/max_load", l), r.max_load[l]);

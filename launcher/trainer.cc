@@ -468,6 +468,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       r.spectral_compute_seconds = refresh.compute_seconds;
       r.spectral_comm_seconds = refresh.comm_seconds;
     }
+    r.buffer_bytes = buffer_bytes_in_use(be.device());
+    r.buffer_peak_bytes = buffer_bytes_peak(be.device());
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;

@@ -23,6 +23,9 @@ struct StepRecord {
   std::vector<double> min_load, max_load;  // per MoE layer
   std::vector<std::vector<double>> expert_load;  // per MoE layer, each expert's share of routed rows
   double val_loss = -1.0;   // < 0 when no validation ran this step
+  // Bytes in this rank's Buffers on the training device (parameters, gradients, optimizer
+  // and SD-MoE state, activations, scratch): now, and the most so far.
+  int64_t buffer_bytes = 0, buffer_peak_bytes = 0;
   // Bytes rank 0 sent in this step per communication group ("dp", "ep", ...; groups with
   // the same ranks are one communicator and share one entry, named "dp=edp" and so on).
   std::vector<std::pair<std::string, uint64_t>> bytes_sent;

@@ -242,8 +242,11 @@ logged = {int(m.group(1)): float(m.group(2))
 assert len(logged) == 6, logged
 for r in records:
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "model_flops", "peak_fraction", "aux_loss", "z_loss",
-                "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time"):
+                "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time",
+                "buffer_bytes", "buffer_peak_bytes"):
         assert key in r, (r["step"], key)
+    # At least the parameters, gradients and two moments of rank 0's 3.3M parameters in fp32.
+    assert 4 * 4 * 3.0e6 < r["buffer_bytes"] <= r["buffer_peak_bytes"], r
     if r["step"] in logged:
         assert abs(r["loss"] - logged[r["step"]]) < 1e-6, (r["step"], r["loss"], logged[r["step"]])
     assert len(r["expert_load"]) == 2 and all(len(l) == 4 for l in r["expert_load"]), r["expert_load"]

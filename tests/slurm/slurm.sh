@@ -73,36 +73,42 @@ for _ in $(seq 60); do
 done
 [ "$state" = idle ] || die "the node did not become idle (state '$state')"
 
-# The tiny model on 2 ranks through the batch script, with checkpoints every 20 steps.
-run="$tmp/run"
-job="$(CONFIG=configs/tiny.textproto RUN_DIR="$run" LAUNCHER=mpirun SDMOE_BIN="$bin/sdmoe_pretrain" \
-  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
-  sbatch --parsable --job-name=sdmoe-test --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 \
-    --time=10 --output="$tmp/job-%j.log" scripts/slurm/sdmoe.sbatch \
-    --set threads=1 --set training.steps=200 --set training.eval_interval=0 --set training.log_interval=10 \
-    --set checkpoint.interval=20)" || die "sbatch failed"
-echo "submitted job $job"
-log="$tmp/job-$job.log"
-for _ in $(seq 300); do [ -e "$run/checkpoints/latest" ] && break; sleep 0.5; done
-[ -e "$run/checkpoints/latest" ] || die "no checkpoint within 150 s"
-# The time-limit warning, delivered now.
-scancel --signal=USR1 --batch "$job" || die "scancel --signal failed"
-for _ in $(seq 120); do grep -q "requeueing job" "$log" 2> /dev/null && break; sleep 1; done
-grep -q "stopping after step [0-9]* on signal 10" "$log" || die "the ranks did not stop on the warning"
-grep -q "requeueing job $job" "$log" || die "the batch script did not requeue the job"
-stopped="$(grep -o 'stopping after step [0-9]*' "$log" | awk '{print $4}' | tail -1)"
-echo "stopped at step $stopped and requeued"
-# A requeued job waits for its begin time; release it at once.
-sleep 2
-scontrol update JobId="$job" StartTime=now > /dev/null 2>&1
-for _ in $(seq 240); do
-  state="$(squeue -h -j "$job" -o %T 2> /dev/null)"
-  [ -z "$state" ] && break
-  sleep 1
-done
-[ -z "$state" ] || die "job still $state after 240 s"
-grep -q "^resumed from $run/checkpoints/step_0*$stopped:" "$log" || die "the requeued job did not resume from step $stopped"
-grep -q "^step 200/200" "$log" || die "the requeued job did not finish"
-[ -d "$run/checkpoints/step_00000200" ] || die "no final checkpoint"
-[ "$(wc -l < "$run/metrics.jsonl")" -ge 200 ] || die "metrics.jsonl is short"
-echo "PASS: job $job warned at step $stopped, requeued, resumed and completed 200 steps"
+# The tiny model on 2 ranks through the batch script, with checkpoints every 20 steps,
+# launched by mpirun and by srun (through Slurm's PMIx plugin).
+submit_warn_requeue() {  # LAUNCHER
+  local launcher="$1" run="$tmp/run-$1" job log state stopped
+  job="$(CONFIG=configs/tiny.textproto RUN_DIR="$run" LAUNCHER="$launcher" SRUN_MPI=pmix SDMOE_BIN="$bin/sdmoe_pretrain" \
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
+    sbatch --parsable --job-name="sdmoe-$launcher" --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 \
+      --time=10 --output="$tmp/job-%j.log" scripts/slurm/sdmoe.sbatch \
+      --set threads=1 --set training.steps=200 --set training.eval_interval=0 --set training.log_interval=10 \
+      --set checkpoint.interval=20)" || die "$launcher: sbatch failed"
+  echo "$launcher: submitted job $job"
+  log="$tmp/job-$job.log"
+  for _ in $(seq 300); do [ -e "$run/checkpoints/latest" ] && break; sleep 0.5; done
+  [ -e "$run/checkpoints/latest" ] || die "$launcher: no checkpoint within 150 s"
+  # The time-limit warning, delivered now.
+  scancel --signal=USR1 --batch "$job" || die "$launcher: scancel --signal failed"
+  for _ in $(seq 120); do grep -q "requeueing job" "$log" 2> /dev/null && break; sleep 1; done
+  grep -q "stopping after step [0-9]* on signal 10" "$log" || die "$launcher: the ranks did not stop on the warning"
+  grep -q "requeueing job $job" "$log" || die "$launcher: the batch script did not requeue the job"
+  stopped="$(grep -o 'stopping after step [0-9]*' "$log" | awk '{print $4}' | tail -1)"
+  echo "$launcher: stopped at step $stopped and requeued"
+  # A requeued job waits for its begin time; release it at once.
+  sleep 2
+  scontrol update JobId="$job" StartTime=now > /dev/null 2>&1
+  for _ in $(seq 240); do
+    state="$(squeue -h -j "$job" -o %T 2> /dev/null)"
+    [ -z "$state" ] && break
+    sleep 1
+  done
+  [ -z "$state" ] || die "$launcher: job still $state after 240 s"
+  grep -q "^resumed from $run/checkpoints/step_0*$stopped:" "$log" || die "$launcher: the requeued job did not resume from step $stopped"
+  grep -q "^step 200/200" "$log" || die "$launcher: the requeued job did not finish"
+  [ -d "$run/checkpoints/step_00000200" ] || die "$launcher: no final checkpoint"
+  [ "$(wc -l < "$run/metrics.jsonl")" -ge 200 ] || die "$launcher: metrics.jsonl is short"
+  echo "$launcher: job $job warned at step $stopped, requeued, resumed and completed 200 steps"
+}
+submit_warn_requeue mpirun
+submit_warn_requeue srun
+echo "PASS: Slurm jobs through mpirun and srun warned, requeued, resumed and completed"
