@@ -8,6 +8,10 @@
 //   document indices int64[D] (first sequence of each document; first 0, last S),
 //   optionally sequence modes int8[S] (multimodal datasets; ignored).
 // prefix.bin: the tokens of every sequence, back to back, in the dtype.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -39,6 +43,35 @@ std::vector<char> read_file(const std::string& path) {
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   return bytes;
 }
+
+// A read-only mapping of a whole file: the .bin of a large corpus is paged in as its
+// documents are copied, never held twice.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDONLY);
+    if (fd_ < 0) fail("{}: cannot open", path);
+    size_ = size_t(std::filesystem::file_size(path));
+    if (size_ > 0) {
+      data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
+      if (data_ == MAP_FAILED) fail("{}: cannot map", path);
+      ::madvise(data_, size_, MADV_SEQUENTIAL);
+    }
+  }
+  ~MappedFile() {
+    if (data_ && data_ != MAP_FAILED) ::munmap(data_, size_);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const char* data() const { return static_cast<const char*>(data_); }
+  size_t size() const { return size_; }
+
+ private:
+  int fd_ = -1;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 template <typename T>
 T take(const std::vector<char>& bytes, size_t& at, const std::string& where) {
@@ -102,6 +135,10 @@ TokenDataset TokenDataset::open_megatron(const std::string& path, const Megatron
 
   if (doc_entries < 2 || doc_index.front() != 0 || doc_index.back() != int64_t(sequences))
     fail("{}: document indices must run from 0 to the sequence count {}", idx_path, sequences);
+  for (uint64_t d = 1; d < doc_entries; ++d)
+    if (doc_index[d] < doc_index[d - 1])
+      fail("{}: document index {} ({}) is below the previous one ({}) (corrupt index)", idx_path, d, doc_index[d],
+           doc_index[d - 1]);
   int64_t expected_pointer = 0;
   for (uint64_t s = 0; s < sequences; ++s) {
     if (lengths[s] < 0 || pointers[s] != expected_pointer)
@@ -125,11 +162,14 @@ TokenDataset TokenDataset::open_megatron(const std::string& path, const Megatron
     if (selection.part == MegatronSelection::Part::TRAIN) last = documents - held_out;
     else first = documents - held_out;
   }
-  const std::vector<char> bin = read_file(bin_path);
+  const MappedFile bin(bin_path);
   TokenDataset ds;
   ds.info_.eod_token = selection.eod_token;
   ds.info_.tokenizer_fingerprint = 0;  // Megatron files do not record their tokenizer
-  int64_t max_token = selection.eod_token;
+  int64_t max_token = selection.eod_token, selected_tokens = 0;
+  for (int64_t s = doc_index[first]; s < doc_index[last]; ++s) selected_tokens += lengths[s];
+  ds.tokens_.reserve(size_t(selected_tokens));
+  ds.doc_offsets_.reserve(size_t(last - first + 1));
   ds.doc_offsets_.push_back(0);
   for (int64_t d = first; d < last; ++d) {
     for (int64_t s = doc_index[d]; s < doc_index[d + 1]; ++s) {
@@ -141,10 +181,10 @@ TokenDataset TokenDataset::open_megatron(const std::string& path, const Megatron
         ds.tokens_.push_back(int32_t(token));
       }
     }
-    if (int64_t(ds.tokens_.size()) == ds.doc_offsets_.back())
-      fail("{}: document {} is empty", idx_path, d);
-    ds.doc_offsets_.push_back(int64_t(ds.tokens_.size()));
+    // Megatron writes an empty document for an empty input text; it holds no tokens.
+    if (int64_t(ds.tokens_.size()) > ds.doc_offsets_.back()) ds.doc_offsets_.push_back(int64_t(ds.tokens_.size()));
   }
+  if (ds.tokens_.empty()) fail("{}: the selected documents hold no tokens", prefix);
   // The vocabulary is not recorded either: the largest token bounds it from below.
   ds.info_.vocab_size = max_token + 1;
   validate_split(fmt::format("{} (Megatron, documents {}..{})", prefix, first, last - 1), ds.info_, ds.tokens_,

@@ -154,6 +154,19 @@ void write_attribute(hid_t where, const char* name, const std::string& value) {
 
 bool has_attribute(hid_t where, const char* name) { return H5Aexists(where, name) > 0; }
 
+// A scalar fixed-length string dataset (attributes are limited to 64 KiB; a config with
+// many blend entries may not be).
+void write_string_dataset(hid_t where, const char* name, const std::string& value) {
+  h5::Handle type = h5::datatype(H5Tcopy(H5T_C_S1));
+  H5Tset_size(type.get(), std::max<size_t>(1, value.size()));
+  H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
+  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
+  h5::Handle ds = h5::dataset(H5Dcreate2(where, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+  const std::string padded = value.empty() ? std::string(1, '\0') : value;
+  if (!ds.valid() || H5Dwrite(ds.get(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, padded.data()) < 0)
+    fail("cannot write dataset {}", name);
+}
+
 int64_t read_int_attribute(hid_t where, const char* name, const std::string& file) {
   h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
   int64_t value = 0;
@@ -253,12 +266,27 @@ void sync_file(const fs::path& path) {
   }
 }
 
-// The step of a directory named step_NNNNNNNN, or -1.
+// The step of a directory named step_NNNNNNNN (8 or more digits), or -1.
 int64_t step_of_directory(const std::string& name) {
-  long long step = -1;
-  char tail = 0;
-  if (name.size() == 13 && std::sscanf(name.c_str(), "step_%8lld%c", &step, &tail) == 1) return step;
-  return -1;
+  if (name.size() < 13 || name.size() > 23 || name.compare(0, 5, "step_") != 0) return -1;
+  int64_t step = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    step = step * 10 + (name[i] - '0');
+  }
+  return step;
+}
+
+// Writes `text` to `path` and syncs it; throws when any part fails (a full disk must not
+// leave an empty file behind a rename).
+void write_text_file(const fs::path& path, const std::string& text) {
+  {
+    std::ofstream out(path, std::ios::trunc);
+    out << text;
+    out.flush();
+    if (!out) fail("cannot write {}", path.string());
+  }
+  sync_file(path);
 }
 
 }  // namespace
@@ -274,11 +302,13 @@ std::string Checkpointer::step_directory(const std::string& dir, int64_t step) {
 }
 
 std::string Checkpointer::resume_path(const config::Checkpoint& cfg) {
-  if (!cfg.load().empty()) {
+  // dir/latest first: a run started from checkpoint.load and then requeued continues from
+  // its own checkpoints, not from the starting point again.
+  const fs::path latest = fs::path(cfg.dir()) / "latest";
+  if ((cfg.dir().empty() || !fs::exists(latest)) && !cfg.load().empty()) {
     if (!fs::exists(cfg.load())) fail("checkpoint.load: {} does not exist", cfg.load());
     return cfg.load();
   }
-  const fs::path latest = fs::path(cfg.dir()) / "latest";
   if (cfg.dir().empty() || !fs::exists(latest)) {
     if (cfg.resume() == config::Checkpoint::REQUIRED)
       fail("resume requested but {} has no checkpoint ({} does not exist)", cfg.dir().empty() ? "checkpoint.dir" : cfg.dir(),
@@ -320,9 +350,9 @@ void Checkpointer::save(const TrainingPosition& position) {
       write_attribute(file.get(), "data_seed", int64_t(run_.data().seed()));
       write_attribute(file.get(), "architecture", architecture(model_spec_from(run_.model())));
       write_attribute(file.get(), "sdmoe", int64_t(sdmoe_ != nullptr));
-      write_attribute(file.get(), "config", resolved_config_text(run_));
+      write_string_dataset(file.get(), "config", resolved_config_text(run_));
       write_attribute(file.get(), "layout", groups_.dims.describe());
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // sdmoe::Error or std::filesystem::filesystem_error
       error = e.what();
     }
   }
@@ -417,29 +447,34 @@ void Checkpointer::save(const TrainingPosition& position) {
     try {
       if (H5Fflush(file.get(), H5F_SCOPE_GLOBAL) < 0) fail("cannot flush {}", (partial / kFileName).string());
       file.reset();
-      std::ofstream(partial / "config.textproto") << resolved_config_text(run_);
+      write_text_file(partial / "config.textproto", resolved_config_text(run_));
       sync_file(partial / kFileName);
-      sync_file(partial / "config.textproto");
       std::error_code ec;
       fs::remove_all(final_dir, ec);
       fs::rename(partial, final_dir);
       sync_file(cfg.dir());
       // The pointer last: written beside and renamed over the old one.
       const fs::path latest = fs::path(cfg.dir()) / "latest", staging = fs::path(cfg.dir()) / "latest.partial";
-      std::ofstream(staging) << fs::path(final_dir).filename().string() << "\n";
-      sync_file(staging);
+      write_text_file(staging, fs::path(final_dir).filename().string() + "\n");
       fs::rename(staging, latest);
       sync_file(cfg.dir());
-      if (cfg.keep() > 0) {
-        std::vector<std::pair<int64_t, fs::path>> steps;
-        for (const auto& entry : fs::directory_iterator(cfg.dir())) {
-          const int64_t s = step_of_directory(entry.path().filename().string());
-          if (s >= 0 && entry.is_directory()) steps.emplace_back(s, entry.path());
-        }
-        std::sort(steps.begin(), steps.end());
-        for (size_t i = 0; i + size_t(cfg.keep()) < steps.size(); ++i)
-          if (steps[i].first != position.step) fs::remove_all(steps[i].second, ec);
+      // Pruning: the newest `keep` checkpoints up to this step stay. Later steps (left by a
+      // run this one restarted from an older checkpoint) are left alone, as are other
+      // runs' files; leftover .partial directories of killed writes are removed.
+      std::vector<std::pair<int64_t, fs::path>> steps;
+      std::vector<fs::path> doomed;
+      for (const auto& entry : fs::directory_iterator(cfg.dir())) {
+        const std::string name = entry.path().filename().string();
+        if (entry.is_directory() && name.size() > 8 && name.compare(name.size() - 8, 8, ".partial") == 0 &&
+            step_of_directory(name.substr(0, name.size() - 8)) >= 0)
+          doomed.push_back(entry.path());
+        const int64_t s = step_of_directory(name);
+        if (s >= 0 && s <= position.step && entry.is_directory()) steps.emplace_back(s, entry.path());
       }
+      std::sort(steps.begin(), steps.end());
+      if (cfg.keep() > 0)
+        for (size_t i = 0; i + size_t(cfg.keep()) < steps.size(); ++i) doomed.push_back(steps[i].second);
+      for (const fs::path& p : doomed) fs::remove_all(p, ec);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -465,6 +500,10 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       fail("{}: the checkpoint was written with sdmoe.enabled {}, this run has {}", path, saved_sdmoe,
            sdmoe_ != nullptr);
     position.step = read_int_attribute(file.get(), "step", path);
+    const int64_t data_seed = read_int_attribute(file.get(), "data_seed", path);
+    if (data_seed != int64_t(run_.data().seed()) && world_rank() == 0)
+      std::fprintf(stderr, "sdmoe: warning: %s was written with data.seed %ld, this run has %ld: the sample order changes\n",
+                   path.c_str(), (long)data_seed, (long)run_.data().seed());
     position.data_position = uint64_t(read_int_attribute(file.get(), "data_position", path));
 
     const ParamRegistry& reg = model_.registry();

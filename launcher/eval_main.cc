@@ -46,8 +46,10 @@ int main(int argc, char** argv) {
   sdmoe::config::Run run;
   try {
     run = sdmoe::load_config(config_path, overrides);
-    // Evaluation never starts fresh: without a checkpoint it is an error.
+    // Evaluation never starts fresh: without a checkpoint it is an error. An explicit
+    // --checkpoint wins over the config's checkpoint.dir.
     run.mutable_checkpoint()->set_resume(sdmoe::config::Checkpoint::REQUIRED);
+    if (!run.checkpoint().load().empty()) run.mutable_checkpoint()->clear_dir();
   } catch (const sdmoe::Error& e) {
     std::fprintf(stderr, "sdmoe_eval: error: %s\n", e.what());
     return 2;

@@ -247,9 +247,17 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
   } catch (const Error& e) {
     error = e.what();
   }
-  // [any rank failed, any rank cannot use NCCL]: AUTO picks NCCL only if every rank can.
-  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, no_nccl.empty() ? 0.0 : 1.0};
-  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  // [any rank failed, any rank cannot use NCCL, -/+ the resume path's hash]: AUTO picks
+  // NCCL only if every rank can; every rank must resume from the same checkpoint (a
+  // checkpoint.dir that is not on a shared file system would split them).
+  const double path_hash = double(std::hash<std::string>{}(setup.job.resume_from) % (uint64_t(1) << 52));
+  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, no_nccl.empty() ? 0.0 : 1.0, -path_hash, path_hash};
+  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if (agreement[0] == 0.0 && -agreement[2] != agreement[3]) {
+    error = fmt::format("the ranks disagree on the checkpoint to resume from (this rank: '{}'); is checkpoint.dir on a "
+                        "file system every node sees?", setup.job.resume_from);
+    agreement[0] = 1.0;
+  }
   if (agreement[0] != 0.0) {
     if (!error.empty()) std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
     return false;
@@ -495,9 +503,21 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       std::fflush(stdout);
     }
     if (refreshed) print_spectral(r.step, refresh);
-    if (setup.jsonl)
-      setup.jsonl->append(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count());
-    if (setup.tensorboard) setup.tensorboard->append(r);
+    // A metrics file that cannot be written (disk full, a network file system hiccup) is
+    // dropped with a warning: it must not end a long run before its next checkpoint.
+    try {
+      if (setup.jsonl)
+        setup.jsonl->append(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count());
+    } catch (const Error& e) {
+      std::fprintf(stderr, "sdmoe_pretrain: warning: %s; no more JSONL records\n", e.what());
+      setup.jsonl.reset();
+    }
+    try {
+      if (setup.tensorboard) setup.tensorboard->append(r);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "sdmoe_pretrain: warning: %s; no more TensorBoard records\n", e.what());
+      setup.tensorboard.reset();
+    }
     if (on_step) on_step(r);
 
     // Every rank learns of a signal at the same step boundary.

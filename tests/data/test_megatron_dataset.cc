@@ -83,6 +83,15 @@ TEST(MegatronDataset, ReadsUint16AndInt32WithMultiSequenceDocuments) {
   }
 }
 
+// Megatron writes an empty document (no sequences) for an empty input text: skipped.
+TEST(MegatronDataset, EmptyDocumentsAreSkipped) {
+  ScratchDir dir;
+  write_megatron<uint16_t>(dir.file("e"), 8, {{{1, 2, kEod}}, {}, {{3, kEod}}});
+  const TokenDataset ds = TokenDataset::open_megatron(dir.file("e"), MegatronSelection{});
+  EXPECT_EQ(std::vector<int64_t>(ds.doc_offsets().begin(), ds.doc_offsets().end()), (std::vector<int64_t>{0, 3, 5}));
+  EXPECT_EQ(std::vector<int32_t>(ds.tokens().begin(), ds.tokens().end()), (std::vector<int32_t>{1, 2, kEod, 3, kEod}));
+}
+
 TEST(MegatronDataset, TrainAndValidationSelectionsSplitDocuments) {
   ScratchDir dir;
   const std::string prefix = dir.file("d");
@@ -151,6 +160,11 @@ TEST(MegatronDataset, DamagedFilesGiveClearErrors) {
   std::string bad_pointer = idx;
   bad_pointer[9 + 8 + 1 + 8 + 8 + 4 * 4 + 8] ^= 0x10;  // second sequence pointer
   expect_error(variant("pointer", bad_pointer, bin), "corrupt index");
+  std::string bad_document = idx;
+  // Document index 1 (after the header, 4 lengths and 4 pointers) made larger than the
+  // sequence count.
+  bad_document[9 + 8 + 1 + 8 + 8 + 4 * 4 + 4 * 8 + 8] = 99;
+  expect_error(variant("document", bad_document, bin), "corrupt index");
   // Without --append-eod the documents do not end with the EOD token.
   write_megatron<uint16_t>(dir.file("no_eod"), 8, {{{1, 2, 3}}, {{4, 5}}});
   expect_error(dir.file("no_eod"), "does not end with the EOD token");

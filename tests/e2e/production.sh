@@ -170,6 +170,16 @@ bad_checkpoint)
   expect_error other_rank "differs" --set checkpoint.load="$good" --set sdmoe.rank=4
   expect_error missing "does not exist" --set checkpoint.load="$tmp/nothing"
   expect_error required "has no checkpoint" --set checkpoint.dir="$tmp/empty" --resume
+  # Ranks that would resume from different checkpoints (as when checkpoint.dir is not
+  # shared between nodes; here one rank is given checkpoint.load and the other not, through
+  # mpirun's MPMD syntax) stop with the same error instead of hanging.
+  timeout 120 mpirun --bind-to none -np 1 "$bin/sdmoe_pretrain" "${common[@]}" --set training.steps=4 \
+    --set checkpoint.load="$good" : -np 1 "$bin/sdmoe_pretrain" "${common[@]}" --set training.steps=4 > "$tmp/e.log" 2>&1
+  rc=$?
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { cat "$tmp/e.log"; die "split resume: exit code $rc"; }
+  [ "$(grep -c 'sdmoe_pretrain: error: the ranks disagree on the checkpoint' "$tmp/e.log")" -eq 2 ] \
+    || { cat "$tmp/e.log"; die "split resume: expected the disagreement error from both ranks"; }
+  echo "split resume: $(grep -m1 'error:' "$tmp/e.log")"
   echo "step_00000099" > "$tmp/g/latest"
   expect_error dangling "does not exist" --set checkpoint.dir="$tmp/g"
   ;;
