@@ -69,16 +69,34 @@ int64_t product(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// Runs (logical offset, count) of the logical tensor that local elements [a, b) of `ps`
-// occupy, appended to `runs`: a local row (last axis) is one contiguous logical run.
-void append_runs(const ParamSpec& ps, int64_t a, int64_t b, std::vector<int64_t>& runs) {
+// Where part of a local block goes in its logical tensor: `count` elements from
+// `source` (an index into a host copy of the local state) to logical offset `logical`.
+struct Piece {
+  int64_t logical = 0, count = 0, source = 0;
+};
+
+// The pieces of local elements [a, b) of `ps`, read from source_base + (i - a): a local
+// row (last axis) is one contiguous logical run.
+void append_pieces(const ParamSpec& ps, int64_t a, int64_t b, int64_t source_base, std::vector<Piece>& out) {
   const int64_t row = ps.shape.empty() ? 1 : std::max<int64_t>(1, ps.shape.back());
   for (int64_t i = a; i < b;) {
-    const int64_t end = std::min(b, (i / row + 1) * row), logical = ps.logical_index(i);
-    if (!runs.empty() && runs[runs.size() - 2] + runs.back() == logical) runs.back() += end - i;
-    else runs.insert(runs.end(), {logical, end - i});
+    const int64_t end = std::min(b, (i / row + 1) * row), logical = ps.logical_index(i), source = source_base + (i - a);
+    Piece* last = out.empty() ? nullptr : &out.back();
+    if (last && last->logical + last->count == logical && last->source + last->count == source) last->count += end - i;
+    else out.push_back({logical, end - i, source});
     i = end;
   }
+}
+
+// A tensor is gathered to rank 0 and written in slabs of leading-axis rows of about
+// checkpoint.slab_mb, so that rank 0 never holds a whole large tensor (and MPI's int counts
+// stay in range); readers read only the rows of their own blocks.
+constexpr int64_t kMaxSlabElements = int64_t(1) << 28;
+
+int64_t row_elements(const std::vector<int64_t>& shape) {
+  int64_t row = 1;
+  for (size_t a = 1; a < shape.size(); ++a) row *= shape[a];
+  return std::max<int64_t>(1, row);
 }
 
 // The logical tensor of `numel` elements on world rank 0, assembled from every rank's
@@ -186,9 +204,12 @@ std::string read_string_attribute(hid_t where, const char* name, const std::stri
   return value.substr(0, value.find('\0'));
 }
 
-void write_dataset(hid_t file, const std::string& path, const std::vector<int64_t>& shape, const float* data) {
-  std::vector<hsize_t> dims(shape.begin(), shape.end()), chunk(dims.size(), 1);
-  if (dims.empty()) dims = chunk = {1};
+// Creates dataset `path` of `shape` (float32, chunked, Fletcher-32 per chunk).
+h5::Handle create_dataset(hid_t file, const std::string& path, const std::vector<int64_t>& shape) {
+  // A scalar is stored as [1].
+  const std::vector<hsize_t> dims =
+      shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
+  std::vector<hsize_t> chunk(dims.size(), 1);
   // Chunk: whole trailing axes and as many leading rows as fit kChunkElements.
   int64_t inner = 1;
   for (size_t a = dims.size(); a-- > 0;) {
@@ -205,8 +226,22 @@ void write_dataset(hid_t file, const std::string& path, const std::vector<int64_
   }
   h5::Handle ds = h5::dataset(
       H5Dcreate2(file, path.c_str(), H5T_IEEE_F32LE, space.get(), links.get(), layout.get(), H5P_DEFAULT));
-  if (!ds.valid() || (product(shape) > 0 && H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0))
-    fail("cannot write dataset {}", path);
+  if (!ds.valid()) fail("cannot create dataset {}", path);
+  return ds;
+}
+
+// The file and memory dataspaces of leading-axis rows [first, first + rows) of `ds`.
+std::pair<h5::Handle, h5::Handle> row_selection(hid_t ds, int64_t first, int64_t rows) {
+  h5::Handle file_space = h5::dataspace(H5Dget_space(ds));
+  const int rank = H5Sget_simple_extent_ndims(file_space.get());
+  std::vector<hsize_t> dims(std::max(rank, 1), 1);
+  H5Sget_simple_extent_dims(file_space.get(), dims.data(), nullptr);
+  std::vector<hsize_t> start(dims.size(), 0), count = dims;
+  start[0] = hsize_t(first);
+  count[0] = hsize_t(rows);
+  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr);
+  h5::Handle memory_space = h5::dataspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
+  return {std::move(file_space), std::move(memory_space)};
 }
 
 // A checkpoint file opened for reading, with checks that name the file and the dataset.
@@ -226,8 +261,10 @@ class CheckpointFile {
   const std::string& path() const { return path_; }
   bool exists(const std::string& name) const { return H5Lexists(file_.get(), name.c_str(), H5P_DEFAULT) > 0; }
 
-  // The whole dataset `name`, which must have `shape`.
-  std::vector<float> read(const std::string& name, const std::vector<int64_t>& shape) const {
+  // Reads the parts of dataset `name` (which must have `shape`) that `pieces` name into
+  // dest[piece.source ...]: only the leading-axis rows the pieces touch.
+  void read_pieces(const std::string& name, const std::vector<int64_t>& shape, const std::vector<Piece>& pieces,
+                   float* dest) const {
     // H5Lexists fails on a missing parent group, so probe each level.
     for (size_t slash = name.find('/'); slash != std::string::npos; slash = name.find('/', slash + 1))
       if (!exists(name.substr(0, slash))) fail("{}: no dataset {} (the checkpoint is from a different model)", path_, name);
@@ -243,10 +280,20 @@ class CheckpointFile {
     if (got != want)
       fail("{}: {} has shape {} in the checkpoint but {} in this model (the model config differs)", path_, name,
            shape_text(got), shape_text(want));
-    std::vector<float> out(product(want));
-    if (!out.empty() && H5Dread(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
+    const int64_t row = row_elements(want);
+    int64_t first = INT64_MAX, last = 0;
+    for (const Piece& p : pieces) {
+      if (p.count <= 0) continue;
+      first = std::min(first, p.logical / row);
+      last = std::max(last, (p.logical + p.count - 1) / row + 1);
+    }
+    if (first >= last) return;  // nothing of this tensor lives on this rank
+    std::vector<float> rows(size_t((last - first) * row));
+    auto [file_space, memory_space] = row_selection(ds.get(), first, last - first);
+    if (H5Dread(ds.get(), H5T_NATIVE_FLOAT, memory_space.get(), file_space.get(), H5P_DEFAULT, rows.data()) < 0)
       fail("{}: cannot read {} (checksum mismatch or truncated file: the checkpoint is corrupt)", path_, name);
-    return out;
+    for (const Piece& p : pieces)
+      if (p.count > 0) std::copy_n(rows.data() + (p.logical - first * row), p.count, dest + p.source);
   }
 
  private:
@@ -356,14 +403,38 @@ void Checkpointer::save(const TrainingPosition& position) {
       error = e.what();
     }
   }
-  // Rank 0 may have failed already; the gathers still run so that no rank is left
-  // waiting, and the outcome is shared at the end.
-  auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<float>& data) {
-    if (!root || !error.empty()) return;
-    try {
-      write_dataset(file.get(), path, shape, data.data());
-    } catch (const Error& e) {
-      error = e.what();
+  // Writes tensor `path` of logical `shape` from this rank's `pieces` of `source`, slab
+  // by slab. Every rank runs the same gathers whatever happened on rank 0 (which may have
+  // failed already: it then only takes part), and the outcome is shared at the end.
+  auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<Piece>& pieces,
+                   const float* source) {
+    h5::Handle ds;
+    if (root && error.empty()) {
+      try {
+        ds = create_dataset(file.get(), path, shape);
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }
+    const int64_t leading = shape.empty() ? 1 : shape[0], row = row_elements(shape);
+    const int64_t slab_elements =
+        std::clamp<int64_t>(int64_t(run_.checkpoint().slab_mb() * 1e6 / sizeof(float)), 1, kMaxSlabElements);
+    const int64_t rows_per_slab = std::max<int64_t>(1, slab_elements / row);
+    for (int64_t first = 0; first < leading; first += rows_per_slab) {
+      const int64_t rows = std::min(rows_per_slab, leading - first), lo = first * row, hi = lo + rows * row;
+      std::vector<int64_t> runs;
+      std::vector<float> values;
+      for (const Piece& p : pieces) {
+        const int64_t a = std::max(p.logical, lo), b = std::min(p.logical + p.count, hi);
+        if (a >= b) continue;
+        runs.insert(runs.end(), {a - lo, b - a});
+        values.insert(values.end(), source + p.source + (a - p.logical), source + p.source + (b - p.logical));
+      }
+      const std::vector<float> slab = gather_logical(runs, values, hi - lo, path);
+      if (!root || !error.empty() || slab.empty()) continue;
+      auto [file_space, memory_space] = row_selection(ds.get(), first, rows);
+      if (H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, memory_space.get(), file_space.get(), H5P_DEFAULT, slab.data()) < 0)
+        error = fmt::format("cannot write dataset {}", path);
     }
   };
 
@@ -376,33 +447,21 @@ void Checkpointer::save(const TrainingPosition& position) {
     // One replica writes each block: the first of the (expert-)data-parallel group, and
     // for tensors replicated over tensor parallelism the first tp rank.
     const bool writes_block = expert ? edp_first : dp_first && (ps.tp_sharded || tp_first);
-    const int64_t numel = product(ps.logical_shape);
-    std::vector<int64_t> runs;
-    std::vector<float> values;
-    if (writes_block) {
-      append_runs(ps, 0, ps.numel, runs);
-      values.assign(params.begin() + ps.offset, params.begin() + ps.offset + ps.numel);
-    }
-    write("params/" + ps.name, ps.logical_shape, gather_logical(runs, values, numel, ps.name));
+    std::vector<Piece> pieces;
+    if (writes_block) append_pieces(ps, 0, ps.numel, ps.offset, pieces);
+    write("params/" + ps.name, ps.logical_shape, pieces, params.data());
     // Moments: each optimizer range overlapping the tensor. ZeRO-1 shards are distinct on
     // every replica; otherwise the block's writer writes them.
     const bool sharded = expert ? sharding_.experts : sharding_.dense;
-    for (int which = 0; which < 2; ++which) {
-      runs.clear();
-      values.clear();
-      int64_t base = 0;
-      for (const ElementRange& r : optimizer.ranges()) {
-        const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
-        if (a < b && (sharded || writes_block)) {
-          append_runs(ps, a - ps.offset, b - ps.offset, runs);
-          const std::vector<float>& src = which == 0 ? m : v;
-          values.insert(values.end(), src.begin() + base + (a - r.begin), src.begin() + base + (b - r.begin));
-        }
-        base += r.end - r.begin;
-      }
-      const std::string name = std::string(which == 0 ? "optimizer/exp_avg/" : "optimizer/exp_avg_sq/") + ps.name;
-      write(name, ps.logical_shape, gather_logical(runs, values, numel, name));
+    pieces.clear();
+    int64_t base = 0;
+    for (const ElementRange& r : optimizer.ranges()) {
+      const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
+      if (a < b && (sharded || writes_block)) append_pieces(ps, a - ps.offset, b - ps.offset, base + (a - r.begin), pieces);
+      base += r.end - r.begin;
     }
+    write("optimizer/exp_avg/" + ps.name, ps.logical_shape, pieces, m.data());
+    write("optimizer/exp_avg_sq/" + ps.name, ps.logical_shape, pieces, v.data());
   }
 
   if (sdmoe_) {
@@ -418,27 +477,23 @@ void Checkpointer::save(const TrainingPosition& position) {
       const bool writes_bases = edp_first && (per_expert || groups_.ep->rank() == 0);
       for (int side = 0; side < 2; ++side) {
         const int64_t length = side == 0 ? t.m : t.n, offset = side == 0 ? t.ut_offset : t.vt_offset;
-        std::vector<int64_t> runs;
-        std::vector<float> values;
-        if (writes_bases) {
-          runs = {first * k * length, t.bases * k * length};
-          values.assign(bases.begin() + offset, bases.begin() + offset + t.bases * k * length);
-        }
-        const std::string name = group + (side == 0 ? "/Ut" : "/Vt");
-        write(name, {logical_bases, k, length}, gather_logical(runs, values, logical_bases * k * length, name));
+        std::vector<Piece> pieces;
+        if (writes_bases) pieces.push_back({first * k * length, t.bases * k * length, offset});
+        write(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length}, pieces, bases.data());
       }
+      const int64_t mn = t.m * t.n;
       for (int which = 0; which < 2; ++which) {
-        std::vector<int64_t> runs;
-        std::vector<float> values;
+        std::vector<float> unique;
+        std::vector<Piece> pieces;
         if (edp_first) {
-          runs = {t.first_expert * t.m * t.n, t.experts * t.m * t.n};
+          pieces.push_back({t.first_expert * mn, t.experts * mn, 0});
           for (int64_t e = 0; e < t.experts; ++e) {
             const std::vector<float> part = host_copy(be, which == 0 ? sdmoe_->unique_m(ti, e) : sdmoe_->unique_v(ti, e));
-            values.insert(values.end(), part.begin(), part.end());
+            unique.insert(unique.end(), part.begin(), part.end());
           }
         }
-        const std::string name = group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq");
-        write(name, {t.total_experts, t.m, t.n}, gather_logical(runs, values, t.total_experts * t.m * t.n, name));
+        write(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n}, pieces,
+              unique.data());
       }
     }
   }
@@ -513,26 +568,20 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       m = host_copy(be, optimizer_->first_moments());
       v = host_copy(be, optimizer_->second_moments());
     }
-    std::vector<int64_t> runs;
-    // Copies the logical runs of local elements [a, b) of ps from `logical` to dst.
-    auto take = [&](const ParamSpec& ps, int64_t a, int64_t b, const std::vector<float>& logical, float* dst) {
-      runs.clear();
-      append_runs(ps, a, b, runs);
-      for (size_t i = 0; i < runs.size(); i += 2) dst = std::copy_n(logical.data() + runs[i], runs[i + 1], dst);
-    };
     for (const ParamSpec& ps : reg.specs()) {
-      take(ps, 0, ps.numel, file.read("params/" + ps.name, ps.logical_shape), params.data() + ps.offset);
+      std::vector<Piece> pieces;
+      append_pieces(ps, 0, ps.numel, ps.offset, pieces);
+      file.read_pieces("params/" + ps.name, ps.logical_shape, pieces, params.data());
       if (parameters_only) continue;
-      for (int which = 0; which < 2; ++which) {
-        const std::vector<float> logical =
-            file.read(std::string(which == 0 ? "optimizer/exp_avg/" : "optimizer/exp_avg_sq/") + ps.name, ps.logical_shape);
-        int64_t base = 0;
-        for (const ElementRange& r : optimizer_->ranges()) {
-          const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
-          if (a < b) take(ps, a - ps.offset, b - ps.offset, logical, (which == 0 ? m : v).data() + base + (a - r.begin));
-          base += r.end - r.begin;
-        }
+      pieces.clear();
+      int64_t base = 0;
+      for (const ElementRange& r : optimizer_->ranges()) {
+        const int64_t a = std::max(r.begin, ps.offset), b = std::min(r.end, ps.offset + ps.numel);
+        if (a < b) append_pieces(ps, a - ps.offset, b - ps.offset, base + (a - r.begin), pieces);
+        base += r.end - r.begin;
       }
+      file.read_pieces("optimizer/exp_avg/" + ps.name, ps.logical_shape, pieces, m.data());
+      file.read_pieces("optimizer/exp_avg_sq/" + ps.name, ps.logical_shape, pieces, v.data());
     }
     if (sdmoe_ && !parameters_only) {
       const int k = sdmoe_->spec().rank;
@@ -545,15 +594,14 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
         const int64_t logical_bases = per_expert ? t.total_experts : 1, first = per_expert ? t.first_expert : 0;
         for (int side = 0; side < 2; ++side) {
           const int64_t length = side == 0 ? t.m : t.n;
-          const std::vector<float> logical = file.read(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length});
-          std::copy_n(logical.data() + first * k * length, t.bases * k * length,
-                      bases.data() + (side == 0 ? t.ut_offset : t.vt_offset));
+          const std::vector<Piece> pieces{{first * k * length, t.bases * k * length, side == 0 ? t.ut_offset : t.vt_offset}};
+          file.read_pieces(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length}, pieces, bases.data());
         }
+        const int64_t mn = t.m * t.n;
         for (int which = 0; which < 2; ++which) {
-          const std::vector<float> logical =
-              file.read(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n});
-          unique[which].emplace_back(logical.begin() + t.first_expert * t.m * t.n,
-                                     logical.begin() + (t.first_expert + t.experts) * t.m * t.n);
+          unique[which].emplace_back(size_t(t.experts * mn));
+          file.read_pieces(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n},
+                           {{t.first_expert * mn, t.experts * mn, 0}}, unique[which].back().data());
         }
       }
       // Everything read: only now is the live state replaced.

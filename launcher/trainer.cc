@@ -125,6 +125,7 @@ Job check_job(const config::Run& run, int dp) {
   const config::Checkpoint& ck = run.checkpoint();
   if (ck.interval() < 0) fail("checkpoint.interval must be >= 0");
   if (ck.keep() < 0) fail("checkpoint.keep must be >= 0");
+  if (!(ck.slab_mb() > 0)) fail("checkpoint.slab_mb must be positive");
   if (ck.interval() > 0 && ck.dir().empty()) fail("checkpoint.interval is set but checkpoint.dir is not");
   job.resume_from = Checkpointer::resume_path(ck);
   return job;

@@ -32,14 +32,18 @@ resume_exact)
   # and the final state must be identical, bit for bit (same layout, same CPU code).
   run2 --set training.steps=24 --set checkpoint.dir="$tmp/a" --set checkpoint.interval=4 > "$tmp/a.log" 2>&1 \
     || { cat "$tmp/a.log"; die "uninterrupted run failed"; }
-  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 > "$tmp/b1.log" 2>&1 &
+  # The interrupted run writes in slabs of 0.02 MB (many per tensor), the uninterrupted one
+  # whole tensors: the final files must still be identical.
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.02 \
+    > "$tmp/b1.log" 2>&1 &
   pid=$!
   for _ in $(seq 600); do [ -e "$tmp/b/latest" ] && break; sleep 0.02; done
   pkill -KILL -f "checkpoint.dir=$tmp/b"; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   [ -e "$tmp/b/latest" ] || { cat "$tmp/b1.log"; die "no checkpoint before the kill"; }
   [ -d "$tmp/b/step_00000024" ] && die "the run finished before it was killed; nothing was tested"
   echo "killed after $(cat "$tmp/b/latest")"
-  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --resume > "$tmp/b2.log" 2>&1 \
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.02 \
+    --resume > "$tmp/b2.log" 2>&1 \
     || { cat "$tmp/b2.log"; die "resumed run failed"; }
   grep -q "^resumed from $tmp/b/step_" "$tmp/b2.log" || die "the second run did not resume"
   losses "$tmp/b2.log" > "$tmp/b.loss"
@@ -109,8 +113,9 @@ reshard)
   # Saved under (ep 2) on 2 ranks, loaded under 1 rank, (tp 2, ep 2) on 4 ranks and
   # (dp 2, ZeRO-1) on 2 ranks: the loss of the next step must match the saving layout's to
   # 2e-6 (printed to 1e-6; the layouts differ only in summation order).
-  run2 --set training.steps=6 --set checkpoint.dir="$tmp/r" --set checkpoint.interval=5 > "$tmp/r.log" 2>&1 \
-    || { cat "$tmp/r.log"; die "saving run failed"; }
+  # Slabs of 0.05 MB: every tensor above 12500 elements is gathered and written in several.
+  run2 --set training.steps=6 --set checkpoint.dir="$tmp/r" --set checkpoint.interval=5 --set checkpoint.slab_mb=0.05 \
+    > "$tmp/r.log" 2>&1 || { cat "$tmp/r.log"; die "saving run failed"; }
   want="$(losses "$tmp/r.log" | awk '$1 == 6 {print $2}')"
   [ -n "$want" ] || die "no step-6 loss in the saving run"
   layouts=("1|" "4|--set parallel.tp=2 --set parallel.ep=2" "2|--set parallel.zero1=true")
