@@ -32,17 +32,17 @@ resume_exact)
   # and the final state must be identical, bit for bit (same layout, same CPU code).
   run2 --set training.steps=24 --set checkpoint.dir="$tmp/a" --set checkpoint.interval=4 > "$tmp/a.log" 2>&1 \
     || { cat "$tmp/a.log"; die "uninterrupted run failed"; }
-  # The interrupted run writes in slabs of 0.02 MB (many per tensor), the uninterrupted one
-  # whole tensors: the final files must still be identical.
-  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.02 \
+  # The interrupted run writes in slabs of 0.2 MB (several per large tensor), the
+  # uninterrupted one whole tensors: the final files must still be identical.
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.2 \
     > "$tmp/b1.log" 2>&1 &
   pid=$!
-  for _ in $(seq 600); do [ -e "$tmp/b/latest" ] && break; sleep 0.02; done
+  for _ in $(seq 3000); do [ -e "$tmp/b/latest" ] && break; sleep 0.02; done
   pkill -KILL -f "checkpoint.dir=$tmp/b"; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   [ -e "$tmp/b/latest" ] || { cat "$tmp/b1.log"; die "no checkpoint before the kill"; }
   [ -d "$tmp/b/step_00000024" ] && die "the run finished before it was killed; nothing was tested"
   echo "killed after $(cat "$tmp/b/latest")"
-  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.02 \
+  run2 --set training.steps=24 --set checkpoint.dir="$tmp/b" --set checkpoint.interval=4 --set checkpoint.slab_mb=0.2 \
     --resume > "$tmp/b2.log" 2>&1 \
     || { cat "$tmp/b2.log"; die "resumed run failed"; }
   grep -q "^resumed from $tmp/b/step_" "$tmp/b2.log" || die "the second run did not resume"
