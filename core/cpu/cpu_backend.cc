@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_dispatch.h"
-#include "core/cpu/gemm_short_inner.h"
+#include "core/cpu/gemm_avx512.h"
 #include "core/rng.h"
 
 extern "C" {
@@ -58,8 +58,8 @@ void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, cons
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (!ta && tb && cpu::gemm_nt_short_inner_applies(m, n, k))
-      return cpu::gemm_nt_short_inner(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (cpu::gemm_avx512_applies(ta, tb, m, n, k))
+      return cpu::gemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   auto opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
   if constexpr (std::is_same_v<T, float>) {
@@ -79,10 +79,11 @@ constexpr int64_t kRowSliceForSplit = 128;
 
 // Row-major C[m,n] = alpha op(A) op(B) + beta C with the backend's threads. We split C
 // ourselves, by rows or (when C is wider than tall) by columns, and give each thread one
-// single-threaded BLAS call: inside an OpenMP region the OpenMP build of OpenBLAS runs on
-// the calling thread. On the model's skinny shapes (k ~ 200) this beats OpenBLAS's own
-// 2-D split; see docs/performance.md. Without the OpenMP build (OpenBLAS with its own
-// pthreads would nest a pool inside ours) the call goes to OpenBLAS whole.
+// single-threaded call: our AVX-512 kernel where it applies (core/cpu/gemm_avx512.h), else
+// OpenBLAS, whose OpenMP build runs on the calling thread inside an OpenMP region. On the
+// model's skinny shapes (k ~ 200) this beats OpenBLAS's own 2-D split; see
+// docs/performance.md. Without the OpenMP build (OpenBLAS with its own pthreads would nest
+// a pool inside ours) a GEMM our kernel does not take goes to OpenBLAS whole.
 template <typename T>
 void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b,
                    T beta, T* c) {
@@ -92,14 +93,25 @@ void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t 
   const bool split_rows = m >= n || m >= kRowSliceForSplit * threads;
   const int64_t extent = split_rows ? m : n;
   const int parts = int(std::min<int64_t>(threads, extent / kMinGemmSlice));
-  if (!openblas_runs_on_openmp() || omp_in_parallel() || parts < 2 || double(m) * n * k < kMinParallelGemmFmas) {
+  // Our own kernel runs on the calling thread whatever OpenBLAS's threading.
+  bool own_kernel = false;
+  if constexpr (std::is_same_v<T, float>)
+    own_kernel =
+        parts > 0 && cpu::gemm_avx512_applies(ta, tb, split_rows ? m / parts : m, split_rows ? n : n / parts, k);
+  if ((!openblas_runs_on_openmp() && !own_kernel) || omp_in_parallel() || parts < 2 ||
+      double(m) * n * k < kMinParallelGemmFmas) {
     gemm_typed<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
 #pragma omp parallel num_threads(parts)
   {
     const int part = omp_get_thread_num();
-    const int64_t lo = extent * part / parts, hi = extent * (part + 1) / parts;
+    // Slice edges on our kernel's tile grid (6 rows, 64 columns; 64 rows of C^T for A^T B),
+    // so that only the last slice has a partial tile: 576 rows split 288 + 288 left half a
+    // panel idle in each.
+    const int64_t grid = !own_kernel ? 1 : split_rows && !ta ? 6 : 64;
+    const auto edge = [&](int p) { return p == parts ? extent : (extent * p / parts + grid / 2) / grid * grid; };
+    const int64_t lo = edge(part), hi = edge(part + 1);
     if (split_rows) {
       const T* a_rows = ta ? a + lo : a + lo * lda;  // op(A) rows lo..hi
       gemm_typed<T>(ta, tb, hi - lo, n, k, alpha, a_rows, lda, b, ldb, beta, c + lo * ldc, ldc);

@@ -10,7 +10,7 @@
 #include <limits>
 #include <numeric>
 
-#include "core/cpu/gemm_short_inner.h"
+#include "core/cpu/gemm_avx512.h"
 #include "tests/core/cpu_test_support.h"
 
 namespace sdmoe::test {
@@ -314,60 +314,67 @@ TEST_P(CpuOpsTest, GemmThreadSplitsMatchReference) {
         }
 }
 
-// The AVX-512 kernel for short inner dimensions (attention scores): row and column tails
-// around its 6 x 64 tile, k below, at and between its 16-wide transpose blocks, padded
+// Our AVX-512 GEMM in its three forms (A B^T, A B, A^T B): row and column tails around
+// its 6 x 64 tile (and, for A^T B, around the 64-row panels of C^T), k below, at and
+// between the 16-wide transpose blocks and across the 256-step inner blocks, padded
 // leading dimensions (so offsets must come from them), and padding that must stay
-// untouched. Then the same shapes through the backend, which hands those with 32 <= k <= 64
-// to the kernel.
-TEST(CpuOps, GemmShortInnerKernelMatchesReference) {
+// untouched. Then the same shapes through the backend, which splits them over its threads
+// and hands each slice to the kernel where the kernel applies.
+TEST(CpuOps, GemmAvx512KernelMatchesReference) {
+  if (!cpu::cpu_supports_gemm_avx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
   struct Shape { int64_t m, n, k; };
-  const Shape shapes[] = {{6, 64, 1}, {13, 131, 17}, {128, 128, 32}, {7, 200, 64}, {50, 65, 33}, {11, 64, 16}};
-  for (Shape sh : shapes) {
-    const int64_t m = sh.m, n = sh.n, k = sh.k;
-    if (!cpu::cpu_supports_gemm_nt_short_inner()) GTEST_SKIP() << "no AVX-512 on this CPU";
-    for (double beta : {0.0, -0.5}) {
-      const int64_t lda = k + 3, ldb = k + 5, ldc = n + 7;
-      const auto av = rounded(DType::F32, randn(m * lda, 90 + m)), bv = rounded(DType::F32, randn(n * ldb, 91 + n));
-      auto cv = rounded(DType::F32, randn(m * ldc, 92 + k));
-      std::vector<float> a(av.begin(), av.end()), b(bv.begin(), bv.end()), c(cv.begin(), cv.end());
-      if (beta == 0.0)
+  const Shape shapes[] = {{6, 64, 1},  {13, 131, 17}, {128, 128, 32}, {7, 200, 64},
+                          {50, 65, 33}, {11, 64, 16},  {70, 70, 300},  {130, 192, 520}};
+  for (const auto& [ta, tb] : {std::pair{false, true}, std::pair{false, false}, std::pair{true, false}})
+    for (Shape sh : shapes) {
+      const int64_t m = sh.m, n = sh.n, k = sh.k;
+      const std::string form = ta ? "A^T B" : tb ? "A B^T" : "A B";
+      // Row-major op(A) is m x k: A itself is k x m when transposed; likewise B.
+      const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+      const int64_t lda = a_cols + 3, ldb = b_cols + 5, ldc = n + 7;
+      for (double beta : {0.0, -0.5}) {
+        const auto av = rounded(DType::F32, randn(a_rows * lda, 90 + m));
+        const auto bv = rounded(DType::F32, randn(b_rows * ldb, 91 + n));
+        auto cv = rounded(DType::F32, randn(m * ldc, 92 + k));
+        std::vector<float> a(av.begin(), av.end()), b(bv.begin(), bv.end()), c(cv.begin(), cv.end());
+        if (beta == 0.0)
+          for (int64_t i = 0; i < m; ++i) std::fill_n(c.data() + i * ldc, n, std::numeric_limits<float>::quiet_NaN());
+        cpu::gemm_avx512(ta, tb, m, n, k, 0.75f, a.data(), lda, b.data(), ldb, float(beta), c.data(), ldc);
         for (int64_t i = 0; i < m; ++i)
-          std::fill_n(c.data() + i * ldc, n, std::numeric_limits<float>::quiet_NaN());
-      cpu::gemm_nt_short_inner(m, n, k, 0.75f, a.data(), lda, b.data(), ldb, float(beta), c.data(), ldc);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < ldc; ++j) {
-          if (j >= n) {
-            ASSERT_EQ(c[i * ldc + j], float(cv[i * ldc + j])) << "padding written at " << i << "," << j;
-            continue;
+          for (int64_t j = 0; j < ldc; ++j) {
+            if (j >= n) {
+              ASSERT_EQ(c[i * ldc + j], float(cv[i * ldc + j])) << form << ": padding written at " << i << "," << j;
+              continue;
+            }
+            double want = 0.0, mag = 0.0;
+            for (int64_t d = 0; d < k; ++d) {
+              const double x = (ta ? av[d * lda + i] : av[i * lda + d]) * (tb ? bv[j * ldb + d] : bv[d * ldb + j]);
+              want += x;
+              mag += std::fabs(x);
+            }
+            want *= 0.75;
+            mag *= 0.75;
+            if (beta != 0.0) {
+              want += beta * cv[i * ldc + j];
+              mag += std::fabs(beta * cv[i * ldc + j]);
+            }
+            ASSERT_NEAR(c[i * ldc + j], want, mag * gemm_rtol(DType::F32, k) + 1e-30)
+                << form << " " << m << "x" << n << "x" << k << " beta=" << beta << " at " << i << "," << j;
           }
-          double want = 0.0, mag = 0.0;
-          for (int64_t d = 0; d < k; ++d) {
-            want += av[i * lda + d] * bv[j * ldb + d];
-            mag += std::fabs(av[i * lda + d] * bv[j * ldb + d]);
-          }
-          want *= 0.75;
-          mag *= 0.75;
-          if (beta != 0.0) {
-            want += beta * cv[i * ldc + j];
-            mag += std::fabs(beta * cv[i * ldc + j]);
-          }
-          ASSERT_NEAR(c[i * ldc + j], want, mag * gemm_rtol(DType::F32, k) + 1e-30)
-              << m << "x" << n << "x" << k << " beta=" << beta << " at " << i << "," << j;
-        }
+      }
+      // Through the backend (contiguous operands, a batch of two as the attention heads run).
+      const GemmBatch batch{2, m * k, n * k, m * n};
+      const auto av = rounded(DType::F32, randn(2 * m * k, 93)), bv = rounded(DType::F32, randn(2 * n * k, 94));
+      std::vector<double> cv(2 * m * n, 0.0), mag(2 * m * n);
+      for (int64_t i = 0; i < 2; ++i)
+        ref_gemm(ta, tb, m, n, k, 1.0, av.data() + i * m * k, bv.data() + i * n * k, 0.0, cv.data() + i * m * n,
+                 mag.data() + i * m * n);
+      Owned a = make_from(DType::F32, {2 * m * k}, av), b = make_from(DType::F32, {2 * n * k}, bv),
+            c = make(DType::F32, {2 * m * n});
+      cpu().gemm(ta, tb, m, n, k, 1.0, a.t, b.t, 0.0, c.t, batch);
+      for (double& x : mag) x *= gemm_rtol(DType::F32, k);
+      expect_within(cv, get(c.t), mag, fmt::format("backend gemm {} {}x{}x{}", form, m, n, k));
     }
-    // Through the backend (contiguous operands, a batch of two as the attention heads run).
-    const GemmBatch batch{2, m * k, n * k, m * n};
-    const auto av = rounded(DType::F32, randn(2 * m * k, 93)), bv = rounded(DType::F32, randn(2 * n * k, 94));
-    std::vector<double> cv(2 * m * n, 0.0), mag(2 * m * n);
-    for (int64_t i = 0; i < 2; ++i)
-      ref_gemm(false, true, m, n, k, 1.0, av.data() + i * m * k, bv.data() + i * n * k, 0.0, cv.data() + i * m * n,
-               mag.data() + i * m * n);
-    Owned a = make_from(DType::F32, {2 * m * k}, av), b = make_from(DType::F32, {2 * n * k}, bv),
-          c = make(DType::F32, {2 * m * n});
-    cpu().gemm(false, true, m, n, k, 1.0, a.t, b.t, 0.0, c.t, batch);
-    for (double& x : mag) x *= gemm_rtol(DType::F32, k);
-    expect_within(cv, get(c.t), mag, fmt::format("backend short-inner gemm {}x{}x{}", m, n, k));
-  }
 }
 
 TEST_P(CpuOpsTest, GemmKZeroScalesByBeta) {
