@@ -18,6 +18,15 @@ namespace h5 = data::hdf5;
 
 namespace {
 
+// The SD-MoE datasets are written from and read into whole expert matrices; slices split
+// over etp would need pieces along the FFN axis.
+void require_whole_experts(const SpectralDecomposition& sd) {
+  for (const SpectralTarget& t : sd.targets())
+    SDMOE_ASSERT(t.split == SpectralTarget::Split::NONE, "SD-MoE checkpoints need whole experts: layer {} {} is split over etp",
+                 t.layer, sdmoe_matrix_name(t.matrix));
+}
+
+
 constexpr const char* kFileName = "checkpoint.h5";
 constexpr const char* kFormat = "sdmoe-checkpoint";
 constexpr int64_t kFormatVersion = 1;
@@ -465,6 +474,7 @@ void Checkpointer::save(const TrainingPosition& position) {
   }
 
   if (sdmoe_) {
+    require_whole_experts(*sdmoe_);
     const int k = sdmoe_->spec().rank;
     const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
     const std::vector<float> bases = host_copy(be, sdmoe_->bases());
@@ -584,6 +594,7 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       file.read_pieces("optimizer/exp_avg_sq/" + ps.name, ps.logical_shape, pieces, v.data());
     }
     if (sdmoe_ && !parameters_only) {
+      require_whole_experts(*sdmoe_);
       const int k = sdmoe_->spec().rank;
       const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
       std::vector<float> bases = host_copy(be, sdmoe_->bases());

@@ -54,6 +54,8 @@ std::vector<SpectralTarget> spectral_targets(const ParamRegistry& registry, cons
     if (p.role != ParamRole::EXPERT) continue;
     const int layer = layer_of(p.name);
     SDMOE_ASSERT(layer >= 0, "expert parameter {} has no layer in its name", p.name);
+    // Axis 2 is the FFN dimension in both stacks; etp splits it.
+    const int64_t f_full = p.logical_shape[2], f_first = p.part_first[2];
     auto add = [&](SdmoeMatrix which, int64_t first, int64_t stride, int64_t m, int64_t n) {
       if (!spec.selects(which)) return;
       SpectralTarget t;
@@ -67,19 +69,25 @@ std::vector<SpectralTarget> spectral_targets(const ParamRegistry& registry, cons
       t.total_experts = p.logical_shape[0];
       t.m = m;
       t.n = n;
+      t.m_full = m;
+      t.n_full = n;
+      if (p.shape[2] != f_full) {
+        const bool rows = which != SdmoeMatrix::DOWN;  // gate and up: F is m; down: F is n
+        t.split = rows ? SpectralTarget::Split::ROWS : SpectralTarget::Split::COLS;
+        (rows ? t.m_full : t.n_full) = f_full;
+        t.split_first = f_first;
+      }
       t.bases = spec.basis == SdmoeBasis::PER_EXPERT ? int(t.experts) : 1;
       out.push_back(t);
     };
     if (ends_with(p.name, ".gate_up")) {
       // [E, 2, F, D]: per expert the gate rows, then the up rows.
       SDMOE_ASSERT(p.shape.size() == 4 && p.shape[1] == 2, "{}: expected [E, 2, F, D]", p.name);
-      SDMOE_ASSERT(p.shape[2] == p.logical_shape[2], "{}: SD-MoE needs whole experts (etp = 1)", p.name);
       const int64_t f = p.shape[2], d = p.shape[3];
       add(SdmoeMatrix::GATE, 0, 2 * f * d, f, d);
       add(SdmoeMatrix::UP, f * d, 2 * f * d, f, d);
     } else if (ends_with(p.name, ".down")) {
       SDMOE_ASSERT(p.shape.size() == 3, "{}: expected [E, D, F]", p.name);
-      SDMOE_ASSERT(p.shape[2] == p.logical_shape[2], "{}: SD-MoE needs whole experts (etp = 1)", p.name);
       add(SdmoeMatrix::DOWN, 0, p.shape[1] * p.shape[2], p.shape[1], p.shape[2]);
     }
   }
@@ -88,8 +96,20 @@ std::vector<SpectralTarget> spectral_targets(const ParamRegistry& registry, cons
 
 int64_t bases_elements(const std::vector<SpectralTarget>& targets, int k) {
   int64_t total = 0;
-  for (const SpectralTarget& t : targets) total += int64_t(t.bases) * k * (t.m + t.n);
+  for (const SpectralTarget& t : targets) total += int64_t(t.bases) * k * (t.m_full + t.n_full);
   return total;
+}
+
+void copy_local_bases(Backend& be, const SpectralTarget& t, int k, const Tensor& bases, const Tensor& out) {
+  const bool rows = t.split == SpectralTarget::Split::ROWS;
+  SDMOE_ASSERT(t.split != SpectralTarget::Split::NONE, "copy_local_bases: target is not split");
+  const int64_t full = rows ? t.m_full : t.n_full, local = rows ? t.m : t.n, offset = rows ? t.ut_offset : t.vt_offset;
+  const size_t width = dtype_size(bases.dtype);
+  auto at = [&](const Tensor& flat, int64_t element, int64_t count) {
+    return Tensor(static_cast<char*>(flat.data) + element * int64_t(width), bases.dtype, bases.device, {count});
+  };
+  for (int64_t row = 0; row < int64_t(t.bases) * k; ++row)
+    be.copy(at(bases, offset + row * full + t.split_first, local), at(out, row * local, local));
 }
 
 // ---- projection ----------------------------------------------------------------------
@@ -104,16 +124,21 @@ Tensor whole(const Buffer& b, DType dtype, Device device) {
 }  // namespace
 
 SpectralProjector::SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k,
-                                     int scratch_slots)
-    : slots_(scratch_slots), be_(backend), dtype_(dtype), k_(k) {
-  int64_t thin = 0;
+                                     int scratch_slots, std::shared_ptr<Communicator> etp)
+    : slots_(scratch_slots), be_(backend), dtype_(dtype), k_(k), etp_(std::move(etp)) {
+  int64_t thin = 0, local = 0;
   for (const SpectralTarget& t : targets) {
     matrix_elements_ = std::max(matrix_elements_, t.experts * t.m * t.n);
     thin = std::max(thin, t.experts * k * (t.n + t.m + k));
+    if (t.split != SpectralTarget::Split::NONE) {
+      SDMOE_ASSERT(etp_, "SD-MoE target of layer {} is split over etp but no etp group was given", t.layer);
+      local = std::max(local, int64_t(t.bases) * k * (t.split == SpectralTarget::Split::ROWS ? t.m : t.n));
+    }
   }
   const size_t width = dtype_size(dtype);
   if (matrix_elements_ > 0 && slots_ > 0) scratch_ = Buffer(backend, size_t(slots_ * matrix_elements_) * width);
   if (thin > 0) thin_ = Buffer(backend, size_t(thin) * width);
+  if (local > 0) local_bases_ = Buffer(backend, size_t(local) * width);
 }
 
 Tensor SpectralProjector::scratch(int index, const SpectralTarget& t) const {
@@ -134,15 +159,22 @@ void SpectralProjector::project_unique(const SpectralTarget& t, const Tensor& ba
   // Per expert or shared by all of them: a zero stride repeats one basis.
   const int64_t ut_stride = t.bases > 1 ? k * m : 0, vt_stride = t.bases > 1 ? k * n : 0;
   const int64_t ut_count = (t.bases - 1) * ut_stride + k * m, vt_count = (t.bases - 1) * vt_stride + k * n;
-  const Tensor ut = at(bases, t.ut_offset, ut_count), vt = at(bases, t.vt_offset, vt_count);
+  // The split side's basis: this rank's slice of it (rows of Ut or of Vt's columns).
+  const bool split_rows = t.split == SpectralTarget::Split::ROWS, split_cols = t.split == SpectralTarget::Split::COLS;
+  if (split_rows || split_cols) copy_local_bases(be_, t, int(k), bases, raw(local_bases_));
+  const Tensor ut = split_rows ? at(raw(local_bases_), 0, ut_count) : at(bases, t.ut_offset, ut_count);
+  const Tensor vt = split_cols ? at(raw(local_bases_), 0, vt_count) : at(bases, t.vt_offset, vt_count);
   const Tensor x = at(x_flat, x_base, (e - 1) * x_stride + m * n);
   const Tensor a = at(raw(thin_), 0, e * k * n);
   const Tensor b = at(raw(thin_), e * k * n, e * m * k);
   const Tensor c = at(raw(thin_), e * k * (n + m), e * k * k);
   // a = Ut X [k,n]; b = X Vt^T [m,k]; c = a Vt^T [k,k]; a -= c Vt; out = X - Ut^T a - b Vt.
+  // Split rows: a sums over them. Split columns: b and c do (adjacent: one all-reduce).
   be_.gemm(false, false, k, n, m, 1.0, ut, x, 0.0, a, {e, ut_stride, x_stride, k * n});
+  if (split_rows) etp_->all_reduce(a, ReduceOp::SUM);
   be_.gemm(false, true, m, k, n, 1.0, x, vt, 0.0, b, {e, x_stride, vt_stride, m * k});
   be_.gemm(false, true, k, k, n, 1.0, a, vt, 0.0, c, {e, k * n, vt_stride, k * k});
+  if (split_cols) etp_->all_reduce(at(raw(thin_), e * k * n, e * k * (m + k)), ReduceOp::SUM);
   be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, a, {e, k * k, vt_stride, k * n});
   // In place when out is x (contiguous): a and b are formed before out is written.
   if (out.data != x.data)
@@ -159,9 +191,9 @@ std::vector<SpectralTarget> with_offsets(std::vector<SpectralTarget> targets, in
   int64_t offset = 0;
   for (SpectralTarget& t : targets) {
     t.ut_offset = offset;
-    offset += int64_t(t.bases) * k * t.m;
+    offset += int64_t(t.bases) * k * t.m_full;
     t.vt_offset = offset;
-    offset += int64_t(t.bases) * k * t.n;
+    offset += int64_t(t.bases) * k * t.n_full;
   }
   return targets;
 }
@@ -169,13 +201,14 @@ std::vector<SpectralTarget> with_offsets(std::vector<SpectralTarget> targets, in
 }  // namespace
 
 SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, const ParamRegistry& registry,
-                                             const SdmoeSpec& spec)
+                                             const SdmoeSpec& spec, std::shared_ptr<Communicator> etp)
     : be_(backend),
       dtype_(dtype),
       registry_(registry),
       spec_(spec),
+      etp_(etp),
       targets_(with_offsets(spectral_targets(registry, spec), spec.rank)),
-      projector_(backend, dtype, targets_, spec.rank) {
+      projector_(backend, dtype, targets_, spec.rank, SpectralProjector::kScratchSlots, etp) {
   bases_elements_ = bases_elements(targets_, spec_.rank);
   for (const SpectralTarget& t : targets_) {
     unique_offset_.push_back(unique_elements_);
@@ -210,6 +243,11 @@ SpectralDecomposition::SpectralDecomposition(Backend& backend, DType dtype, cons
     stacked_elements += t.experts * (2 * spec_.rank * (t.m + t.n) + int64_t(spec_.rank) * spec_.rank);
   }
   stacked_ = Buffer(backend, std::max<size_t>(size_t(stacked_elements) * width, 64));
+  int64_t split_elements = 0;
+  for (const SpectralTarget& t : targets_)
+    if (t.split != SpectralTarget::Split::NONE)
+      split_elements = std::max(split_elements, t.experts * spec_.rank * (std::max(t.m, t.n) + spec_.rank));
+  if (split_elements > 0) split_scratch_ = Buffer(backend, size_t(split_elements) * width);
   if (stacked_elements > 0) be_.fill(flat_at(raw(stacked_), 0, stacked_elements), 0.0);
   if (unique_elements_ > 0) {
     be_.fill(flat_at(raw(unique_m_), 0, unique_elements_), 0.0);
@@ -292,19 +330,44 @@ void SpectralDecomposition::add_common_part(size_t index, const Tensor& x, int64
   const SpectralTarget& t = targets_[index];
   const int64_t k = spec_.rank, m = t.m, n = t.n, e = t.experts;
   if (e == 0) return;
-  const int64_t ut_stride = t.bases > 1 ? k * m : 0, vt_stride = t.bases > 1 ? k * n : 0;
-  const Tensor ut = flat_at(bases(), t.ut_offset, (t.bases - 1) * ut_stride + k * m);
-  const Tensor vt = flat_at(bases(), t.vt_offset, (t.bases - 1) * vt_stride + k * n);
+  const bool split_rows = t.split == SpectralTarget::Split::ROWS, split_cols = t.split == SpectralTarget::Split::COLS;
   const int64_t l_at = stacked_offset_[index], r_at = l_at + e * 2 * k * m, c_at = r_at + e * 2 * k * n;
+  const Tensor l = flat_at(raw(stacked_), l_at, e * 2 * k * m), r = flat_at(raw(stacked_), r_at, e * 2 * k * n);
   const Tensor l_low = flat_at(raw(stacked_), l_at + k * m, e * 2 * k * m - k * m);  // rows k..2k of L
   const Tensor r_top = flat_at(raw(stacked_), r_at, e * 2 * k * n);                  // rows 0..k of R
-  const Tensor c = flat_at(raw(stacked_), c_at, e * k * k);
   const Tensor xs = flat_at(x, x_base, (e - 1) * x_stride + m * n);
-  be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});   // Ut X
-  be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});    // Vt X^T
-  be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});        // Ut X V
-  be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});      // Ut X (I - V V^T)
-  const Tensor l = flat_at(raw(stacked_), l_at, e * 2 * k * m), r = flat_at(raw(stacked_), r_at, e * 2 * k * n);
+  // The bases as operands: whole from bases(), or, on the split side, this rank's slices
+  // (the stacked copies: L's rows 0..k hold Ut, R's rows k..2k hold Vt).
+  const int64_t ut_stride = split_rows ? 2 * k * m : t.bases > 1 ? k * m : 0;
+  const int64_t vt_stride = split_cols ? 2 * k * n : t.bases > 1 ? k * n : 0;
+  const Tensor ut = split_rows ? l : flat_at(bases(), t.ut_offset, (t.bases - 1) * ut_stride + k * m);
+  const Tensor vt = split_cols ? flat_at(r, k * n, e * 2 * k * n - k * n)
+                               : flat_at(bases(), t.vt_offset, (t.bases - 1) * vt_stride + k * n);
+  if (!split_rows && !split_cols) {
+    const Tensor c = flat_at(raw(stacked_), c_at, e * k * k);
+    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});  // Ut X
+    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});   // Vt X^T
+    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});       // Ut X V
+    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});     // Ut X (I - V V^T)
+  } else if (split_rows) {
+    // Ut X sums over the rows: formed contiguously, summed over etp, then put in R.
+    const Tensor sum = flat_at(raw(split_scratch_), 0, e * k * n), c = flat_at(raw(stacked_), c_at, e * k * k);
+    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, sum, {e, ut_stride, x_stride, k * n});
+    etp_->all_reduce(sum, ReduceOp::SUM);
+    for (int64_t i = 0; i < e; ++i) be_.copy(flat_at(sum, i * k * n, k * n), flat_at(r, i * 2 * k * n, k * n));
+    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});
+    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});
+    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});
+  } else {
+    // Vt X^T and Ut X V sum over the columns: formed side by side, summed by one all-reduce.
+    const Tensor vx = flat_at(raw(split_scratch_), 0, e * k * m), c = flat_at(raw(split_scratch_), e * k * m, e * k * k);
+    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});
+    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, vx, {e, vt_stride, x_stride, k * m});
+    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});
+    etp_->all_reduce(flat_at(raw(split_scratch_), 0, e * k * (m + k)), ReduceOp::SUM);
+    for (int64_t i = 0; i < e; ++i) be_.copy(flat_at(vx, i * k * m, k * m), flat_at(l, i * 2 * k * m + k * m, k * m));
+    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});
+  }
   be_.gemm(true, false, m, n, 2 * k, alpha, l, r, beta, flat_at(out, out_base, (e - 1) * out_stride + m * n),
            {e, 2 * k * m, 2 * k * n, out_stride});
 }
@@ -314,11 +377,20 @@ void SpectralDecomposition::load_stacked_bases() {
   for (size_t i = 0; i < targets_.size(); ++i) {
     const SpectralTarget& t = targets_[i];
     const int64_t l_at = stacked_offset_[i], r_at = l_at + t.experts * 2 * k * t.m;
+    // A split side's rows are this rank's slices: row j of basis b starts at element
+    // j * full + split_first of it.
+    const bool split_rows = t.split == SpectralTarget::Split::ROWS, split_cols = t.split == SpectralTarget::Split::COLS;
+    // k rows of `length` from a basis of rows `full` long, starting at column `first`.
+    auto copy_rows = [&](int64_t from, int64_t full, int64_t first, int64_t length, int64_t to) {
+      if (full == length) return be_.copy(flat_at(bases(), from, k * length), flat_at(raw(stacked_), to, k * length));
+      for (int64_t j = 0; j < k; ++j)
+        be_.copy(flat_at(bases(), from + j * full + first, length), flat_at(raw(stacked_), to + j * length, length));
+    };
     for (int64_t e = 0; e < t.experts; ++e) {
       const int64_t b = t.bases > 1 ? e : 0;
-      be_.copy(flat_at(bases(), t.ut_offset + b * k * t.m, k * t.m), flat_at(raw(stacked_), l_at + e * 2 * k * t.m, k * t.m));
-      be_.copy(flat_at(bases(), t.vt_offset + b * k * t.n, k * t.n),
-               flat_at(raw(stacked_), r_at + e * 2 * k * t.n + k * t.n, k * t.n));
+      copy_rows(t.ut_offset + b * k * t.m_full, t.m_full, split_rows ? t.split_first : 0, t.m, l_at + e * 2 * k * t.m);
+      copy_rows(t.vt_offset + b * k * t.n_full, t.n_full, split_cols ? t.split_first : 0, t.n,
+                r_at + e * 2 * k * t.n + k * t.n);
     }
   }
 }

@@ -11,7 +11,14 @@
 // bases and leaves W_eff untouched.
 //
 // Bases are stored as rows: Ut [k, m] and Vt [k, n] per expert (PER_EXPERT) or per layer
-// (LAYER_SHARED).
+// (LAYER_SHARED), whole even where expert tensor parallelism (etp) splits the matrix.
+//
+// Under etp each rank holds a slice of every expert matrix: rows of gate and up (split
+// along the FFN dimension, m), columns of down (n). Pi_U and Pi_C are then computed from
+// this rank's slice of the split side's basis, and the thin products that sum over the
+// split dimension (U^T X for split rows; X V and U^T X V for split columns; k x n, m x k
+// and k x k per expert) are summed over the etp group: one or two all-reduces of thin
+// matrices per projection, never a gather of the expert.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -22,6 +29,7 @@
 #include "core/backend.h"
 #include "model/model_spec.h"
 #include "model/param_registry.h"
+#include "parallel/communicator.h"
 
 namespace sdmoe {
 
@@ -49,15 +57,21 @@ struct SdmoeSpec {
 // a stacked expert parameter, the first at element `first` of it, the next `stride`
 // elements further.
 struct SpectralTarget {
+  // Which side etp splits: this rank's matrices are rows [split_first, split_first + m)
+  // of m_full (ROWS: gate, up) or columns [split_first, split_first + n) of n_full (COLS:
+  // down). NONE: whole matrices (m == m_full, n == n_full).
+  enum class Split : uint8_t { NONE, ROWS, COLS };
   int layer = 0;
   SdmoeMatrix matrix = SdmoeMatrix::GATE;
   int param_id = -1;
   int64_t first = 0, stride = 0, experts = 0, m = 0, n = 0;
+  Split split = Split::NONE;
+  int64_t m_full = 0, n_full = 0, split_first = 0;
   int64_t first_expert = 0;   // global index of local expert 0
   int64_t total_experts = 0;  // experts of the layer over all ranks
   int bases = 0;              // basis pairs: experts (PER_EXPERT) or 1 (LAYER_SHARED)
-  int64_t ut_offset = 0;      // elements into the bases buffer: Ut [bases, k, m]
-  int64_t vt_offset = 0;      //                                   Vt [bases, k, n]
+  int64_t ut_offset = 0;      // elements into the bases buffer: Ut [bases, k, m_full]
+  int64_t vt_offset = 0;      //                                   Vt [bases, k, n_full]
 };
 
 // The selected expert matrices of the model, in registry order, with their places in a
@@ -70,9 +84,10 @@ int64_t bases_elements(const std::vector<SpectralTarget>& targets, int k);
 class SpectralProjector {
  public:
   static constexpr int kScratchSlots = 2;
-  // scratch_slots: how many [experts, m, n] scratch tensors to keep (scratch()).
+  // scratch_slots: how many [experts, m, n] scratch tensors to keep (scratch()). etp: the
+  // expert-tensor-parallel group, needed when a target is split (null: none is).
   SpectralProjector(Backend& backend, DType dtype, const std::vector<SpectralTarget>& targets, int k,
-                    int scratch_slots = kScratchSlots);
+                    int scratch_slots = kScratchSlots, std::shared_ptr<Communicator> etp = nullptr);
   // out[e] = Pi_U(x[e]) for the target's experts; x[e] at x_base + e * x_stride (elements
   // of x_flat), out contiguous [experts, m, n]; out may be x itself when x is contiguous.
   void project_unique(const SpectralTarget& t, const Tensor& bases, const Tensor& x_flat, int64_t x_base,
@@ -85,15 +100,22 @@ class SpectralProjector {
   Backend& be_;
   DType dtype_;
   int k_;
-  Buffer scratch_, thin_;
+  std::shared_ptr<Communicator> etp_;
+  Buffer scratch_, thin_, local_bases_;  // local_bases_: this rank's slices of a split side's bases
   int64_t matrix_elements_ = 0;
 };
+
+// Copies this rank's slice of the split side's bases of target t (from `bases`, laid out as
+// the bases buffer) to `out` [t.bases, k, m or n], contiguous.
+void copy_local_bases(Backend& be, const SpectralTarget& t, int k, const Tensor& bases, const Tensor& out);
 
 // The SD-MoE state of a model: targets, bases and the unique parts' AdamW moments (the
 // common parts' moments are the optimizer's own moments of those elements).
 class SpectralDecomposition {
  public:
-  SpectralDecomposition(Backend& backend, DType dtype, const ParamRegistry& registry, const SdmoeSpec& spec);
+  // etp: the expert-tensor-parallel group when experts are split over it (null: whole).
+  SpectralDecomposition(Backend& backend, DType dtype, const ParamRegistry& registry, const SdmoeSpec& spec,
+                        std::shared_ptr<Communicator> etp = nullptr);
   const SdmoeSpec& spec() const { return spec_; }
   const std::vector<SpectralTarget>& targets() const { return targets_; }
   Tensor bases() const;
@@ -151,6 +173,8 @@ class SpectralDecomposition {
   DType dtype_;
   const ParamRegistry& registry_;
   SdmoeSpec spec_;
+  std::shared_ptr<Communicator> etp_;
+  Buffer split_scratch_;  // split targets: thin products summed over etp, [experts, k, m or n] + [experts, k, k]
   std::vector<SpectralTarget> targets_;
   std::vector<int64_t> unique_offset_;  // per target, into unique_m_/unique_v_
   std::map<int, std::vector<ElementRange>> plain_ranges_;  // per parameter, relative to it

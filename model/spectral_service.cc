@@ -443,7 +443,13 @@ SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry&
                                  std::shared_ptr<Communicator> ep, Backend* worker_backend)
     : impl_(std::make_unique<Impl>(sd, worker_backend ? *worker_backend : sd.backend(), registry, params, grads,
                                    std::move(router_ids), std::move(replicas), std::move(ep))),
-      sd_(sd) {}
+      sd_(sd) {
+  // The solvers and metrics read whole expert matrices from the parameters.
+  for (const SpectralTarget& t : sd.targets())
+    SDMOE_ASSERT(t.split == SpectralTarget::Split::NONE,
+                 "the spectral service needs whole experts: layer {} {} is split over etp", t.layer,
+                 sdmoe_matrix_name(t.matrix));
+}
 
 SpectralService::~SpectralService() {
   if (impl_->worker.joinable()) impl_->worker.join();  // a result nobody will install
