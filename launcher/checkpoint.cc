@@ -18,13 +18,6 @@ namespace h5 = data::hdf5;
 
 namespace {
 
-// The SD-MoE datasets are written from and read into whole expert matrices; slices split
-// over etp would need pieces along the FFN axis.
-void require_whole_experts(const SpectralDecomposition& sd) {
-  for (const SpectralTarget& t : sd.targets())
-    SDMOE_ASSERT(t.split == SpectralTarget::Split::NONE, "SD-MoE checkpoints need whole experts: layer {} {} is split over etp",
-                 t.layer, sdmoe_matrix_name(t.matrix));
-}
 
 
 constexpr const char* kFileName = "checkpoint.h5";
@@ -95,6 +88,24 @@ void append_pieces(const ParamSpec& ps, int64_t a, int64_t b, int64_t source_bas
     else out.push_back({logical, end - i, source});
     i = end;
   }
+}
+
+// Where this rank's unique-part moments of target t ([experts, m, n], contiguous) lie in
+// the logical [total_experts, m_full, n_full] dataset: one run for whole experts, one per
+// expert for rows split over etp, one per expert row for columns split over etp.
+std::vector<Piece> unique_moment_pieces(const SpectralTarget& t) {
+  const int64_t mn = t.m * t.n, full = t.m_full * t.n_full;
+  if (t.split == SpectralTarget::Split::NONE) return {{t.first_expert * mn, t.experts * mn, 0}};
+  std::vector<Piece> pieces;
+  for (int64_t e = 0; e < t.experts; ++e) {
+    const int64_t logical = (t.first_expert + e) * full;
+    if (t.split == SpectralTarget::Split::ROWS) {
+      pieces.push_back({logical + t.split_first * t.n_full, mn, e * mn});
+    } else {
+      for (int64_t i = 0; i < t.m; ++i) pieces.push_back({logical + i * t.n_full + t.split_first, t.n, e * mn + i * t.n});
+    }
+  }
+  return pieces;
 }
 
 // A tensor is gathered to rank 0 and written in slabs of leading-axis rows of about
@@ -474,7 +485,6 @@ void Checkpointer::save(const TrainingPosition& position) {
   }
 
   if (sdmoe_) {
-    require_whole_experts(*sdmoe_);
     const int k = sdmoe_->spec().rank;
     const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
     const std::vector<float> bases = host_copy(be, sdmoe_->bases());
@@ -483,10 +493,10 @@ void Checkpointer::save(const TrainingPosition& position) {
       const std::string group = matrix_group(t);
       const int64_t logical_bases = per_expert ? t.total_experts : 1, first = per_expert ? t.first_expert : 0;
       // Per-expert bases are split over ep like the experts; layer-shared ones are the
-      // same on every ep rank.
-      const bool writes_bases = edp_first && (per_expert || groups_.ep->rank() == 0);
+      // same on every ep rank. Both are whole on every etp rank.
+      const bool writes_bases = edp_first && groups_.etp->rank() == 0 && (per_expert || groups_.ep->rank() == 0);
       for (int side = 0; side < 2; ++side) {
-        const int64_t length = side == 0 ? t.m : t.n, offset = side == 0 ? t.ut_offset : t.vt_offset;
+        const int64_t length = side == 0 ? t.m_full : t.n_full, offset = side == 0 ? t.ut_offset : t.vt_offset;
         std::vector<Piece> pieces;
         if (writes_bases) pieces.push_back({first * k * length, t.bases * k * length, offset});
         write(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length}, pieces, bases.data());
@@ -496,14 +506,14 @@ void Checkpointer::save(const TrainingPosition& position) {
         std::vector<float> unique;
         std::vector<Piece> pieces;
         if (edp_first) {
-          pieces.push_back({t.first_expert * mn, t.experts * mn, 0});
+          pieces = unique_moment_pieces(t);
           for (int64_t e = 0; e < t.experts; ++e) {
             const std::vector<float> part = host_copy(be, which == 0 ? sdmoe_->unique_m(ti, e) : sdmoe_->unique_v(ti, e));
             unique.insert(unique.end(), part.begin(), part.end());
           }
         }
-        write(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n}, pieces,
-              unique.data());
+        write(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m_full, t.n_full},
+              pieces, unique.data());
       }
     }
   }
@@ -594,7 +604,6 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       file.read_pieces("optimizer/exp_avg_sq/" + ps.name, ps.logical_shape, pieces, v.data());
     }
     if (sdmoe_ && !parameters_only) {
-      require_whole_experts(*sdmoe_);
       const int k = sdmoe_->spec().rank;
       const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
       std::vector<float> bases = host_copy(be, sdmoe_->bases());
@@ -604,15 +613,15 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
         const std::string group = matrix_group(t);
         const int64_t logical_bases = per_expert ? t.total_experts : 1, first = per_expert ? t.first_expert : 0;
         for (int side = 0; side < 2; ++side) {
-          const int64_t length = side == 0 ? t.m : t.n;
+          const int64_t length = side == 0 ? t.m_full : t.n_full;
           const std::vector<Piece> pieces{{first * k * length, t.bases * k * length, side == 0 ? t.ut_offset : t.vt_offset}};
           file.read_pieces(group + (side == 0 ? "/Ut" : "/Vt"), {logical_bases, k, length}, pieces, bases.data());
         }
         const int64_t mn = t.m * t.n;
         for (int which = 0; which < 2; ++which) {
           unique[which].emplace_back(size_t(t.experts * mn));
-          file.read_pieces(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m, t.n},
-                           {{t.first_expert * mn, t.experts * mn, 0}}, unique[which].back().data());
+          file.read_pieces(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"),
+                           {t.total_experts, t.m_full, t.n_full}, unique_moment_pieces(t), unique[which].back().data());
         }
       }
       // Everything read: only now is the live state replaced.

@@ -203,10 +203,6 @@ ParallelDims check_parallel(const config::Run& run, int world) {
            run.training().micro_batch_size(), spec.seq_len);
     if (p.zero1()) fail("parallel.zero1 is not supported with tensor parallelism yet (parallel.tp = {})", dims.tp);
   }
-  if (run.sdmoe().enabled()) {
-    // SD-MoE projects whole expert matrices in the optimizer step.
-    if (dims.etp > 1) fail("sdmoe is not supported with parallel.etp > 1 yet (parallel.etp = {})", dims.etp);
-  }
   return dims;
 }
 
@@ -311,7 +307,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   std::unique_ptr<Backend> spectral_backend;
   std::unique_ptr<SpectralService> spectral;
   if (job.sdmoe.enabled) {
-    decomposition = std::make_unique<SpectralDecomposition>(be, model.dtype(), model.registry(), job.sdmoe);
+    // With experts split over etp the decomposition sums its thin products over the etp
+    // group, and the service gathers whole experts over it at each refresh.
+    const std::shared_ptr<Communicator> etp_group = dims.etp > 1 ? groups.etp : nullptr;
+    decomposition = std::make_unique<SpectralDecomposition>(be, model.dtype(), model.registry(), job.sdmoe, etp_group);
     std::vector<int> routers(job.model.layers, -1);
     for (size_t id = 0; id < model.registry().specs().size(); ++id) {
       const ParamSpec& ps = model.registry().spec(int(id));
@@ -322,7 +321,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     // handles) on the same device; the CPU backend keeps no state and is shared.
     if (job.sdmoe.async && be.device() == Device::CUDA) spectral_backend = make_cuda_backend(be.device_ordinal());
     spectral = std::make_unique<SpectralService>(*decomposition, model.registry(), model.params(), model.grads(),
-                                                 routers, groups.edp, groups.ep, spectral_backend.get());
+                                                 routers, groups.edp, groups.ep, spectral_backend.get(), etp_group);
   }
   AdamW optimizer(model, job.optimizer, sync.owned(), decomposition.get());
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);

@@ -28,8 +28,13 @@ struct SpectralService::Impl {
   int k;
   const ParamRegistry& registry;
   std::vector<int> router_ids;
-  std::shared_ptr<Communicator> replicas, ep;
-  const std::vector<SpectralTarget>& targets;
+  std::shared_ptr<Communicator> replicas, ep, etp;
+  // The decomposition's targets as the solvers see them: its own, or, with experts split
+  // over etp, whole matrices [experts, m_full, n_full] in the gathered buffers (first:
+  // their offset there, stride m_full x n_full).
+  const std::vector<SpectralTarget>& local_targets;
+  const bool gathers;
+  std::vector<SpectralTarget> targets;
   SpectralProjector projector;  // the service's own thin products, on `work` (no matrix scratch)
   // What the solvers read: the live flat buffers (region_base 0) or, in async mode,
   // snapshots of the expert region (region_base = its first element).
@@ -37,6 +42,8 @@ struct SpectralService::Impl {
   Tensor source_params, source_grads;
   int64_t region_base = 0;
   Buffer snapshot_params, snapshot_grads;
+  // gathers: whole experts assembled from the etp slices, and the all-gather's buffers.
+  Buffer whole_params, whole_grads, gather_send, gather_recv;
   std::thread worker;
   bool pending = false;
   int64_t pending_step = 0, pending_jobs = 0;
@@ -44,6 +51,7 @@ struct SpectralService::Impl {
   // right after a resume, where no gradient exists yet).
   bool with_gradients = false;
   double pending_seconds = 0.0;
+  double pending_gather_comm = 0.0, pending_gather_blocking = 0.0;  // async with etp: the gather at the start
 
   // Exchange layout, per target: [shared pair (LAYER_SHARED) | per expert: full, tail, grad
   // pairs], each pair Ut [k, m] then Vt [k, n].
@@ -63,7 +71,8 @@ struct SpectralService::Impl {
   double comm_seconds = 0.0;
 
   Impl(SpectralDecomposition& sd_in, Backend& work_in, const ParamRegistry& reg, Tensor p, Tensor g,
-       std::vector<int> routers, std::shared_ptr<Communicator> rep, std::shared_ptr<Communicator> ep_in)
+       std::vector<int> routers, std::shared_ptr<Communicator> rep, std::shared_ptr<Communicator> ep_in,
+       std::shared_ptr<Communicator> etp_in)
       : sd(sd_in),
         be(sd_in.backend()),
         work(work_in),
@@ -73,8 +82,12 @@ struct SpectralService::Impl {
         router_ids(std::move(routers)),
         replicas(std::move(rep)),
         ep(std::move(ep_in)),
-        targets(sd_in.targets()),
-        projector(work_in, p.dtype, sd_in.targets(), sd_in.spec().rank, 0),
+        etp(std::move(etp_in)),
+        local_targets(sd_in.targets()),
+        gathers(std::any_of(local_targets.begin(), local_targets.end(),
+                            [](const SpectralTarget& t) { return t.split != SpectralTarget::Split::NONE; })),
+        targets(solver_targets(local_targets, gathers)),
+        projector(work_in, p.dtype, targets, sd_in.spec().rank, 0),
         live_params(p),
         live_grads(g),
         source_params(p),
@@ -111,6 +124,72 @@ struct SpectralService::Impl {
     alloc(small, max_batch * k * k);
     alloc(small_inv, max_batch * k * k);
     alloc(small_tmp, max_batch * k * largest_side);
+    if (gathers) {
+      SDMOE_ASSERT(etp, "SD-MoE experts are split over etp but the spectral service has no etp group");
+      int64_t whole_elements = 0, largest_slices = 0;
+      for (size_t ti = 0; ti < targets.size(); ++ti) {
+        const SpectralTarget& t = local_targets[ti];
+        SDMOE_ASSERT(t.split != SpectralTarget::Split::NONE, "layer {} {}: some expert matrices are split over etp, "
+                     "this one is not", t.layer, sdmoe_matrix_name(t.matrix));
+        const int64_t local = t.split == SpectralTarget::Split::ROWS ? t.m : t.n;
+        SDMOE_ASSERT(t.split_first == etp->rank() * local, "layer {} {}: etp rank {} holds slice {} of width {}",
+                     t.layer, sdmoe_matrix_name(t.matrix), etp->rank(), t.split_first, local);
+        whole_elements += t.experts * t.m_full * t.n_full;
+        largest_slices = std::max(largest_slices, t.experts * t.m * t.n);
+      }
+      alloc(whole_params, whole_elements);
+      alloc(whole_grads, whole_elements);
+      alloc(gather_send, largest_slices);
+      alloc(gather_recv, largest_slices * etp->size());
+    }
+  }
+
+  static std::vector<SpectralTarget> solver_targets(const std::vector<SpectralTarget>& local, bool gathers) {
+    if (!gathers) return local;
+    std::vector<SpectralTarget> out = local;
+    int64_t offset = 0;
+    for (SpectralTarget& t : out) {
+      t.m = t.m_full;
+      t.n = t.n_full;
+      t.split = SpectralTarget::Split::NONE;
+      t.split_first = 0;
+      t.first = offset;
+      t.stride = t.m * t.n;
+      offset += t.experts * t.stride;
+    }
+    return out;
+  }
+
+  // gathers: every target's whole experts in `out` (whole_params or whole_grads layout),
+  // from this rank's slices in `flat` (its element `base` is the region's first): one
+  // all-gather over etp per target, then each rank's rows (or columns) put in place.
+  void gather_whole(const Tensor& flat, int64_t base, const Buffer& out) {
+    for (size_t ti = 0; ti < targets.size(); ++ti) {
+      const SpectralTarget &t = local_targets[ti], &w = targets[ti];
+      const int64_t mn = t.m * t.n, slices = t.experts * mn;
+      if (slices == 0) continue;
+      const Tensor send = at(whole(gather_send), 0, {slices}), recv = at(whole(gather_recv), 0, {slices * etp->size()});
+      const int64_t first = registry.spec(t.param_id).offset + t.first - base;
+      for (int64_t e = 0; e < t.experts; ++e) be.copy(at(flat, first + e * t.stride, {mn}), at(send, e * mn, {mn}));
+      timed_comm([&] { etp->all_gather(send, recv); });
+      const Tensor dst = whole(out);
+      for (int r = 0; r < etp->size(); ++r)
+        for (int64_t e = 0; e < t.experts; ++e) {
+          const int64_t from = r * slices + e * mn, to = w.first + e * w.stride;
+          if (t.split == SpectralTarget::Split::ROWS) {
+            be.copy(at(recv, from, {mn}), at(dst, to + r * mn, {mn}));  // rows r m .. (r + 1) m
+          } else {
+            for (int64_t i = 0; i < t.m; ++i)  // row i's columns r n .. (r + 1) n
+              be.copy(at(recv, from + i * t.n, {t.n}), at(dst, to + i * w.n + r * t.n, {t.n}));
+          }
+        }
+    }
+  }
+  // Reads the solvers' inputs from the whole experts (after gather_whole).
+  void use_whole_experts() {
+    source_params = whole(whole_params);
+    source_grads = whole(whole_grads);
+    region_base = 0;
   }
 
   size_t width() const { return dtype_size(dtype); }
@@ -134,8 +213,16 @@ struct SpectralService::Impl {
     return out;
   }
   static uint64_t seed_of(size_t target, int side) { return 0x2545f4914f6cdd1dULL + 7919 * target + side; }
-  int replica_rank() const { return replicas ? replicas->rank() : 0; }
-  int replica_count() const { return replicas ? replicas->size() : 1; }
+  // The ranks that hold the same experts: the replicas, and with split experts the etp
+  // group (whose ranks all gather the whole experts) within each replica.
+  int replica_rank() const { return (replicas ? replicas->rank() : 0) * etp_count() + (gathers ? etp->rank() : 0); }
+  int replica_count() const { return (replicas ? replicas->size() : 1) * etp_count(); }
+  int etp_count() const { return gathers ? etp->size() : 1; }
+  // Sums a result that one of the ranks holding the same experts wrote (zeros elsewhere).
+  void share_over_replicas(const Tensor& x) {
+    if (replicas) replicas->all_reduce(x, ReduceOp::SUM);
+    if (gathers) etp->all_reduce(x, ReduceOp::SUM);
+  }
 
   void timed_comm(const std::function<void()>& fn) {
     work.synchronize();
@@ -244,7 +331,21 @@ struct SpectralService::Impl {
     return expert_offset[ti] + (e * 3 + which) * pair_elements(targets[ti]);
   }
   int64_t matrix_offset(const SpectralTarget& t, int64_t e) const {
+    if (gathers) return t.first + e * t.stride;  // in the whole experts
     return registry.spec(t.param_id).offset + t.first + e * t.stride - region_base;
+  }
+  // Computes this rank's jobs of the refresh after `step` steps on a worker thread.
+  void start_worker(int64_t step) {
+    if (exchange_elements > 0) be.fill(at(whole(exchange), 0, {exchange_elements}), 0.0);
+    be.synchronize();
+    pending = true;
+    pending_step = step;
+    worker = std::thread([this, step] {
+      work.bind_to_current_thread();  // its GPU (a new thread starts on device 0), its threads
+      const auto start = Clock::now();
+      pending_jobs = run_expert_jobs(step, true);
+      pending_seconds = seconds_since(start);
+    });
   }
   // Phase 2 of a refresh (no communication): the jobs of this rank's replica rank.
   int64_t run_expert_jobs(int64_t step, bool installed);
@@ -321,11 +422,10 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
   const Tensor exchange = whole(this->exchange);
   const bool shared = sd.spec().basis == SdmoeBasis::LAYER_SHARED;
   s.timed_comm([&] {
-    if (s.replicas)
-      for (size_t ti = 0; ti < s.targets.size(); ++ti) {
-        const SpectralTarget& t = s.targets[ti];
-        s.replicas->all_reduce(s.at(exchange, s.expert_offset[ti], {t.experts * 3 * s.pair_elements(t)}), ReduceOp::SUM);
-      }
+    for (size_t ti = 0; ti < s.targets.size(); ++ti) {
+      const SpectralTarget& t = s.targets[ti];
+      s.share_over_replicas(s.at(exchange, s.expert_offset[ti], {t.experts * 3 * s.pair_elements(t)}));
+    }
   });
 
   // Install: the new bases in the decomposition's layout.
@@ -440,16 +540,11 @@ std::vector<double> SpectralService::Impl::mean_overlaps(const SpectralTarget& t
 
 SpectralService::SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params,
                                  Tensor grads, std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
-                                 std::shared_ptr<Communicator> ep, Backend* worker_backend)
+                                 std::shared_ptr<Communicator> ep, Backend* worker_backend,
+                                 std::shared_ptr<Communicator> etp)
     : impl_(std::make_unique<Impl>(sd, worker_backend ? *worker_backend : sd.backend(), registry, params, grads,
-                                   std::move(router_ids), std::move(replicas), std::move(ep))),
-      sd_(sd) {
-  // The solvers and metrics read whole expert matrices from the parameters.
-  for (const SpectralTarget& t : sd.targets())
-    SDMOE_ASSERT(t.split == SpectralTarget::Split::NONE,
-                 "the spectral service needs whole experts: layer {} {} is split over etp", t.layer,
-                 sdmoe_matrix_name(t.matrix));
-}
+                                   std::move(router_ids), std::move(replicas), std::move(ep), std::move(etp))),
+      sd_(sd) {}
 
 SpectralService::~SpectralService() {
   if (impl_->worker.joinable()) impl_->worker.join();  // a result nobody will install
@@ -469,6 +564,11 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
   const auto start = Clock::now();
   const Tensor exchange = s.whole(s.exchange);
   if (s.exchange_elements > 0) be.fill(s.at(exchange, 0, {s.exchange_elements}), 0.0);
+  if (s.gathers) {
+    s.gather_whole(s.live_params, 0, s.whole_params);
+    if (s.with_gradients) s.gather_whole(s.live_grads, 0, s.whole_grads);
+    s.use_whole_experts();
+  }
   be.synchronize();
   const Tensor current = sd_.bases();
 
@@ -505,7 +605,7 @@ RefreshReport SpectralService::refresh(int64_t step, const Tensor& m) {
       for (size_t ti = 0; ti < s.targets.size(); ++ti) {
         const Tensor pair = s.at(exchange, s.shared_offset[ti], {s.pair_elements(s.targets[ti])});
         if (s.ep) s.ep->all_reduce(pair, ReduceOp::SUM);
-        if (s.replicas) s.replicas->all_reduce(pair, ReduceOp::SUM);
+        s.share_over_replicas(pair);
       }
     });
   }
@@ -525,6 +625,20 @@ void SpectralService::start_async(int64_t step, bool with_gradients) {
   Impl& s = *impl_;
   SDMOE_ASSERT(!s.pending && installed_, "start_async needs installed bases and no pending refresh");
   SDMOE_ASSERT(sd_.spec().basis == SdmoeBasis::PER_EXPERT, "asynchronous refresh needs PER_EXPERT bases");
+  s.with_gradients = with_gradients && step > 0;
+  if (s.gathers) {
+    // The whole experts gathered over etp are the snapshot; the training step waits for
+    // the gather, reported with the refresh's communication and blocking time.
+    const auto start = Clock::now();
+    s.comm_seconds = 0.0;
+    s.gather_whole(s.live_params, 0, s.whole_params);
+    if (s.with_gradients) s.gather_whole(s.live_grads, 0, s.whole_grads);
+    s.use_whole_experts();
+    s.pending_gather_comm = s.comm_seconds;
+    s.pending_gather_blocking = seconds_since(start);
+    s.start_worker(step);
+    return;
+  }
   // Snapshot the expert region of the parameters and gradients: training goes on
   // changing the live ones while the worker reads these.
   const int64_t begin = s.registry.expert_begin(), count = s.live_params.numel() - begin;
@@ -537,20 +651,10 @@ void SpectralService::start_async(int64_t step, bool with_gradients) {
   const Tensor grads_copy(s.snapshot_grads.data(), s.dtype, s.be.device(), {count});
   s.be.copy(s.at(s.live_params, begin, {count}), params_copy);
   s.be.copy(s.at(s.live_grads, begin, {count}), grads_copy);
-  if (s.exchange_elements > 0) s.be.fill(s.at(s.whole(s.exchange), 0, {s.exchange_elements}), 0.0);
-  s.be.synchronize();
   s.source_params = params_copy;
   s.source_grads = grads_copy;
   s.region_base = begin;
-  s.pending = true;
-  s.pending_step = step;
-  s.with_gradients = with_gradients && step > 0;
-  s.worker = std::thread([&s, step] {
-    s.work.bind_to_current_thread();  // its GPU (a new thread starts on device 0), its threads
-    const auto start = Clock::now();
-    s.pending_jobs = s.run_expert_jobs(step, true);
-    s.pending_seconds = seconds_since(start);
-  });
+  s.start_worker(step);
 }
 
 RefreshReport SpectralService::finish_async(int64_t step, const Tensor& m) {
@@ -560,9 +664,11 @@ RefreshReport SpectralService::finish_async(int64_t step, const Tensor& m) {
   s.worker.join();
   const double waited = seconds_since(start);
   s.pending = false;
-  s.source_params = s.live_params;
-  s.source_grads = s.live_grads;
-  s.region_base = 0;
+  if (!s.gathers) {
+    s.source_params = s.live_params;
+    s.source_grads = s.live_grads;
+    s.region_base = 0;
+  }
   RefreshReport report;
   report.step = s.pending_step;
   report.staleness = step - s.pending_step;
@@ -571,11 +677,12 @@ RefreshReport SpectralService::finish_async(int64_t step, const Tensor& m) {
   const auto apply = Clock::now();
   s.share_install_and_measure(s.pending_step, m, report);
   s.be.synchronize();
-  report.comm_seconds = s.comm_seconds;
+  report.comm_seconds = s.comm_seconds + s.pending_gather_comm;
   // The worker's time overlapped training; what the step waited for is the join plus the
-  // install and metrics.
+  // install and metrics (and, with etp, the gather when the refresh started).
   report.compute_seconds = s.pending_seconds;
-  report.blocking_seconds = waited + seconds_since(apply);
+  report.blocking_seconds = waited + seconds_since(apply) + s.pending_gather_blocking;
+  s.pending_gather_comm = s.pending_gather_blocking = 0.0;
   jobs_total_ += report.jobs_computed;
   return report;
 }

@@ -5,7 +5,8 @@
 // (layer, matrix) on the experts' summed Gram matrices (sum_e W_e W_e^T for U, sum_e
 // W_e^T W_e for V, summed over the ep group), then one metrics job per expert. A job is
 // owned by one rank of the group of ranks that hold the same experts (the expert-data-
-// parallel group): job j goes to its rank j mod size. The owner writes its results into a
+// parallel group, times the etp group when experts are split over etp: each of those
+// ranks gathers the whole experts first): job j goes to its rank j mod size. The owner writes its results into a
 // zeroed exchange buffer and one sum over the group shares them, so every job runs exactly
 // once per replica group (jobs_computed() counts them) and the result does not depend on
 // who computed it. The queue is built per refresh; the work runs on the service's
@@ -55,10 +56,13 @@ class SpectralService {
   // (null: this rank alone); ep: the expert-parallel group (null: all experts here).
   // worker_backend: where the solvers run; null: the decomposition's backend. For async
   // refreshes on a GPU it must be a second backend on the same device (its own stream and
-  // handles); a CPU backend may be shared (its ops keep no state).
+  // handles); a CPU backend may be shared (its ops keep no state). etp: the expert-tensor-
+  // parallel group when the experts are split over it; the service then all-gathers whole
+  // experts over it at each refresh and deals the jobs over the replicas' etp groups too.
   SpectralService(SpectralDecomposition& sd, const ParamRegistry& registry, Tensor params, Tensor grads,
                   std::vector<int> router_ids, std::shared_ptr<Communicator> replicas,
-                  std::shared_ptr<Communicator> ep, Backend* worker_backend = nullptr);
+                  std::shared_ptr<Communicator> ep, Backend* worker_backend = nullptr,
+                  std::shared_ptr<Communicator> etp = nullptr);
   ~SpectralService();
   // New bases from the current parameters, installed now; `m` are the optimizer's first
   // moments (carried into the new split). step 0 skips the gradient metrics.

@@ -132,7 +132,6 @@ bad_input)
   check "diverging loss" "loss became" --config configs/tiny.textproto --set optimizer.lr=1e9 --set optimizer.grad_clip=0 --set training.eval_interval=0
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   check "SD-MoE rank too large" "sdmoe.rank (64) must be in" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.rank=64
-  check "SD-MoE with etp" "sdmoe is not supported with parallel.etp > 1" --config configs/tiny.textproto --set sdmoe.enabled=true --set parallel.etp=2
   check "SD-MoE async with shared bases" "sdmoe.async needs basis: PER_EXPERT" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.async=true --set sdmoe.basis=LAYER_SHARED
   ;;
 *) die "unknown check $what" ;;

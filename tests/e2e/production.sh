@@ -130,26 +130,31 @@ reshard)
   done
   # The other direction: saved under (tp 2, ep 2) on 4 ranks (tensor-split and
   # tp-replicated blocks gathered), loaded on 1 rank; and layer-shared SD-MoE bases saved
-  # on 1 rank, loaded under ep 2.
+  # on 1 rank, loaded under ep 2. Steps 6 to 8 are compared: the loss of step 6 depends on
+  # the parameters alone, those of steps 7 and 8 also on the moments and bases loaded (the
+  # updates of steps 6 and 7, and the refresh after step 6 re-splitting the moments).
   check_pair() {  # LABEL SAVE_NP "SAVE_ARGS" LOAD_NP "LOAD_ARGS"
     local label="$1" save_np="$2" load_np="$4"; local -a save_args load_args
     read -r -a save_args <<< "$3"; read -r -a load_args <<< "$5"
     rm -rf "$tmp/p"
-    mpirun -np "$save_np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${save_args[@]}" --set training.steps=6 \
+    mpirun -np "$save_np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${save_args[@]}" --set training.steps=8 \
       --set checkpoint.dir="$tmp/p" --set checkpoint.interval=5 > "$tmp/p.log" 2>&1 || { cat "$tmp/p.log"; die "$label: save failed"; }
-    mpirun -np "$load_np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${load_args[@]}" --set training.steps=6 \
+    mpirun -np "$load_np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${load_args[@]}" --set training.steps=8 \
       --set checkpoint.load="$tmp/p/step_00000005" > "$tmp/q.log" 2>&1 || { cat "$tmp/q.log"; die "$label: load failed"; }
-    local a b
-    a="$(losses "$tmp/p.log" | awk '$1 == 6 {print $2}')"; b="$(losses "$tmp/q.log" | awk '$1 == 6 {print $2}')"
-    awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && b != "" && d <= 2e-6) }' \
-      || die "$label: step-6 loss $b after loading, $a in the saving run"
-    echo "$label: step-6 loss $b (saving run: $a)"
+    local step a b
+    for step in 6 7 8; do
+      a="$(losses "$tmp/p.log" | awk -v s=$step '$1 == s {print $2}')"; b="$(losses "$tmp/q.log" | awk -v s=$step '$1 == s {print $2}')"
+      awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && b != "" && d <= 2e-6) }' \
+        || die "$label: step-$step loss $b after loading, $a in the saving run"
+    done
+    echo "$label: step-6..8 losses $(losses "$tmp/q.log" | awk '$1 >= 6 {printf "%s ", $2}')(saving run: $(losses "$tmp/p.log" | awk '$1 >= 6 {printf "%s ", $2}'))"
   }
   check_pair "tp 2 x ep 2 -> 1 rank" 4 "--set parallel.tp=2 --set parallel.ep=2" 1 ""
   check_pair "layer-shared bases, 1 rank -> ep 2" 1 "--set sdmoe.basis=LAYER_SHARED" 2 "--set sdmoe.basis=LAYER_SHARED --set parallel.ep=2"
-  # Expert tensor parallelism (plain MoE: SD-MoE does not take etp > 1 yet), both ways.
-  check_pair "plain MoE, 1 rank -> etp 2" 1 "--set sdmoe.enabled=false" 2 "--set sdmoe.enabled=false --set parallel.etp=2"
-  check_pair "plain MoE, etp 2 x ep 2 -> 1 rank" 4 "--set sdmoe.enabled=false --set parallel.etp=2 --set parallel.ep=2 --set training.micro_batch_size=2" 1 "--set sdmoe.enabled=false --set training.micro_batch_size=2"
+  # Expert tensor parallelism both ways: expert slices, and SD-MoE's unique-part moments
+  # written as rows (gate, up) or columns (down) of the whole matrices, bases once.
+  check_pair "1 rank -> etp 2" 1 "" 2 "--set parallel.etp=2"
+  check_pair "etp 2 x ep 2 -> 1 rank" 4 "--set parallel.etp=2 --set parallel.ep=2 --set training.micro_batch_size=2" 1 "--set training.micro_batch_size=2"
   ;;
 bad_checkpoint)
   # Each broken checkpoint gives one clear line on every rank and a nonzero exit.
