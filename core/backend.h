@@ -87,6 +87,11 @@ class Backend {
   virtual void copy_to_host(const Tensor& src, void* dst) = 0;
   virtual void copy_from_host(const void* src, const Tensor& dst) = 0;
   virtual void copy(const Tensor& src, const Tensor& dst) = 0;
+  // `rows` runs of `row_elements` elements: run i from src element i * src_stride to dst
+  // element i * dst_stride (a 2-D block between matrices of other widths: slices of
+  // expert matrices and bases). Both on this backend's device, of one dtype.
+  virtual void copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride, int64_t rows,
+                         int64_t row_elements) = 0;
   virtual void synchronize() = 0;
 
   // ---- elementwise and reductions -----------------------------------------------------

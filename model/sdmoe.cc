@@ -108,8 +108,9 @@ void copy_local_bases(Backend& be, const SpectralTarget& t, int k, const Tensor&
   auto at = [&](const Tensor& flat, int64_t element, int64_t count) {
     return Tensor(static_cast<char*>(flat.data) + element * int64_t(width), bases.dtype, bases.device, {count});
   };
-  for (int64_t row = 0; row < int64_t(t.bases) * k; ++row)
-    be.copy(at(bases, offset + row * full + t.split_first, local), at(out, row * local, local));
+  const int64_t count = int64_t(t.bases) * k;
+  be.copy_rows(at(bases, offset + t.split_first, (count - 1) * full + local), full, at(out, 0, count * local), local,
+               count, local);
 }
 
 // ---- projection ----------------------------------------------------------------------
@@ -383,8 +384,8 @@ void SpectralDecomposition::load_stacked_bases() {
     // k rows of `length` from a basis of rows `full` long, starting at column `first`.
     auto copy_rows = [&](int64_t from, int64_t full, int64_t first, int64_t length, int64_t to) {
       if (full == length) return be_.copy(flat_at(bases(), from, k * length), flat_at(raw(stacked_), to, k * length));
-      for (int64_t j = 0; j < k; ++j)
-        be_.copy(flat_at(bases(), from + j * full + first, length), flat_at(raw(stacked_), to + j * length, length));
+      be_.copy_rows(flat_at(bases(), from + first, (k - 1) * full + length), full, flat_at(raw(stacked_), to, k * length),
+                    length, k, length);
     };
     for (int64_t e = 0; e < t.experts; ++e) {
       const int64_t b = t.bases > 1 ? e : 0;

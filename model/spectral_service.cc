@@ -178,9 +178,8 @@ struct SpectralService::Impl {
           const int64_t from = r * slices + e * mn, to = w.first + e * w.stride;
           if (t.split == SpectralTarget::Split::ROWS) {
             be.copy(at(recv, from, {mn}), at(dst, to + r * mn, {mn}));  // rows r m .. (r + 1) m
-          } else {
-            for (int64_t i = 0; i < t.m; ++i)  // row i's columns r n .. (r + 1) n
-              be.copy(at(recv, from + i * t.n, {t.n}), at(dst, to + i * w.n + r * t.n, {t.n}));
+          } else {  // each row's columns r n .. (r + 1) n
+            be.copy_rows(at(recv, from, {mn}), t.n, at(dst, to + r * t.n, {(t.m - 1) * w.n + t.n}), w.n, t.m, t.n);
           }
         }
     }

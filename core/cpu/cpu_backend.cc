@@ -177,6 +177,20 @@ void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
   std::memcpy(dst.data, src.data, src.bytes());
 }
 
+void CpuBackend::copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride, int64_t rows,
+                           int64_t row_elements) {
+  if (rows <= 0 || row_elements <= 0) return;
+  SDMOE_ASSERT(src.dtype == dst.dtype, "copy_rows: dtypes differ");
+  SDMOE_ASSERT((rows - 1) * src_stride + row_elements <= src.numel() &&
+                   (rows - 1) * dst_stride + row_elements <= dst.numel(),
+               "copy_rows: {} rows of {} (strides {}, {}) exceed {} / {} elements", rows, row_elements, src_stride,
+               dst_stride, src.numel(), dst.numel());
+  const size_t width = dtype_size(src.dtype);
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(static_cast<char*>(dst.data) + i * dst_stride * width,
+                static_cast<const char*>(src.data) + i * src_stride * width, size_t(row_elements) * width);
+}
+
 void CpuBackend::fill(const Tensor& x, double value) {
   if (x.dtype == DType::I32) {
     std::fill_n(x.ptr<int32_t>(), x.numel(), static_cast<int32_t>(value));

@@ -18,6 +18,8 @@ class CpuBackend final : public Backend {
   void copy_to_host(const Tensor& src, void* dst) override;
   void copy_from_host(const void* src, const Tensor& dst) override;
   void copy(const Tensor& src, const Tensor& dst) override;
+  void copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride, int64_t rows,
+                 int64_t row_elements) override;
   void synchronize() override {}
 
   void fill(const Tensor& x, double value) override;

@@ -46,6 +46,23 @@ TEST_P(CpuOpsTest, FillScaleAxpy) {
   expect_close(xv, get(x.t), 0, 0, "axpy leaves x alone");
 }
 
+// A column block of one matrix into another of a different width: the block's elements
+// move, everything else in the destination stays.
+TEST_P(CpuOpsTest, CopyRowsMovesABlock) {
+  const DType dt = GetParam();
+  const int64_t rows = 5, src_width = 11, dst_width = 7, block = 4, src_col = 6, dst_col = 2;
+  const auto sv = rounded(dt, randn(rows * src_width, 61)), dv = rounded(dt, randn(rows * dst_width, 62));
+  Owned src = make_from(dt, {rows * src_width}, sv), dst = make_from(dt, {rows * dst_width}, dv);
+  const size_t width = dtype_size(dt);
+  const Tensor from(static_cast<char*>(src.t.data) + src_col * width, dt, Device::CPU, {rows * src_width - src_col});
+  const Tensor to(static_cast<char*>(dst.t.data) + dst_col * width, dt, Device::CPU, {rows * dst_width - dst_col});
+  cpu().copy_rows(from, src_width, to, dst_width, rows, block);
+  std::vector<double> want = dv;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < block; ++j) want[i * dst_width + dst_col + j] = sv[i * src_width + src_col + j];
+  expect_close(want, get(dst.t), 0, 0, "copy_rows");
+}
+
 TEST(CpuOps, FillI32) {
   Owned x = make(DType::I32, {19});
   cpu().fill(x.t, -7);

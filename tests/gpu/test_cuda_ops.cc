@@ -187,6 +187,22 @@ TEST(CudaBackend, CopiesRoundTrip) {
   expect_equal(w, gpu_f(b), "host-to-device copy()");
 }
 
+// copy_rows (cudaMemcpy2DAsync) against the CPU backend's, on the block of a column slice.
+TEST(CudaBackend, CopyRowsMatchesCpu) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t rows = 33, src_width = 64, dst_width = 48, block = 32;
+  Twin src = twin({rows * src_width}, randn(rows * src_width, 5)), dst = twin({rows * dst_width}, randn(rows * dst_width, 6));
+  for (Backend* b : {&cpu(), &gpu()}) {
+    const bool g = b == &gpu();
+    const Tensor& s = g ? src.g : src.c;
+    const Tensor& d = g ? dst.g : dst.c;
+    const Tensor from(static_cast<float*>(s.data) + 16, DType::F32, s.device, {rows * src_width - 16});
+    const Tensor to(static_cast<float*>(d.data) + 8, DType::F32, d.device, {rows * dst_width - 8});
+    b->copy_rows(from, src_width, to, dst_width, rows, block);
+  }
+  expect_equal(cpu_f(dst), gpu_f(dst), "copy_rows");
+}
+
 TEST(CudaBackend, FillScaleAxpy) {
   if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const int64_t n = 100003;
