@@ -92,6 +92,9 @@ class Backend {
   // expert matrices and bases). Both on this backend's device, of one dtype.
   virtual void copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride, int64_t rows,
                          int64_t row_elements) = 0;
+  // What both backends' copy_rows check first: one dtype, and every run inside its tensor.
+  static void check_copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride,
+                              int64_t rows, int64_t row_elements);
   virtual void synchronize() = 0;
 
   // ---- elementwise and reductions -----------------------------------------------------

@@ -180,11 +180,7 @@ void CpuBackend::copy(const Tensor& src, const Tensor& dst) {
 void CpuBackend::copy_rows(const Tensor& src, int64_t src_stride, const Tensor& dst, int64_t dst_stride, int64_t rows,
                            int64_t row_elements) {
   if (rows <= 0 || row_elements <= 0) return;
-  SDMOE_ASSERT(src.dtype == dst.dtype, "copy_rows: dtypes differ");
-  SDMOE_ASSERT((rows - 1) * src_stride + row_elements <= src.numel() &&
-                   (rows - 1) * dst_stride + row_elements <= dst.numel(),
-               "copy_rows: {} rows of {} (strides {}, {}) exceed {} / {} elements", rows, row_elements, src_stride,
-               dst_stride, src.numel(), dst.numel());
+  check_copy_rows(src, src_stride, dst, dst_stride, rows, row_elements);
   const size_t width = dtype_size(src.dtype);
   for (int64_t i = 0; i < rows; ++i)
     std::memcpy(static_cast<char*>(dst.data) + i * dst_stride * width,
