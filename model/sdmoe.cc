@@ -344,31 +344,26 @@ void SpectralDecomposition::add_common_part(size_t index, const Tensor& x, int64
   const Tensor ut = split_rows ? l : flat_at(bases(), t.ut_offset, (t.bases - 1) * ut_stride + k * m);
   const Tensor vt = split_cols ? flat_at(r, k * n, e * 2 * k * n - k * n)
                                : flat_at(bases(), t.vt_offset, (t.bases - 1) * vt_stride + k * n);
-  if (!split_rows && !split_cols) {
-    const Tensor c = flat_at(raw(stacked_), c_at, e * k * k);
-    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});  // Ut X
-    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});   // Vt X^T
-    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});       // Ut X V
-    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});     // Ut X (I - V V^T)
-  } else if (split_rows) {
-    // Ut X sums over the rows: formed contiguously, summed over etp, then put in R.
-    const Tensor sum = flat_at(raw(split_scratch_), 0, e * k * n), c = flat_at(raw(stacked_), c_at, e * k * k);
-    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, sum, {e, ut_stride, x_stride, k * n});
+  // Split rows: Ut X sums over them; split columns: Vt X^T and Ut X V do. Those products
+  // are formed contiguously in split_scratch_, summed over etp, and put in L and R.
+  const Tensor scratch = split_rows || split_cols ? raw(split_scratch_) : Tensor();
+  if (split_rows) {
+    const Tensor sum = flat_at(scratch, 0, e * k * n);
+    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, sum, {e, ut_stride, x_stride, k * n});  // Ut X
     etp_->all_reduce(sum, ReduceOp::SUM);
-    for (int64_t i = 0; i < e; ++i) be_.copy(flat_at(sum, i * k * n, k * n), flat_at(r, i * 2 * k * n, k * n));
-    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, l_low, {e, vt_stride, x_stride, 2 * k * m});
-    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});
-    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});
+    be_.copy_rows(sum, k * n, r_top, 2 * k * n, e, k * n);
   } else {
-    // Vt X^T and Ut X V sum over the columns: formed side by side, summed by one all-reduce.
-    const Tensor vx = flat_at(raw(split_scratch_), 0, e * k * m), c = flat_at(raw(split_scratch_), e * k * m, e * k * k);
-    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});
-    be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, vx, {e, vt_stride, x_stride, k * m});
-    be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});
-    etp_->all_reduce(flat_at(raw(split_scratch_), 0, e * k * (m + k)), ReduceOp::SUM);
-    for (int64_t i = 0; i < e; ++i) be_.copy(flat_at(vx, i * k * m, k * m), flat_at(l, i * 2 * k * m + k * m, k * m));
-    be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});
+    be_.gemm(false, false, k, n, m, 1.0, ut, xs, 0.0, r_top, {e, ut_stride, x_stride, 2 * k * n});  // Ut X
   }
+  const Tensor vx = split_cols ? flat_at(scratch, 0, e * k * m) : l_low;
+  const Tensor c = split_cols ? flat_at(scratch, e * k * m, e * k * k) : flat_at(raw(stacked_), c_at, e * k * k);
+  be_.gemm(false, true, k, m, n, 1.0, vt, xs, 0.0, vx, {e, vt_stride, x_stride, split_cols ? k * m : 2 * k * m});  // Vt X^T
+  be_.gemm(false, true, k, k, n, 1.0, r_top, vt, 0.0, c, {e, 2 * k * n, vt_stride, k * k});  // Ut X V
+  if (split_cols) {
+    etp_->all_reduce(flat_at(scratch, 0, e * k * (m + k)), ReduceOp::SUM);
+    be_.copy_rows(vx, k * m, l_low, 2 * k * m, e, k * m);
+  }
+  be_.gemm(false, false, k, n, k, -1.0, c, vt, 1.0, r_top, {e, k * k, vt_stride, 2 * k * n});  // Ut X (I - V V^T)
   be_.gemm(true, false, m, n, 2 * k, alpha, l, r, beta, flat_at(out, out_base, (e - 1) * out_stride + m * n),
            {e, 2 * k * m, 2 * k * n, out_stride});
 }

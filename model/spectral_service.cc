@@ -170,7 +170,7 @@ struct SpectralService::Impl {
       if (slices == 0) continue;
       const Tensor send = at(whole(gather_send), 0, {slices}), recv = at(whole(gather_recv), 0, {slices * etp->size()});
       const int64_t first = registry.spec(t.param_id).offset + t.first - base;
-      for (int64_t e = 0; e < t.experts; ++e) be.copy(at(flat, first + e * t.stride, {mn}), at(send, e * mn, {mn}));
+      be.copy_rows(at(flat, first, {(t.experts - 1) * t.stride + mn}), t.stride, send, mn, t.experts, mn);
       timed_comm([&] { etp->all_gather(send, recv); });
       const Tensor dst = whole(out);
       for (int r = 0; r < etp->size(); ++r)
