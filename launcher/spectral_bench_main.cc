@@ -5,7 +5,9 @@
 // with the per-part projections, and one spectral refresh per block). A second spectral
 // service with the other solver refreshes from the same weights at the same points, for
 // the solver comparison (time and largest principal angle against the exact bases).
-// Figures only; nothing is asserted.
+// Last, asynchronous subspace-iteration refreshes of a third decomposition, each started
+// at a step boundary of the SD-MoE model and installed at the next: the worker's time
+// beside the step and what the boundary waited for. Figures only; nothing is asserted.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -113,7 +115,7 @@ int main(int argc, char** argv) {
     // One rank: a step accumulates the config's global batch in micro-batches, as training does.
     const int accumulate = std::max(1, int(run.training().global_batch_size() / std::max(mb, 1)));
     auto be = sdmoe::make_backend(run, mpi);
-    const sdmoe::OptimizerSpec os = sdmoe::optimizer_spec_from(run.optimizer(), int64_t(rounds + 1) * T);
+    const sdmoe::OptimizerSpec os = sdmoe::optimizer_spec_from(run.optimizer(), int64_t(rounds + 1) * (T + 1));
     auto dataset = std::make_shared<sdmoe::data::TokenDataset>(sdmoe::data::TokenDataset::open(run.data().path(), "train"));
     sdmoe::data::SequenceLoader loader(dataset, spec.seq_len, run.data().seed(), 0, 1);
 
@@ -136,29 +138,31 @@ int main(int argc, char** argv) {
                 be->name().c_str(), spec.summary().c_str(), exact_spec.rank, exact.targets().size(), T, accumulate, mb,
                 spec.seq_len);
     std::vector<double> plain_block, sd_block, plain_opt_s, sd_opt_s, refresh_s, exact_refresh, iter_refresh, angles;
-    std::vector<int32_t> tokens;
+    // One training step of `m` on batches[(index - first) * accumulate ...], timed in total
+    // and in the optimizer.
+    auto timed_step = [&](sdmoe::GptModel& m, sdmoe::AdamW& o, int64_t index, double& total, double& in_optimizer,
+                          const std::vector<std::vector<int32_t>>& batches, int64_t first) {
+      be->synchronize();
+      const auto start = Clock::now();
+      m.zero_grads();
+      for (int a = 0; a < accumulate; ++a)
+        m.forward_backward(batches[size_t(index - first) * accumulate + a].data(), 1.0 / accumulate);
+      be->synchronize();
+      const auto mid = Clock::now();
+      o.step(index);
+      be->synchronize();
+      in_optimizer += seconds_since(mid);
+      total += seconds_since(start);
+    };
     int64_t step = 0;
     for (int round = -1; round < rounds; ++round) {  // round -1 warms up
       std::vector<std::vector<int32_t>> batches(size_t(T) * accumulate);
       for (auto& b : batches) loader.next(mb, b);
       double p_total = 0, p_opt = 0, s_total = 0, s_opt = 0;
       // Step by step in turn, so that a slow spell of a shared machine hits both alike.
-      auto timed_step = [&](sdmoe::GptModel& m, sdmoe::AdamW& o, int64_t index, double& total, double& in_optimizer) {
-        be->synchronize();
-        const auto start = Clock::now();
-        m.zero_grads();
-        for (int a = 0; a < accumulate; ++a)
-          m.forward_backward(batches[size_t(index - step) * accumulate + a].data(), 1.0 / accumulate);
-        be->synchronize();
-        const auto mid = Clock::now();
-        o.step(index);
-        be->synchronize();
-        in_optimizer += seconds_since(mid);
-        total += seconds_since(start);
-      };
       for (int i = 0; i < T; ++i) {
-        timed_step(plain, plain_opt, step + i, p_total, p_opt);
-        timed_step(model, opt, step + i, s_total, s_opt);
+        timed_step(plain, plain_opt, step + i, p_total, p_opt, batches, step);
+        timed_step(model, opt, step + i, s_total, s_opt, batches, step);
       }
       step += T;
       auto start = Clock::now();
@@ -199,6 +203,44 @@ int main(int argc, char** argv) {
                 *std::max_element(angles.begin(), angles.end()));
     std::printf("  spectral gap sigma_k / sigma_(k+1) of the expert matrices after %ld steps: %.3f (median)\n", (long)step,
                 median_gap(*be, exact, model));
+
+    // Asynchronous refreshes by subspace iteration, as training runs them: started after a
+    // step, computed by a worker (on a GPU on its own backend and stream) while the next
+    // step runs, installed at the boundary after it. Its own decomposition, so that the
+    // training model's bases stay the exact ones.
+    sdmoe::SdmoeSpec async_spec = iter_spec;
+    async_spec.async = true;
+    sdmoe::SpectralDecomposition async_sd(*be, sdmoe::DType::F32, model.registry(), async_spec);
+    std::unique_ptr<sdmoe::Backend> worker;
+    if (be->device() == sdmoe::Device::CUDA) worker = sdmoe::make_cuda_backend(be->device_ordinal());
+    sdmoe::SpectralService async_service(async_sd, model.registry(), model.params(), model.grads(), {}, nullptr,
+                                         nullptr, worker.get());
+    async_service.refresh(step, side_opt.first_moments());
+    std::vector<double> async_step_s, plain_step_s, async_worker_s, async_blocking_s;
+    for (int round = -1; round < rounds; ++round) {
+      std::vector<std::vector<int32_t>> batches(size_t(2) * accumulate);
+      for (auto& b : batches) loader.next(mb, b);
+      double with_worker = 0, alone = 0, ignored = 0;
+      timed_step(model, opt, step, alone, ignored, batches, step);  // a step with nothing beside it
+      async_service.start_async(step + 1);
+      timed_step(model, opt, step + 1, with_worker, ignored, batches, step);
+      const sdmoe::RefreshReport rep = async_service.finish_async(step + 2, side_opt.first_moments());
+      step += 2;
+      if (round < 0) continue;
+      plain_step_s.push_back(alone);
+      async_step_s.push_back(with_worker);
+      async_worker_s.push_back(rep.compute_seconds);
+      async_blocking_s.push_back(rep.blocking_seconds);
+    }
+    std::printf("\nasynchronous subspace-iteration refreshes (median of %d):\n", rounds);
+    std::printf("  worker %.3f s beside a step of %.3f s (%.3f s without it); the boundary waited %.3f s\n",
+                median(async_worker_s), median(async_step_s), median(plain_step_s), median(async_blocking_s));
+    // Its cost to training: the wait at the boundary, and the step beside the worker
+    // slowing down where both share the device (the cores of a CPU, the SMs of a GPU).
+    const double slowdown = std::max(0.0, median(async_step_s) - median(plain_step_s));
+    std::printf("  SD-MoE's own time with them (optimizer above plain + wait + slowdown of the step beside the worker, "
+                "one refresh per block) / plain block: %.2f%%\n",
+                100.0 * (median(sd_opt_s) - median(plain_opt_s) + median(async_blocking_s) + slowdown) / pb);
   } catch (const sdmoe::Error& e) {
     std::fprintf(stderr, "sdmoe_spectral_bench: error: %s\n", e.what());
     return 2;

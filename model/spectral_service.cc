@@ -58,6 +58,10 @@ struct SpectralService::Impl {
   std::vector<int64_t> shared_offset, expert_offset;
   int64_t exchange_elements = 0, expert_area_elements = 0;
   Buffer exchange, staging, gathered;
+  // The previous refresh's shared exchange: its tail and gradient pairs warm-start this
+  // refresh's metric bases (history_* says which kinds it holds).
+  Buffer history;
+  bool history_tails = false, history_grads = false;
   // Solver scratch, for up to max_batch experts solved together: Grams and eigenvectors
   // [batch, side, side], tails [batch, m, n], the batch's bases (Ut [batch, k, m] then
   // Vt [batch, k, n]) and the CholeskyQR temporaries.
@@ -104,6 +108,7 @@ struct SpectralService::Impl {
     }
     auto alloc = [&](Buffer& b, int64_t elements) { b = Buffer(be, std::max<size_t>(size_t(elements) * width(), 64)); };
     alloc(exchange, exchange_elements);
+    alloc(history, exchange_elements);
     alloc(staging, bases_elements(targets, k));
     const int ep_size = ep ? ep->size() : 1;
     alloc(gathered, exchange_elements * ep_size);
@@ -272,8 +277,8 @@ struct SpectralService::Impl {
       const Tensor w = at(whole(eig_w), 0, {count, side}), vecs = at(whole(eig_vecs), 0, {count, side, side});
       ops().symmetric_eigen(g, w, vecs);  // ascending: the last k rows
       const Tensor top = right ? vt : ut, image = right ? ut : vt;
-      for (int64_t b = 0; b < count; ++b)
-        ops().copy(at(vecs, b * ss + (side - k) * side, {k * side}), at(top, b * k * side, {k * side}));
+      ops().copy_rows(at(vecs, (side - k) * side, {(count - 1) * ss + k * side}), ss, at(top, 0, {count * k * side}),
+                      k * side, count, k * side);
       if (right) ops().gemm(false, true, k, m, n, 1.0, vt, x, 0.0, ut, {count, kn, x_stride, km});  // Vt W^T
       else ops().gemm(false, false, k, n, m, 1.0, ut, x, 0.0, vt, {count, km, x_stride, kn});       // Ut W
       orthonormalize_rows(image, count, other);
@@ -282,8 +287,9 @@ struct SpectralService::Impl {
     int rounds = sd.spec().subspace_iterations;
     if (warm) {
       if (warm_stride == kn) ops().copy(at(*warm, 0, {count * kn}), at(vt, 0, {count * kn}));
+      else if (warm_stride > 0) ops().copy_rows(*warm, warm_stride, at(vt, 0, {count * kn}), kn, count, kn);
       else
-        for (int64_t b = 0; b < count; ++b) ops().copy(at(*warm, b * warm_stride, {kn}), at(vt, b * kn, {kn}));
+        for (int64_t b = 0; b < count; ++b) ops().copy(at(*warm, 0, {kn}), at(vt, b * kn, {kn}));
     } else {
       for (int64_t b = 0; b < count; ++b) ops().init_normal(at(vt, b * kn, {kn}), seeds[b], 0x5bd1e995, 1.0, 0);
       orthonormalize_rows(vt, count, n);
@@ -380,14 +386,16 @@ int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
         grad_seeds[b] = seeds[b] + 2;
       }
       const Tensor ut = at(whole(pairs), 0, {count * km}), vt = at(whole(pairs), count * km, {count * kn});
-      // Results go to the exchange: expert e's pairs [full, tail, grad] at expert_pair().
+      // Results go to the exchange: expert e's pairs [full, tail, grad] at expert_pair(),
+      // this batch's every 3 R pairs apart.
+      const int64_t pair_stride = replicas_n * 3 * pair_elements(t), span = (count - 1) * pair_stride;
       auto publish = [&](int which) {
-        for (int64_t b = 0; b < count; ++b) {
-          const int64_t to = expert_pair(ti, e0 + b * replicas_n, which);
-          ops().copy(at(ut, b * km, {km}), at(exchange, to, {km}));
-          ops().copy(at(vt, b * kn, {kn}), at(exchange, to + km, {kn}));
-        }
+        const int64_t to = expert_pair(ti, e0, which);
+        ops().copy_rows(ut, km, at(exchange, to, {span + km}), pair_stride, count, km);
+        ops().copy_rows(vt, kn, at(exchange, to + km, {span + kn}), pair_stride, count, kn);
       };
+      // The metric bases start from the previous refresh's right bases of the same kind.
+      auto metric_warm = [&](int which) { return at(whole(history), expert_pair(ti, e0, which) + km, {span + kn}); };
       const Tensor x = at(source_params, x_base, {(count - 1) * x_stride + t.m * t.n});
       // Warm start from the installed bases, once there are any (a shared basis repeats).
       const Tensor warm = at(current, t.vt_offset + (t.bases > 1 ? e0 * kn : 0), {(t.bases > 1 ? t.bases - e0 : 1) * kn});
@@ -403,11 +411,15 @@ int64_t SpectralService::Impl::run_expert_jobs(int64_t step, bool installed) {
       batch.vt_offset = shared ? shared_offset[ti] + km : count * km;
       const Tensor tails = at(whole(tmp), 0, {count, t.m, t.n});
       projector.project_unique(batch, shared ? exchange : whole(pairs), source_params, x_base, x_stride, tails);
-      top_k(tails, t.m * t.n, t.m, t.n, count, ut, vt, nullptr, 0, tail_seeds, true);
+      const Tensor tail_warm = metric_warm(1);
+      top_k(tails, t.m * t.n, t.m, t.n, count, ut, vt, history_tails ? &tail_warm : nullptr, pair_stride, tail_seeds,
+            true);
       publish(1);
       if (with_gradients) {
         const Tensor g = at(source_grads, x_base, {(count - 1) * x_stride + t.m * t.n});
-        top_k(g, x_stride, t.m, t.n, count, ut, vt, nullptr, 0, grad_seeds, true);
+        const Tensor grad_warm = metric_warm(2);
+        top_k(g, x_stride, t.m, t.n, count, ut, vt, history_grads ? &grad_warm : nullptr, pair_stride, grad_seeds,
+              true);
         publish(2);
       }
     }
@@ -426,6 +438,11 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
       s.share_over_replicas(s.at(exchange, s.expert_offset[ti], {t.experts * 3 * s.pair_elements(t)}));
     }
   });
+  // Kept for the next refresh's metric warm starts (the exchange is zeroed when it begins).
+  if (s.exchange_elements > 0)
+    be.copy(s.at(exchange, 0, {s.exchange_elements}), s.at(s.whole(s.history), 0, {s.exchange_elements}));
+  s.history_tails = true;
+  s.history_grads = s.with_gradients;
 
   // Install: the new bases in the decomposition's layout.
   const Tensor staging = s.whole(s.staging);
@@ -437,12 +454,14 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
               s.at(staging, t.vt_offset, {int64_t(k) * t.n}));
       continue;
     }
-    for (int64_t e = 0; e < t.experts; ++e) {
-      const int64_t full = s.expert_pair(ti, e, 0);
-      be.copy(s.at(exchange, full, {int64_t(k) * t.m}), s.at(staging, t.ut_offset + e * k * t.m, {int64_t(k) * t.m}));
-      be.copy(s.at(exchange, full + k * t.m, {int64_t(k) * t.n}),
-              s.at(staging, t.vt_offset + e * k * t.n, {int64_t(k) * t.n}));
-    }
+    if (t.experts == 0) continue;
+    // Each expert's full pair, 3 pairs apart in the exchange, to its place in the bases.
+    const int64_t km = int64_t(k) * t.m, kn = int64_t(k) * t.n, pair_stride = 3 * s.pair_elements(t);
+    const int64_t first = s.expert_pair(ti, 0, 0), span = (t.experts - 1) * pair_stride;
+    be.copy_rows(s.at(exchange, first, {span + km}), pair_stride, s.at(staging, t.ut_offset, {t.experts * km}), km,
+                 t.experts, km);
+    be.copy_rows(s.at(exchange, first + km, {span + kn}), pair_stride, s.at(staging, t.vt_offset, {t.experts * kn}),
+                 kn, t.experts, kn);
   }
   sd.install_bases(s.at(staging, 0, {bases_elements(s.targets, k)}), m);
 
@@ -509,10 +528,10 @@ std::vector<double> SpectralService::Impl::mean_overlaps(const SpectralTarget& t
     const bool right = kind % 2 == 1;
     const int64_t length = right ? t.n : t.m, within = which * pair + (right ? k * t.m : 0);
     const Tensor rows = at(packed_all, kind * experts * k * largest_side, {ek * length});
-    for (int64_t g = 0; g < experts; ++g) {
-      const int64_t from = (g / t.experts) * per_rank + (g % t.experts) * 3 * pair + within;
-      be.copy(at(all, from, {k * length}), at(rows, g * k * length, {k * length}));
-    }
+    // Each ep rank's experts, 3 pairs apart in the gathered exchange, one block of rows.
+    for (int64_t r = 0; r < experts / std::max<int64_t>(t.experts, 1); ++r)
+      be.copy_rows(at(all, r * per_rank + within, {(t.experts - 1) * 3 * pair + k * length}), 3 * pair,
+                   at(rows, r * t.experts * k * length, {t.experts * k * length}), k * length, t.experts, k * length);
     be.gemm(false, true, ek, ek, length, 1.0, rows, rows, 0.0, at(grams, kind * ek * ek, {ek * ek}));
   }
   const std::vector<double> c = to_host(at(grams, 0, {kinds * ek * ek}), be);

@@ -18,7 +18,8 @@
 // orthonormalised image (about half the time of a thin gesdd on the expert shapes);
 // LAYER_SHARED the summed Grams. SUBSPACE_ITERATION runs a few
 // rounds of Vt <- orth(Ut W), Ut <- orth(Vt W^T) from the previous bases (orth: CholeskyQR
-// twice on a k x k Gram, on the host in double).
+// twice, batched on the device). The metrics' bases of the tails and gradients are found
+// by subspace iteration in either mode, warm-started from the previous refresh's.
 #pragma once
 #include <cstdint>
 #include <memory>

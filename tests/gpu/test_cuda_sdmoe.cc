@@ -94,7 +94,17 @@ void compare(SdmoeBasis basis, SdmoeSolver solver) {
   spec.solver = solver;
   const std::vector<float> params = planted_params(spec);
   Run c(make_cpu_backend(1), spec, params), g(make_cuda_backend(0), spec, params);
-  for (Run* r : {&c, &g}) r->service->refresh(0, r->opt->first_moments());
+  const RefreshReport cpu_first = c.service->refresh(0, c.opt->first_moments());
+  const RefreshReport gpu_first = g.service->refresh(0, g.opt->first_moments());
+  // The overlaps of the planted (well separated) top subspaces, measured on the device.
+  auto same_overlaps = [](const RefreshReport& a, const RefreshReport& b, const char* when) {
+    ASSERT_EQ(a.metrics.size(), b.metrics.size());
+    for (size_t i = 0; i < a.metrics.size(); ++i) {
+      EXPECT_NEAR(a.metrics[i].overlap_left, b.metrics[i].overlap_left, 1e-4) << when << " target " << i;
+      EXPECT_NEAR(a.metrics[i].overlap_right, b.metrics[i].overlap_right, 1e-4) << when << " target " << i;
+    }
+  };
+  same_overlaps(cpu_first, gpu_first, "first refresh");
   // Bases: the same subspaces.
   const std::vector<float> cb = host(*c.be, c.sd->bases()), gb = host(*g.be, g.sd->bases());
   double worst = 0.0;
@@ -124,6 +134,10 @@ void compare(SdmoeBasis basis, SdmoeSolver solver) {
   }
   EXPECT_GT(moved, 1e-3) << "the step must change the weights";
   EXPECT_LT(diff, 2e-5) << "updated weights differ between CPU and GPU";
+  // A second refresh: warm starts from the first (bases and metric bases) and gradients.
+  const RefreshReport cpu_second = c.service->refresh(1, c.opt->first_moments());
+  const RefreshReport gpu_second = g.service->refresh(1, g.opt->first_moments());
+  same_overlaps(cpu_second, gpu_second, "second refresh");
 }
 
 TEST(CudaSdmoe, PerExpertExactMatchesCpu) {

@@ -17,7 +17,8 @@
 //   - the loss of each of 20 AdamW steps within 1e-5 (observed: identical).
 // With --sdmoe 1 both models train with SD-MoE, each refreshed by its own spectral service,
 // and every local expert's bases (whole, also where --etp > 1 splits the experts) are
-// compared with the reference's, and the jobs counted.
+// compared with the reference's (within 1e-3 rad), the spectral metrics too (within 1e-4),
+// and the jobs counted.
 #include <mpi.h>
 
 #include <algorithm>
@@ -179,7 +180,7 @@ int run(int argc, char** argv) {
   }
   AdamW ref_opt(reference, test_optimizer(), {}, ref_sd.get()), par_opt(parallel, test_optimizer(), owned, par_sd.get());
   int failures = 0;
-  double worst_angle = 0.0;
+  double worst_angle = 0.0, worst_metric = 0.0;
   // Every local expert's bases against the single-rank model's bases of the same global
   // expert, and the jobs: each computed once per group of ranks holding the same experts.
   auto refresh_both = [&](int64_t step) {
@@ -213,6 +214,32 @@ int run(int argc, char** argv) {
           std::fprintf(stderr, "rank %d step %ld: %s bases of layer %d expert %ld differ from one rank's by %.2e / %.2e rad\n",
                        rank, (long)step, sdmoe_matrix_name(pt.matrix), pt.layer, (long)global, au, av);
           ++failures;
+        }
+      }
+    }
+    // The spectral metrics (every expert of a layer, gathered over ep) match too: they
+    // depend on the bases and on metric bases seeded and warm-started per global expert.
+    if (par_report.metrics.size() != ref_report.metrics.size()) {
+      std::fprintf(stderr, "rank %d step %ld: %zu metric rows, the reference %zu\n", rank, (long)step,
+                   par_report.metrics.size(), ref_report.metrics.size());
+      ++failures;
+    } else {
+      for (size_t i = 0; i < par_report.metrics.size(); ++i) {
+        const SpectralMetrics &a = par_report.metrics[i], &b = ref_report.metrics[i];
+        const double pairs[][2] = {{a.overlap_left, b.overlap_left},
+                                   {a.overlap_right, b.overlap_right},
+                                   {a.tail_overlap_left, b.tail_overlap_left},
+                                   {a.tail_overlap_right, b.tail_overlap_right},
+                                   {a.grad_overlap_left, b.grad_overlap_left},
+                                   {a.grad_overlap_right, b.grad_overlap_right}};
+        for (const auto& [x, y] : pairs) {
+          const double diff = std::isnan(y) ? (std::isnan(x) ? 0.0 : 1.0) : std::fabs(x - y);
+          worst_metric = std::max(worst_metric, std::isnan(diff) ? 1.0 : diff);
+          if (!(diff <= 1e-4)) {
+            std::fprintf(stderr, "rank %d step %ld: layer %d %s metrics differ from one rank's by %.2e\n", rank,
+                         (long)step, a.layer, sdmoe_matrix_name(a.matrix), diff);
+            ++failures;
+          }
         }
       }
     }
@@ -289,12 +316,15 @@ int run(int argc, char** argv) {
       ++failures;
     }
   }
+  const std::string sdmoe_summary =
+      use_sdmoe ? fmt::format(", worst basis angle {:.2e} rad, worst metric difference {:.2e}", worst_angle, worst_metric)
+                : "";
   std::vector<double> all{double(failures), worst_grad, worst_loss};
   groups.world->all_reduce_host(all, ReduceOp::MAX);
   if (rank == 0)
     std::printf("%s: %s%s; worst gradient difference %.2e of the tensor's largest, worst loss difference %.2e over %d steps%s\n",
                 all[0] == 0 ? "PASS" : "FAIL", dims.describe().c_str(), use_sdmoe ? " with SD-MoE" : "", all[1], all[2],
-                kSteps, use_sdmoe ? fmt::format(", worst basis angle {:.2e} rad", worst_angle).c_str() : "");
+                kSteps, sdmoe_summary.c_str());
   return all[0] == 0 ? 0 : 1;
 }
 

@@ -11,6 +11,7 @@
 // tests/layout/test_spectral_service.cc.)
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "model/optimizer.h"
 #include "model/sdmoe.h"
@@ -359,38 +360,46 @@ TEST(SdmoeInvariants, SgdWithEqualMultipliersFollowsPlainMoe) {
 // Expert matrices with a planted spectrum: singular values 10, 9, 8 then at most 1, so the
 // top-3 subspaces are well separated, as in trained experts. same_bases: every expert of a
 // matrix type gets the same singular vectors (a layer-shared dominant subspace).
+// rows x cols with orthonormal columns, by Gram-Schmidt on a random matrix.
+Mat orthonormal_columns(int64_t rows, int64_t cols, uint64_t seed) {
+  Mat q = randn(rows * cols, seed);
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t p = 0; p < c; ++p) {
+      double dot = 0;
+      for (int64_t i = 0; i < rows; ++i) dot += q[i * cols + c] * q[i * cols + p];
+      for (int64_t i = 0; i < rows; ++i) q[i * cols + c] -= dot * q[i * cols + p];
+    }
+    double norm = 0;
+    for (int64_t i = 0; i < rows; ++i) norm += q[i * cols + c] * q[i * cols + c];
+    for (int64_t i = 0; i < rows; ++i) q[i * cols + c] /= std::sqrt(norm);
+  }
+  return q;
+}
+
+// W = A diag(sigma) B^T (A [m, r], B [n, r] orthonormal columns, r = min(m, n)).
+Mat planted_matrix(const Mat& a, const Mat& b, int64_t m, int64_t n, const std::function<double(int64_t)>& sigma) {
+  const int64_t r = std::min(m, n);
+  Mat w(size_t(m * n), 0.0);
+  for (int64_t c = 0; c < r; ++c)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) w[i * n + j] += sigma(c) * a[i * r + c] * b[j * r + c];
+  return w;
+}
+
+Tensor expert_view(const SdmoeModel& s, const Tensor& flat, const SpectralTarget& t, int64_t e) {
+  return Tensor(static_cast<char*>(flat.data) + s.offset(t, e) * sizeof(double), DType::F64, Device::CPU, {t.m, t.n});
+}
+
 void plant_spectrum(SdmoeModel& s, uint64_t seed, double noise, bool same_bases = false) {
   for (const SpectralTarget& t : s.sd.targets())
     for (int64_t e = 0; e < t.experts; ++e) {
       const int64_t r = std::min(t.m, t.n);
-      // Orthonormal columns by Gram-Schmidt on random matrices.
-      auto orth = [&](int64_t rows, uint64_t sd) {
-        Mat q = randn(rows * r, sd);
-        for (int64_t c = 0; c < r; ++c) {
-          for (int64_t p = 0; p < c; ++p) {
-            double dot = 0;
-            for (int64_t i = 0; i < rows; ++i) dot += q[i * r + c] * q[i * r + p];
-            for (int64_t i = 0; i < rows; ++i) q[i * r + c] -= dot * q[i * r + p];
-          }
-          double norm = 0;
-          for (int64_t i = 0; i < rows; ++i) norm += q[i * r + c] * q[i * r + c];
-          for (int64_t i = 0; i < rows; ++i) q[i * r + c] /= std::sqrt(norm);
-        }
-        return q;
-      };
       const uint64_t base = seed + 1000 * uint64_t(t.param_id) + 37 * uint64_t(t.matrix) + (same_bases ? 0 : uint64_t(e));
-      const Mat a = orth(t.m, base), b = orth(t.n, base + 500);
+      Mat w = planted_matrix(orthonormal_columns(t.m, r, base), orthonormal_columns(t.n, r, base + 500), t.m, t.n,
+                             [](int64_t c) { return c < kRank ? 10.0 - c : 1.0 / (1.0 + c); });
       const Mat jitter = randn(t.m * t.n, base + 900 + 13 * uint64_t(e), noise);
-      Mat w(size_t(t.m * t.n), 0.0);
-      for (int64_t c = 0; c < r; ++c) {
-        const double sigma = c < kRank ? 10.0 - c : 1.0 / (1.0 + c);
-        for (int64_t i = 0; i < t.m; ++i)
-          for (int64_t j = 0; j < t.n; ++j) w[i * t.n + j] += sigma * a[i * r + c] * b[j * r + c];
-      }
       for (size_t i = 0; i < w.size(); ++i) w[i] += jitter[i];
-      const Tensor view(static_cast<char*>(s.model.params().data) + s.offset(t, e) * sizeof(double), DType::F64,
-                        Device::CPU, {t.m, t.n});
-      put(view, w);
+      put(expert_view(s, s.model.params(), t, e), w);
     }
 }
 
@@ -518,6 +527,111 @@ TEST(SdmoeMetrics, OverlapOfIdenticalAndOfRandomExperts) {
     }
   }
   EXPECT_EQ(apart.jobs_computed, int64_t(s.sd.targets().size()) * s.sd.targets()[0].experts);
+}
+
+// An expert matrix planted as A diag(sigma) B^T: its factors, A [m, r] and B [n, r] with
+// orthonormal columns (r = min(m, n)).
+struct PlantedFactors {
+  Mat left, right;
+  int64_t m = 0, n = 0, r = 0;
+};
+
+// Plants every expert matrix of `flat` (the parameters or the gradients) as A diag(sigma)
+// B^T whose first kRank factor columns come from top_seed and the others from rest_seed:
+// Gram-Schmidt keeps the first columns' span, so two plantings with one top_seed share
+// their top subspaces exactly. Returns the factors per target and expert.
+std::vector<std::vector<PlantedFactors>> plant_bands(SdmoeModel& s, const Tensor& flat, uint64_t top_seed,
+                                                     uint64_t rest_seed, const std::function<double(int64_t)>& sigma) {
+  std::vector<std::vector<PlantedFactors>> out;
+  for (const SpectralTarget& t : s.sd.targets()) {
+    out.emplace_back();
+    const int64_t r = std::min(t.m, t.n);
+    for (int64_t e = 0; e < t.experts; ++e) {
+      auto factor = [&](int64_t rows, uint64_t salt) {
+        const uint64_t id = 1000 * uint64_t(t.param_id) + 37 * uint64_t(t.matrix) + 7 * uint64_t(e) + salt;
+        const Mat top = randn(rows * r, top_seed + id), rest = randn(rows * r, rest_seed + id);
+        Mat q(top.size());
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t c = 0; c < r; ++c) q[i * r + c] = c < kRank ? top[i * r + c] : rest[i * r + c];
+        for (int64_t c = 0; c < r; ++c) {
+          for (int64_t p = 0; p < c; ++p) {
+            double dot = 0;
+            for (int64_t i = 0; i < rows; ++i) dot += q[i * r + c] * q[i * r + p];
+            for (int64_t i = 0; i < rows; ++i) q[i * r + c] -= dot * q[i * r + p];
+          }
+          double norm = 0;
+          for (int64_t i = 0; i < rows; ++i) norm += q[i * r + c] * q[i * r + c];
+          for (int64_t i = 0; i < rows; ++i) q[i * r + c] /= std::sqrt(norm);
+        }
+        return q;
+      };
+      PlantedFactors f{factor(t.m, 0), factor(t.n, 500), t.m, t.n, r};
+      put(expert_view(s, flat, t, e), planted_matrix(f.left, f.right, t.m, t.n, sigma));
+      out.back().push_back(std::move(f));
+    }
+  }
+  return out;
+}
+
+// The mean over ordered expert pairs i != j of |X_i^T X_j|_F^2 / k, X_e the factor columns
+// [first, first + kRank) of expert e (its left or right factor).
+double planted_overlap(const std::vector<PlantedFactors>& experts, bool right, int64_t first) {
+  const int64_t count = int64_t(experts.size());
+  double total = 0.0;
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < count; ++j) {
+      if (i == j) continue;
+      const PlantedFactors &a = experts[i], &b = experts[j];
+      const Mat &x = right ? a.right : a.left, &y = right ? b.right : b.left;
+      const int64_t length = right ? a.n : a.m;
+      double f = 0.0;
+      for (int p = 0; p < kRank; ++p)
+        for (int q = 0; q < kRank; ++q) {
+          double dot = 0.0;
+          for (int64_t l = 0; l < length; ++l) dot += x[l * a.r + first + p] * y[l * b.r + first + q];
+          f += dot * dot;
+        }
+      total += f / kRank;
+    }
+  return total / double(count * (count - 1));
+}
+
+TEST(SdmoeMetrics, TailAndGradientOverlapsMatchThePlantedSubspaces) {
+  // Weights with three bands of singular values (10, 9, 8 | 3, 2.5, 2 | the rest) and
+  // gradients with two (5, 4, 3 | the rest). Once the bases hold the top band, the tail
+  // W_U is the rest, whose top-k subspaces are the planted middle factor columns; the
+  // gradients' are their first ones. The metrics must be those subspaces' overlaps. At
+  // the first refresh the rest is small (0.01 and below), so the metric bases' cold start
+  // converges. At the second the subspaces are the same but the bands below the measured
+  // ones come up to 1.8 and 2.7: two rounds of subspace iteration from a random start
+  // miss the subspaces by far more than the tolerance, so the metric bases must start
+  // from the first refresh's.
+  auto weight_sigma = [](double low) {
+    return [low](int64_t c) {
+      return c < kRank ? 10.0 - c : c < 2 * kRank ? 3.0 - 0.5 * (c - kRank) : low / double(c - 5);
+    };
+  };
+  auto grad_sigma = [](double low) { return [low](int64_t c) { return c < kRank ? 5.0 - c : low / double(c - 2); }; };
+  for (const SdmoeSolver solver : {SdmoeSolver::EXACT, SdmoeSolver::SUBSPACE_ITERATION}) {
+    SdmoeModel s(sdmoe_spec(SdmoeBasis::PER_EXPERT, solver), test_optimizer());
+    for (int refresh = 1; refresh <= 2; ++refresh) {
+      const auto weights = plant_bands(s, s.model.params(), 40, 50, weight_sigma(refresh == 1 ? 0.01 : 1.8));
+      const auto grads = plant_bands(s, s.model.grads(), 70, 71, grad_sigma(refresh == 1 ? 0.01 : 2.7));
+      const RefreshReport report = s.service.refresh(refresh, s.opt.first_moments());
+      ASSERT_EQ(report.metrics.size(), s.sd.targets().size());
+      for (size_t ti = 0; ti < s.sd.targets().size(); ++ti) {
+        const SpectralMetrics& m = report.metrics[ti];
+        const std::string where = std::string(solver == SdmoeSolver::EXACT ? "exact" : "subspace iteration") +
+                                  ", refresh " + std::to_string(refresh) + ", target " + std::to_string(ti);
+        EXPECT_NEAR(m.overlap_left, planted_overlap(weights[ti], false, 0), 1e-6) << where;
+        EXPECT_NEAR(m.overlap_right, planted_overlap(weights[ti], true, 0), 1e-6) << where;
+        EXPECT_NEAR(m.tail_overlap_left, planted_overlap(weights[ti], false, kRank), 1e-6) << where;
+        EXPECT_NEAR(m.tail_overlap_right, planted_overlap(weights[ti], true, kRank), 1e-6) << where;
+        EXPECT_NEAR(m.grad_overlap_left, planted_overlap(grads[ti], false, 0), 1e-6) << where;
+        EXPECT_NEAR(m.grad_overlap_right, planted_overlap(grads[ti], true, 0), 1e-6) << where;
+      }
+    }
+  }
 }
 
 TEST(SdmoeService, AsyncInstallsTheBasesOfItsSnapshot) {
