@@ -84,7 +84,8 @@ int main(int argc, char** argv) {
     if (arg == "--help" || arg == "-h") {
       std::printf("usage: sdmoe_spectral_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--rounds N]\n"
                   "SD-MoE against plain MoE on the config's model: step-time ratio, refresh and projection\n"
-                  "shares, and exact against subspace-iteration refreshes (time, largest principal angle).\n");
+                  "shares, exact against subspace-iteration refreshes (time, largest principal angle), and\n"
+                  "asynchronous subspace-iteration refreshes (worker time beside a step, wait at the boundary).\n");
       return 0;
     }
     if (i + 1 >= argc || (arg != "--config" && arg != "--device" && arg != "--rounds")) {
