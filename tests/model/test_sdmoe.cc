@@ -360,9 +360,9 @@ TEST(SdmoeInvariants, SgdWithEqualMultipliersFollowsPlainMoe) {
 // Expert matrices with a planted spectrum: singular values 10, 9, 8 then at most 1, so the
 // top-3 subspaces are well separated, as in trained experts. same_bases: every expert of a
 // matrix type gets the same singular vectors (a layer-shared dominant subspace).
-// rows x cols with orthonormal columns, by Gram-Schmidt on a random matrix.
-Mat orthonormal_columns(int64_t rows, int64_t cols, uint64_t seed) {
-  Mat q = randn(rows * cols, seed);
+// The columns of q [rows, cols] made orthonormal in place by Gram-Schmidt, which keeps the
+// span of every leading group of columns.
+void orthonormalize_columns(Mat& q, int64_t rows, int64_t cols) {
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t p = 0; p < c; ++p) {
       double dot = 0;
@@ -373,6 +373,12 @@ Mat orthonormal_columns(int64_t rows, int64_t cols, uint64_t seed) {
     for (int64_t i = 0; i < rows; ++i) norm += q[i * cols + c] * q[i * cols + c];
     for (int64_t i = 0; i < rows; ++i) q[i * cols + c] /= std::sqrt(norm);
   }
+}
+
+// rows x cols with orthonormal columns, from a random matrix.
+Mat orthonormal_columns(int64_t rows, int64_t cols, uint64_t seed) {
+  Mat q = randn(rows * cols, seed);
+  orthonormalize_columns(q, rows, cols);
   return q;
 }
 
@@ -537,9 +543,8 @@ struct PlantedFactors {
 };
 
 // Plants every expert matrix of `flat` (the parameters or the gradients) as A diag(sigma)
-// B^T whose first kRank factor columns come from top_seed and the others from rest_seed:
-// Gram-Schmidt keeps the first columns' span, so two plantings with one top_seed share
-// their top subspaces exactly. Returns the factors per target and expert.
+// B^T whose first kRank factor columns come from top_seed and the others from rest_seed,
+// so that two plantings with one top_seed share their top subspaces exactly. Returns the factors per target and expert.
 std::vector<std::vector<PlantedFactors>> plant_bands(SdmoeModel& s, const Tensor& flat, uint64_t top_seed,
                                                      uint64_t rest_seed, const std::function<double(int64_t)>& sigma) {
   std::vector<std::vector<PlantedFactors>> out;
@@ -553,16 +558,7 @@ std::vector<std::vector<PlantedFactors>> plant_bands(SdmoeModel& s, const Tensor
         Mat q(top.size());
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t c = 0; c < r; ++c) q[i * r + c] = c < kRank ? top[i * r + c] : rest[i * r + c];
-        for (int64_t c = 0; c < r; ++c) {
-          for (int64_t p = 0; p < c; ++p) {
-            double dot = 0;
-            for (int64_t i = 0; i < rows; ++i) dot += q[i * r + c] * q[i * r + p];
-            for (int64_t i = 0; i < rows; ++i) q[i * r + c] -= dot * q[i * r + p];
-          }
-          double norm = 0;
-          for (int64_t i = 0; i < rows; ++i) norm += q[i * r + c] * q[i * r + c];
-          for (int64_t i = 0; i < rows; ++i) q[i * r + c] /= std::sqrt(norm);
-        }
+        orthonormalize_columns(q, rows, r);
         return q;
       };
       PlantedFactors f{factor(t.m, 0), factor(t.n, 500), t.m, t.n, r};
