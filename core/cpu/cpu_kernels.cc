@@ -1,14 +1,18 @@
 // CPU layer kernels: plain loops parallelised with OpenMP over independent rows. They are
 // the oracle that the CUDA kernels are tested against, so clarity comes before speed;
-// the GEMMs, where the time goes, are OpenBLAS.
+// the GEMMs, where the time goes, are OpenBLAS or our AVX-512 kernel. The exception is the
+// cross-entropy's passes over the vocabulary, as costly as the output head's GEMM in the
+// portable form: on AVX-512 CPUs their float rows run in softmax_rows_avx512.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
 #include "core/cpu/cpu_dispatch.h"
 #include "core/cpu/fast_math.h"
+#include "core/cpu/softmax_rows_avx512.h"
 
 namespace sdmoe {
 using cpu::dispatch_float;
@@ -246,22 +250,29 @@ void CpuBackend::cross_entropy_forward(const Tensor& logits, const Tensor& targe
   const int32_t* tgt = targets.ptr<int32_t>();
   dispatch_float(logits.dtype, [&](auto z) {
     using T = decltype(z);
+    const bool avx512 = std::is_same_v<T, float> && cpu::cpu_supports_softmax_rows_avx512();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = logits.ptr<T>() + r * vocab;
-      T mx = row[0];
-      for (int64_t v = 1; v < vocab; ++v) mx = std::max(mx, row[v]);
-      // Partial sums in the working type (vectorised), added up in double.
-      constexpr int kLanes = 16;
-      T part[kLanes] = {};
-      int64_t v = 0;
-      for (; v + kLanes <= vocab; v += kLanes)
+      double l = 0.0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) l = cpu::logsumexp_row_avx512(row, vocab);
+      }
+      if (!avx512) {
+        T mx = row[0];
+        for (int64_t v = 1; v < vocab; ++v) mx = std::max(mx, row[v]);
+        // Partial sums in the working type (vectorised), added up in double.
+        constexpr int kLanes = 16;
+        T part[kLanes] = {};
+        int64_t v = 0;
+        for (; v + kLanes <= vocab; v += kLanes)
 #pragma omp simd
-        for (int i = 0; i < kLanes; ++i) part[i] += exp_of<T>(row[v + i] - mx);
-      double sum = 0.0;
-      for (; v < vocab; ++v) sum += double(exp_of<T>(row[v] - mx));
-      for (int i = 0; i < kLanes; ++i) sum += double(part[i]);
-      const double l = double(mx) + std::log(sum);
+          for (int i = 0; i < kLanes; ++i) part[i] += exp_of<T>(row[v + i] - mx);
+        double sum = 0.0;
+        for (; v < vocab; ++v) sum += double(exp_of<T>(row[v] - mx));
+        for (int i = 0; i < kLanes; ++i) sum += double(part[i]);
+        l = double(mx) + std::log(sum);
+      }
       lse.ptr<T>()[r] = T(l);
       losses.ptr<T>()[r] = tgt[r] == kTargetOnOtherShard ? T(l) : tgt[r] < 0 ? T(0) : T(l - double(row[tgt[r]]));
     }
@@ -274,6 +285,7 @@ void CpuBackend::cross_entropy_backward(const Tensor& logits, const Tensor& targ
   const int32_t* tgt = targets.ptr<int32_t>();
   dispatch_float(logits.dtype, [&](auto z) {
     using T = decltype(z);
+    const bool avx512 = std::is_same_v<T, float> && cpu::cpu_supports_softmax_rows_avx512();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       T* row = logits.ptr<T>() + r * vocab;
@@ -282,8 +294,13 @@ void CpuBackend::cross_entropy_backward(const Tensor& logits, const Tensor& targ
         continue;
       }
       const T l = lse.ptr<T>()[r], sc = T(scale);
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) cpu::scaled_exp_row_avx512(row, vocab, l, sc);
+      }
+      if (!avx512) {
 #pragma omp simd
-      for (int64_t v = 0; v < vocab; ++v) row[v] = sc * exp_of<T>(row[v] - l);
+        for (int64_t v = 0; v < vocab; ++v) row[v] = sc * exp_of<T>(row[v] - l);
+      }
       if (tgt[r] >= 0) row[tgt[r]] -= T(scale);
     }
   });

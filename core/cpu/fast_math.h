@@ -11,7 +11,10 @@
 namespace sdmoe::cpu {
 
 inline float fast_expf(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
+  // Clamped by comparisons that are false for NaN, so a NaN stays NaN (std::max would
+  // return the bound).
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   // n = round(x / ln2) with the 1.5 * 2^23 trick (vectorises without SSE4.1).
   float n = x * 1.44269504088896341f + 12582912.0f;
   n -= 12582912.0f;

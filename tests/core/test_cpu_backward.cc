@@ -3,6 +3,7 @@
 // that both dtypes implement the same formula, including the F32-only fast paths).
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "tests/core/cpu_test_support.h"
 
@@ -33,6 +34,53 @@ TEST_P(CpuOpsTest, CrossEntropyBackwardClosedForm) {
   const double tol = dt == DType::F32 ? 2e-6 * scale : 1e-14;
   expect_close(want, get(logits.t), tol, dt == DType::F32 ? 1e-5 : 1e-12,
                "scale * (softmax - onehot); a target on another shard has no onehot");
+}
+
+// The float cross-entropy rows (AVX-512 where the CPU has it) for lengths around the
+// vector width and the model's vocabulary, large offsets included, against double.
+TEST(CpuOps, CrossEntropyRowsOfEveryLength) {
+  const double scale = 0.25;
+  for (const int64_t v : {1, 15, 16, 17, 63, 64, 65, 100, 50304}) {
+    const int64_t t = 4;
+    auto lg = rounded(DType::F32, randn(t * v, 60 + uint64_t(v), 4.0));
+    for (int64_t j = 0; j < v; ++j) {
+      lg[1 * v + j] = double(float(lg[1 * v + j] + 70.0));
+      lg[2 * v + j] = double(float(lg[2 * v + j] - 70.0));
+    }
+    const std::vector<int32_t> tgt = {0, int32_t(v - 1), int32_t(v / 2), Backend::kTargetOnOtherShard};
+    Owned logits = make_from(DType::F32, {t, v}, lg), targets = make(DType::I32, {t}), losses = make(DType::F32, {t}),
+          lse = make(DType::F32, {t});
+    put_i32(targets.t, tgt);
+    cpu().cross_entropy_forward(logits.t, targets.t, losses.t, lse.t);
+    cpu().cross_entropy_backward(logits.t, targets.t, lse.t, scale);
+    std::vector<double> want_lse(t), want_grad(t * v);
+    for (int64_t r = 0; r < t; ++r) {
+      double mx = -1e300, sum = 0;
+      for (int64_t j = 0; j < v; ++j) mx = std::max(mx, lg[r * v + j]);
+      for (int64_t j = 0; j < v; ++j) sum += std::exp(lg[r * v + j] - mx);
+      want_lse[r] = mx + std::log(sum);
+      for (int64_t j = 0; j < v; ++j) want_grad[r * v + j] = scale * (std::exp(lg[r * v + j] - mx) / sum - (j == tgt[r]));
+    }
+    const std::string where = "vocabulary " + std::to_string(v);
+    expect_close(want_lse, get(lse.t), 2e-6, 2e-6, where + ": lse");
+    expect_close(want_grad, get(logits.t), 2e-6 * scale, 1e-5, where + ": scale * (softmax - onehot)");
+  }
+}
+
+TEST(CpuOps, CrossEntropyOfANaNLogitIsNaN) {
+  // A NaN anywhere in a row (in a full vector, in the tail) must reach the loss, where the
+  // trainer's check for non-finite losses stops the run.
+  for (const int64_t at : {5, 70, 99}) {
+    const int64_t v = 100;
+    auto lg = randn(v, 61, 2.0);
+    lg[at] = kNaN;
+    Owned logits = make_from(DType::F32, {1, v}, lg), targets = make(DType::I32, {1}), losses = make(DType::F32, {1}),
+          lse = make(DType::F32, {1});
+    put_i32(targets.t, {3});
+    cpu().cross_entropy_forward(logits.t, targets.t, losses.t, lse.t);
+    EXPECT_TRUE(std::isnan(get(lse.t)[0])) << "NaN at " << at;
+    EXPECT_TRUE(std::isnan(get(losses.t)[0])) << "NaN at " << at;
+  }
 }
 
 TEST_P(CpuOpsTest, CausalSoftmaxBackwardClosedForm) {
