@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "core/cpu/cpu_dispatch.h"
@@ -314,6 +316,84 @@ void CpuBackend::grouped_gemm(bool ta, bool tb, DType dtype, double alpha, std::
   });
 }
 
+namespace {
+
+// The optimizer's elementwise loops, in double whatever the storage type. The library is
+// built for baseline x86-64, where these run 2 doubles wide; the float versions are also
+// compiled for AVX-512 (8 wide) and chosen at run time, the same loop body inlined into
+// both.
+template <typename T>
+__attribute__((always_inline)) inline void adamw_range(T* p, T* pm, T* pv, const T* g, int64_t begin, int64_t end,
+                                                       const AdamWStep& s) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const double gi = double(g[i]) * s.grad_scale;
+    const double mi = s.beta1 * double(pm[i]) + (1.0 - s.beta1) * gi;
+    const double vi = s.beta2 * double(pv[i]) + (1.0 - s.beta2) * gi * gi;
+    pm[i] = T(mi);
+    pv[i] = T(vi);
+    const double update = (mi / s.bias_correction1) / (std::sqrt(vi / s.bias_correction2) + s.eps);
+    p[i] = T(double(p[i]) - s.lr * (update + s.weight_decay * double(p[i])));
+  }
+}
+
+__attribute__((target("avx512f"))) void adamw_range_avx512(float* p, float* pm, float* pv, const float* g,
+                                                            int64_t begin, int64_t end, const AdamWStep& s) {
+  adamw_range<float>(p, pm, pv, g, begin, end, s);
+}
+
+// One expert's contiguous run [begin, end) of the SD-MoE part step (CpuBackend::
+// sdmoe_part_step): the strided operands at `at`, the packed ones at `packed`.
+template <typename T>
+__attribute__((always_inline)) inline void sdmoe_part_range(T* pw, T* mc, T* vc, const T* pg, const T* pc, T* mu, T* vu,
+                                                            T* od, int64_t count, const SdmoePartStep& st) {
+  const AdamWStep& a = st.adam;
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const double gc = double(pc[i]) * a.grad_scale, gu = (double(pg[i]) - double(pc[i])) * a.grad_scale;
+    double ac, au;
+    if (st.sgd) {
+      ac = -st.lr_common * gc;
+      au = -st.lr_unique * gu;
+    } else {
+      const double mci = a.beta1 * double(mc[i]) + (1.0 - a.beta1) * gc;
+      const double vci = a.beta2 * double(vc[i]) + (1.0 - a.beta2) * gc * gc;
+      const double mui = a.beta1 * double(mu[i]) + (1.0 - a.beta1) * gu;
+      const double vui = a.beta2 * double(vu[i]) + (1.0 - a.beta2) * gu * gu;
+      mc[i] = T(mci);
+      vc[i] = T(vci);
+      mu[i] = T(mui);
+      vu[i] = T(vui);
+      ac = -st.lr_common * (mci / a.bias_correction1) / (std::sqrt(vci / a.bias_correction2) + a.eps);
+      au = -st.lr_unique * (mui / a.bias_correction1) / (std::sqrt(vui / a.bias_correction2) + a.eps);
+    }
+    const double wi = double(pw[i]);
+    const double d = double(T(au - ac + st.decay_shift * wi));
+    od[i] = T(d);
+    pw[i] = T((1.0 - st.decay_common) * wi + ac + d);
+  }
+}
+
+__attribute__((target("avx512f"))) void sdmoe_part_range_avx512(float* pw, float* mc, float* vc, const float* pg,
+                                                                 const float* pc, float* mu, float* vu, float* od,
+                                                                 int64_t count, const SdmoePartStep& st) {
+  sdmoe_part_range<float>(pw, mc, vc, pg, pc, mu, vu, od, count, st);
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// This thread's share [begin, end) of n elements, in whole cache lines of floats.
+std::pair<int64_t, int64_t> thread_share(int64_t n) {
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t per = ((n + threads - 1) / threads + 15) / 16 * 16;
+  return {std::min(n, t * per), std::min(n, (t + 1) * per)};
+}
+
+}  // namespace
+
 void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                               const AdamWStep& s) {
   expect_same(param, grad, "adamw");
@@ -322,15 +402,15 @@ void CpuBackend::adamw_update(const Tensor& param, const Tensor& grad, const Ten
     T *p = param.ptr<T>(), *pm = m.ptr<T>(), *pv = v.ptr<T>();
     const T* g = grad.ptr<T>();
     const int64_t n = param.numel();
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      double gi = double(g[i]) * s.grad_scale;
-      double mi = s.beta1 * double(pm[i]) + (1.0 - s.beta1) * gi;
-      double vi = s.beta2 * double(pv[i]) + (1.0 - s.beta2) * gi * gi;
-      pm[i] = T(mi);
-      pv[i] = T(vi);
-      double update = (mi / s.bias_correction1) / (std::sqrt(vi / s.bias_correction2) + s.eps);
-      p[i] = T(double(p[i]) - s.lr * (update + s.weight_decay * double(p[i])));
+#pragma omp parallel
+    {
+      const auto [begin, end] = thread_share(n);
+      if constexpr (std::is_same_v<T, float>) {
+        if (cpu_has_avx512f()) adamw_range_avx512(p, pm, pv, g, begin, end, s);
+        else adamw_range<T>(p, pm, pv, g, begin, end, s);
+      } else {
+        adamw_range<T>(p, pm, pv, g, begin, end, s);
+      }
     }
   });
 }
@@ -354,25 +434,24 @@ void CpuBackend::sdmoe_part_step(const Tensor& w, const Tensor& g, const Tensor&
     T *pw = w.ptr<T>(), *mc = m_c.ptr<T>(), *vc = v_c.ptr<T>(), *mu = m_u.ptr<T>(), *vu = v_u.ptr<T>();
     const T *pg = g.ptr<T>(), *pc = g_common.ptr<T>();
     T* od = diff.ptr<T>();
-    const AdamWStep& a = st.adam;
-    // -lr x the AdamW direction of one part's gradient, its moments updated.
-    auto direction = [&](double gi, T& m, T& v, double lr) {
-      if (st.sgd) return -lr * gi;
-      const double mi = a.beta1 * double(m) + (1.0 - a.beta1) * gi;
-      const double vi = a.beta2 * double(v) + (1.0 - a.beta2) * gi * gi;
-      m = T(mi);
-      v = T(vi);
-      return -lr * (mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps);
-    };
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < packed; ++i) {
-      const int64_t at = (i / stack.elements) * stack.stride + i % stack.elements;
-      const double gc = double(pc[i]) * a.grad_scale, gu = (double(pg[at]) - double(pc[i])) * a.grad_scale;
-      const double ac = direction(gc, mc[at], vc[at], st.lr_common), au = direction(gu, mu[i], vu[i], st.lr_unique);
-      const double wi = double(pw[at]);
-      const double d = double(T(au - ac + st.decay_shift * wi));
-      od[i] = T(d);
-      pw[at] = T((1.0 - st.decay_common) * wi + ac + d);
+    // Each thread takes a share of the packed elements and walks it one expert's
+    // contiguous run at a time (the strided operands restart at each expert's offset).
+#pragma omp parallel
+    {
+      const auto [begin, end] = thread_share(packed);
+      for (int64_t i = begin; i < end;) {
+        const int64_t expert = i / stack.elements, within = i % stack.elements;
+        const int64_t count = std::min(end - i, stack.elements - within), at = expert * stack.stride + within;
+        if constexpr (std::is_same_v<T, float>) {
+          if (cpu_has_avx512f())
+            sdmoe_part_range_avx512(pw + at, mc + at, vc + at, pg + at, pc + i, mu + i, vu + i, od + i, count, st);
+          else
+            sdmoe_part_range<T>(pw + at, mc + at, vc + at, pg + at, pc + i, mu + i, vu + i, od + i, count, st);
+        } else {
+          sdmoe_part_range<T>(pw + at, mc + at, vc + at, pg + at, pc + i, mu + i, vu + i, od + i, count, st);
+        }
+        i += count;
+      }
     }
   });
 }

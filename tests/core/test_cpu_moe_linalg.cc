@@ -234,6 +234,61 @@ double orthonormality_error(const std::vector<double>& x, int64_t rows, int64_t 
   return worst;
 }
 
+TEST_P(CpuOpsTest, SdmoePartStepClosedForm) {
+  // Three experts of 37 elements, 50 apart in the strided operands (the gaps must stay
+  // untouched), both parts' AdamW against the formula of docs/sdmoe.md in double.
+  const DType dt = GetParam();
+  const MatrixStack stack{3, 37, 50};
+  const int64_t strided = 150, packed = 3 * 37;
+  auto positive = [&](uint64_t seed) {
+    auto v = randn(packed, seed, 0.1);
+    for (double& x : v) x = x * x;
+    return v;
+  };
+  const auto w0 = rounded(dt, randn(strided, 70)), g = rounded(dt, randn(strided, 71, 2.0)),
+             mc0 = rounded(dt, randn(strided, 72, 0.1)), vc0s = rounded(dt, positive(73)), gc = rounded(dt, randn(packed, 74)),
+             mu0 = rounded(dt, randn(packed, 75, 0.1)), vu0 = rounded(dt, positive(76));
+  std::vector<double> vc0(strided, 0.5);
+  for (int64_t i = 0; i < packed; ++i) vc0[(i / 37) * 50 + i % 37] = vc0s[i];
+  SdmoePartStep st{};
+  st.adam.beta1 = 0.9;
+  st.adam.beta2 = 0.95;
+  st.adam.eps = 1e-8;
+  st.adam.bias_correction1 = 1.0 - std::pow(0.9, 2);
+  st.adam.bias_correction2 = 1.0 - std::pow(0.95, 2);
+  st.adam.grad_scale = 0.5;
+  st.lr_common = 2e-2;
+  st.lr_unique = 1e-2;
+  st.decay_shift = (st.lr_common - st.lr_unique) * 0.1;
+  st.decay_common = st.lr_common * 0.1;
+  st.sgd = false;
+  Owned w = make_from(dt, {strided}, w0), gt = make_from(dt, {strided}, g), mc = make_from(dt, {strided}, mc0),
+        vc = make_from(dt, {strided}, vc0), gct = make_from(dt, {packed}, gc), mu = make_from(dt, {packed}, mu0),
+        vu = make_from(dt, {packed}, vu0), diff = make(dt, {packed});
+  cpu().sdmoe_part_step(w.t, gt.t, mc.t, vc.t, gct.t, mu.t, vu.t, diff.t, stack, st);
+  std::vector<double> ww = w0, mcw = mc0, vcw = vc0, muw(packed), vuw(packed), dw(packed);
+  for (int64_t i = 0; i < packed; ++i) {
+    const int64_t at = (i / 37) * 50 + i % 37;
+    const double c = 0.5 * gc[i], u = 0.5 * (g[at] - gc[i]);
+    mcw[at] = 0.9 * mc0[at] + 0.1 * c;
+    vcw[at] = 0.95 * vc0[at] + 0.05 * c * c;
+    muw[i] = 0.9 * mu0[i] + 0.1 * u;
+    vuw[i] = 0.95 * vu0[i] + 0.05 * u * u;
+    const double b1 = 1.0 - 0.81, b2 = 1.0 - 0.9025;
+    const double ac = -2e-2 * (mcw[at] / b1) / (std::sqrt(vcw[at] / b2) + 1e-8);
+    const double au = -1e-2 * (muw[i] / b1) / (std::sqrt(vuw[i] / b2) + 1e-8);
+    dw[i] = au - ac + st.decay_shift * w0[at];
+    ww[at] = (1.0 - st.decay_common) * w0[at] + ac + dw[i];
+  }
+  const double tol = dt == DType::F32 ? 2e-6 : 1e-13;
+  expect_close(ww, get(w.t), tol, tol, "weights (gaps unchanged)");
+  expect_close(mcw, get(mc.t), tol, tol, "common first moment");
+  expect_close(vcw, get(vc.t), tol, tol, "common second moment (gaps unchanged)");
+  expect_close(muw, get(mu.t), tol, tol, "unique first moment");
+  expect_close(vuw, get(vu.t), tol, tol, "unique second moment");
+  expect_close(dw, get(diff.t), tol, tol, "difference D");
+}
+
 TEST_P(CpuOpsTest, SvdKnownSingularValues) {
   const DType dt = GetParam();
   const double sig_all[] = {9.0, 4.0, 2.5, 1.0, 0.3, 0.1};
