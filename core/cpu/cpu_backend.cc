@@ -482,15 +482,22 @@ void CpuBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor&
     // Row-major symmetric input read as column-major is the same matrix; the eigenvectors
     // come back as columns in column-major, i.e. as rows in row-major.
     std::copy(a.ptr<T>(), a.ptr<T>() + batch * n * n, vecs.ptr<T>());
+    // A batch is solved one matrix per thread: LAPACK's threading of one small
+    // eigenproblem (the experts' Grams are a few hundred wide) gains little, and inside
+    // the parallel region the OpenMP OpenBLAS runs each call on its own thread. Errors are
+    // reported after the region, which an exception must not leave.
+    std::vector<lapack_int> info(size_t(batch), 0);
+#pragma omp parallel for schedule(dynamic) num_threads(threads_) if (batch > 1 && threads_ > 1 && !omp_in_parallel())
     for (int64_t b = 0; b < batch; ++b) {
       T* v = vecs.ptr<T>() + b * n * n;
       T* values = w.ptr<T>() + b * n;
       if constexpr (std::is_same_v<T, float>) {
-        SDMOE_CHECK_LAPACK(LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values));
+        info[b] = LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values);
       } else {
-        SDMOE_CHECK_LAPACK(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values));
+        info[b] = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values);
       }
     }
+    for (int64_t b = 0; b < batch; ++b) SDMOE_CHECK_LAPACK(info[b]);
   });
 }
 
