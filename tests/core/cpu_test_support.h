@@ -9,12 +9,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "core/backend.h"
 #include "core/buffer.h"
+#include "tests/support/host_tensors.h"
 
 namespace sdmoe::test {
 
@@ -23,58 +23,18 @@ inline Backend& cpu() {
   return *backend;
 }
 
-// A tensor that owns its memory on the CPU backend.
-struct Owned {
-  Buffer buffer;
-  Tensor t;
-};
+using Owned = test_support::OwnedTensor;
+using test_support::randint;
+using test_support::randn;
 
 inline Owned make(DType dtype, std::initializer_list<int64_t> dims) {
-  Owned o;
-  o.t = Tensor(nullptr, dtype, Device::CPU, dims);
-  o.buffer = Buffer(cpu(), o.t.bytes());
-  o.t.data = o.buffer.data();
-  return o;
+  return test_support::make_owned(cpu(), dtype, dims);
 }
-
 // Writes doubles into a float tensor, converting to its dtype (F32 rounds).
-inline void put(const Tensor& t, const std::vector<double>& v) {
-  ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
-  if (t.dtype == DType::F64) {
-    cpu().copy_from_host(v.data(), t);
-  } else if (t.dtype == DType::F32) {
-    std::vector<float> f(v.begin(), v.end());
-    cpu().copy_from_host(f.data(), t);
-  } else {
-    FAIL() << "put: float tensors only";
-  }
-}
-
-inline void put_i32(const Tensor& t, const std::vector<int32_t>& v) {
-  ASSERT_EQ(t.dtype, DType::I32);
-  ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
-  cpu().copy_from_host(v.data(), t);
-}
-
-inline std::vector<double> get(const Tensor& t) {
-  std::vector<double> out(t.numel());
-  if (t.dtype == DType::F64) {
-    cpu().copy_to_host(t, out.data());
-  } else if (t.dtype == DType::F32) {
-    std::vector<float> f(t.numel());
-    cpu().copy_to_host(t, f.data());
-    for (size_t i = 0; i < f.size(); ++i) out[i] = f[i];
-  } else {
-    ADD_FAILURE() << "get: float tensors only";
-  }
-  return out;
-}
-
-inline std::vector<int32_t> get_i32(const Tensor& t) {
-  std::vector<int32_t> out(t.numel());
-  cpu().copy_to_host(t, out.data());
-  return out;
-}
+inline void put(const Tensor& t, const std::vector<double>& v) { test_support::upload(cpu(), t, v); }
+inline void put_i32(const Tensor& t, const std::vector<int32_t>& v) { test_support::upload_i32(cpu(), t, v); }
+inline std::vector<double> get(const Tensor& t) { return test_support::download(cpu(), t); }
+inline std::vector<int32_t> get_i32(const Tensor& t) { return test_support::download_i32(cpu(), t); }
 
 inline Owned make_from(DType dtype, std::initializer_list<int64_t> dims, const std::vector<double>& v) {
   Owned o = make(dtype, dims);
@@ -87,22 +47,6 @@ inline Owned make_from(DType dtype, std::initializer_list<int64_t> dims, const s
 inline std::vector<double> rounded(DType dtype, std::vector<double> v) {
   if (dtype == DType::F32)
     for (double& x : v) x = static_cast<float>(x);
-  return v;
-}
-
-inline std::vector<double> randn(int64_t n, uint64_t seed, double scale = 1.0, double shift = 0.0) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> v(n);
-  for (double& x : v) x = shift + scale * dist(gen);
-  return v;
-}
-
-inline std::vector<int32_t> randint(int64_t n, int32_t lo, int32_t hi, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_int_distribution<int32_t> dist(lo, hi - 1);
-  std::vector<int32_t> v(n);
-  for (int32_t& x : v) x = dist(gen);
   return v;
 }
 

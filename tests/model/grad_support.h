@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -16,6 +15,7 @@
 
 #include "core/backend.h"
 #include "core/buffer.h"
+#include "tests/support/host_tensors.h"
 
 namespace sdmoe::gradtest {
 
@@ -24,52 +24,27 @@ inline Backend& be() {
   return *backend;
 }
 
-struct Owned {
-  Buffer buffer;
-  Tensor t;
-};
+using Owned = test_support::OwnedTensor;
+using test_support::randn;
 
 inline Owned make(DType dtype, std::initializer_list<int64_t> dims) {
-  Owned o;
-  o.t = Tensor(nullptr, dtype, Device::CPU, dims);
-  o.buffer = Buffer(be(), o.t.bytes());
-  o.t.data = o.buffer.data();
-  return o;
+  return test_support::make_owned(be(), dtype, dims);
 }
-
+// Gradient checks run in double precision only.
 inline void put(const Tensor& t, const std::vector<double>& v) {
   ASSERT_EQ(t.dtype, DType::F64);
-  ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
-  be().copy_from_host(v.data(), t);
+  test_support::upload(be(), t, v);
 }
-inline void put_i32(const Tensor& t, const std::vector<int32_t>& v) {
-  ASSERT_EQ(t.dtype, DType::I32);
-  ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
-  be().copy_from_host(v.data(), t);
-}
+inline void put_i32(const Tensor& t, const std::vector<int32_t>& v) { test_support::upload_i32(be(), t, v); }
 inline std::vector<double> get(const Tensor& t) {
-  std::vector<double> v(t.numel());
   EXPECT_EQ(t.dtype, DType::F64);
-  be().copy_to_host(t, v.data());
-  return v;
+  return test_support::download(be(), t);
 }
-inline std::vector<int32_t> get_i32(const Tensor& t) {
-  std::vector<int32_t> v(t.numel());
-  be().copy_to_host(t, v.data());
-  return v;
-}
+inline std::vector<int32_t> get_i32(const Tensor& t) { return test_support::download_i32(be(), t); }
 inline Owned make_from(std::initializer_list<int64_t> dims, const std::vector<double>& v) {
   Owned o = make(DType::F64, dims);
   put(o.t, v);
   return o;
-}
-
-inline std::vector<double> randn(int64_t n, uint64_t seed, double scale = 1.0, double shift = 0.0) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> v(n);
-  for (double& x : v) x = shift + scale * dist(gen);
-  return v;
 }
 
 inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
