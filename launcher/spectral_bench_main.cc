@@ -4,7 +4,8 @@
 // (T = sdmoe.refresh_interval), step by step in turn: one with plain AdamW, one with SD-MoE (its optimizer step
 // with the per-part projections, and one spectral refresh per block). A second spectral
 // service with the other solver refreshes from the same weights at the same points, for
-// the solver comparison (time and largest principal angle against the exact bases).
+// the solver comparison (time, largest principal angle against the exact bases and the
+// energy its common parts hold against the exact ones').
 // Last, asynchronous subspace-iteration refreshes of a third decomposition, each started
 // at a step boundary of the SD-MoE model and installed at the next: the worker's time
 // beside the step and what the boundary waited for. Figures only; nothing is asserted.
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "data/sequence_loader.h"
@@ -54,6 +56,44 @@ double worst_angle(sdmoe::Backend& be, const sdmoe::SpectralDecomposition& a, co
       }
   return worst;
 }
+// Energy a decomposition's common part holds, ||U^T W V||_F^2, as a share of what the
+// exact bases' holds, per expert matrix. In PER_EXPERT mode the exact share is the best
+// possible, sigma_1^2 + ... + sigma_k^2 (Ky Fan), so the ratio is at most 1. Where the
+// top-k subspace is ill defined (no spectral gap) two bases can be far apart in angle and
+// still capture almost the same energy, which is what the split into common and unique
+// parts depends on. Returns {median, smallest}.
+std::pair<double, double> captured_energy(sdmoe::Backend& be, const sdmoe::SpectralDecomposition& sd,
+                                          const sdmoe::SpectralDecomposition& exact, const sdmoe::GptModel& model) {
+  const std::vector<double> params = host(be, model.params());
+  const std::vector<double> bases = host(be, sd.bases()), best = host(be, exact.bases());
+  const int k = sd.spec().rank;
+  // ||Ut W Vt^T||_F^2 for the rows Ut [k, m], Vt [k, n] at the given offsets.
+  auto energy = [&](const std::vector<double>& b, const sdmoe::SpectralTarget& t, int64_t w_offset, int p) {
+    const double* ut = b.data() + t.ut_offset + p * k * t.m;
+    const double* vt = b.data() + t.vt_offset + p * k * t.n;
+    const double* w = params.data() + w_offset;
+    std::vector<double> wv(size_t(t.m) * k, 0.0);  // W Vt^T, [m, k]
+    for (int64_t i = 0; i < t.m; ++i)
+      for (int64_t j = 0; j < t.n; ++j)
+        for (int c = 0; c < k; ++c) wv[i * k + c] += w[i * t.n + j] * vt[c * t.n + j];
+    double sum = 0.0;
+    for (int r = 0; r < k; ++r)
+      for (int c = 0; c < k; ++c) {
+        double x = 0.0;
+        for (int64_t i = 0; i < t.m; ++i) x += ut[r * t.m + i] * wv[i * k + c];
+        sum += x * x;
+      }
+    return sum;
+  };
+  std::vector<double> ratios;
+  for (const sdmoe::SpectralTarget& t : sd.targets())
+    for (int64_t e = 0; e < t.experts; ++e) {
+      const int p = t.bases == t.experts ? int(e) : 0;
+      const int64_t offset = model.registry().spec(t.param_id).offset + t.first + e * t.stride;
+      ratios.push_back(energy(bases, t, offset, p) / energy(best, t, offset, p));
+    }
+  return {median(ratios), ratios.empty() ? 0.0 : *std::min_element(ratios.begin(), ratios.end())};
+}
 // sigma_k / sigma_(k+1) of every expert matrix (median): how well separated the top-k
 // subspace is, which decides how fast subspace iteration converges to it.
 double median_gap(sdmoe::Backend& be, const sdmoe::SpectralDecomposition& sd, const sdmoe::GptModel& model) {
@@ -84,8 +124,9 @@ int main(int argc, char** argv) {
     if (arg == "--help" || arg == "-h") {
       std::printf("usage: sdmoe_spectral_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--rounds N]\n"
                   "SD-MoE against plain MoE on the config's model: step-time ratio, refresh and projection\n"
-                  "shares, exact against subspace-iteration refreshes (time, largest principal angle), and\n"
-                  "asynchronous subspace-iteration refreshes (worker time beside a step, wait at the boundary).\n");
+                  "shares, exact against subspace-iteration refreshes (time, largest principal angle, energy\n"
+                  "held by the common parts), and asynchronous subspace-iteration refreshes (worker time\n"
+                  "beside a step, wait at the boundary).\n");
       return 0;
     }
     if (i + 1 >= argc || (arg != "--config" && arg != "--device" && arg != "--rounds")) {
@@ -202,6 +243,9 @@ int main(int argc, char** argv) {
     std::printf("  subspace iteration (%d rounds, warm start) %.3f s; largest principal angle to exact %.2e rad (worst %.2e)\n",
                 iter_spec.subspace_iterations, median(iter_refresh), median(angles),
                 *std::max_element(angles.begin(), angles.end()));
+    const auto [energy_median, energy_lowest] = captured_energy(*be, iter, exact, model);
+    std::printf("  energy of subspace iteration's common parts / the exact ones': %.4f (median; lowest %.4f)\n",
+                energy_median, energy_lowest);
     std::printf("  spectral gap sigma_k / sigma_(k+1) of the expert matrices after %ld steps: %.3f (median)\n", (long)step,
                 median_gap(*be, exact, model));
 
