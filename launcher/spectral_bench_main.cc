@@ -57,21 +57,21 @@ double worst_angle(sdmoe::Backend& be, const sdmoe::SpectralDecomposition& a, co
   return worst;
 }
 // Energy a decomposition's common part holds, ||U^T W V||_F^2, as a share of what the
-// exact bases' holds, per expert matrix. In PER_EXPERT mode the exact share is the best
-// possible, sigma_1^2 + ... + sigma_k^2 (Ky Fan), so the ratio is at most 1. Where the
-// top-k subspace is ill defined (no spectral gap) two bases can be far apart in angle and
-// still capture almost the same energy, which is what the split into common and unique
-// parts depends on. Returns {median, smallest}.
+// exact bases' holds, per expert matrix, for PER_EXPERT bases: there the exact share is
+// the best possible, sigma_1^2 + ... + sigma_k^2 (Ky Fan), so the ratio is at most 1 up to
+// rounding. (A LAYER_SHARED basis is the best for the sum over a layer's experts, not for
+// each one.) Where the top-k subspace is ill defined (no spectral gap) two bases can be
+// far apart in angle and still capture almost the same energy, which is what the split
+// into common and unique parts depends on. Returns {median, smallest}.
 std::pair<double, double> captured_energy(sdmoe::Backend& be, const sdmoe::SpectralDecomposition& sd,
                                           const sdmoe::SpectralDecomposition& exact, const sdmoe::GptModel& model) {
-  const std::vector<double> params = host(be, model.params());
   const std::vector<double> bases = host(be, sd.bases()), best = host(be, exact.bases());
   const int k = sd.spec().rank;
-  // ||Ut W Vt^T||_F^2 for the rows Ut [k, m], Vt [k, n] at the given offsets.
-  auto energy = [&](const std::vector<double>& b, const sdmoe::SpectralTarget& t, int64_t w_offset, int p) {
-    const double* ut = b.data() + t.ut_offset + p * k * t.m;
-    const double* vt = b.data() + t.vt_offset + p * k * t.n;
-    const double* w = params.data() + w_offset;
+  // ||Ut W Vt^T||_F^2 for expert e's rows Ut [k, m], Vt [k, n].
+  auto energy = [&](const std::vector<double>& b, const sdmoe::SpectralTarget& t, const std::vector<double>& w,
+                    int64_t e) {
+    const double* ut = b.data() + t.ut_offset + e * k * t.m;
+    const double* vt = b.data() + t.vt_offset + e * k * t.n;
     std::vector<double> wv(size_t(t.m) * k, 0.0);  // W Vt^T, [m, k]
     for (int64_t i = 0; i < t.m; ++i)
       for (int64_t j = 0; j < t.n; ++j)
@@ -88,11 +88,15 @@ std::pair<double, double> captured_energy(sdmoe::Backend& be, const sdmoe::Spect
   std::vector<double> ratios;
   for (const sdmoe::SpectralTarget& t : sd.targets())
     for (int64_t e = 0; e < t.experts; ++e) {
-      const int p = t.bases == t.experts ? int(e) : 0;
       const int64_t offset = model.registry().spec(t.param_id).offset + t.first + e * t.stride;
-      ratios.push_back(energy(bases, t, offset, p) / energy(best, t, offset, p));
+      const std::vector<double> w =
+          host(be, sdmoe::Tensor(static_cast<float*>(model.params().data) + offset, sdmoe::DType::F32, be.device(),
+                                 {t.m, t.n}));
+      const double best_energy = energy(best, t, w, e);
+      if (best_energy > 0.0) ratios.push_back(energy(bases, t, w, e) / best_energy);
     }
-  return {median(ratios), ratios.empty() ? 0.0 : *std::min_element(ratios.begin(), ratios.end())};
+  if (ratios.empty()) return {0.0, 0.0};
+  return {median(ratios), *std::min_element(ratios.begin(), ratios.end())};
 }
 // sigma_k / sigma_(k+1) of every expert matrix (median): how well separated the top-k
 // subspace is, which decides how fast subspace iteration converges to it.
@@ -243,9 +247,11 @@ int main(int argc, char** argv) {
     std::printf("  subspace iteration (%d rounds, warm start) %.3f s; largest principal angle to exact %.2e rad (worst %.2e)\n",
                 iter_spec.subspace_iterations, median(iter_refresh), median(angles),
                 *std::max_element(angles.begin(), angles.end()));
-    const auto [energy_median, energy_lowest] = captured_energy(*be, iter, exact, model);
-    std::printf("  energy of subspace iteration's common parts / the exact ones': %.4f (median; lowest %.4f)\n",
-                energy_median, energy_lowest);
+    if (exact_spec.basis == sdmoe::SdmoeBasis::PER_EXPERT) {
+      const auto [energy_median, energy_lowest] = captured_energy(*be, iter, exact, model);
+      std::printf("  energy of subspace iteration's common parts / the exact ones': %.4f (median; lowest %.4f)\n",
+                  energy_median, energy_lowest);
+    }
     std::printf("  spectral gap sigma_k / sigma_(k+1) of the expert matrices after %ld steps: %.3f (median)\n", (long)step,
                 median_gap(*be, exact, model));
 

@@ -484,10 +484,13 @@ void CpuBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor&
     std::copy(a.ptr<T>(), a.ptr<T>() + batch * n * n, vecs.ptr<T>());
     // A batch is solved one matrix per thread: LAPACK's threading of one small
     // eigenproblem (the experts' Grams are a few hundred wide) gains little, and inside
-    // the parallel region the OpenMP OpenBLAS runs each call on its own thread. Errors are
-    // reported after the region, which an exception must not leave.
+    // the parallel region the OpenMP OpenBLAS runs each call on its own thread (a
+    // pthreads OpenBLAS would start its own pool inside ours, so it keeps the loop).
+    // Errors are reported after the region, which an exception must not leave.
     std::vector<lapack_int> info(size_t(batch), 0);
-#pragma omp parallel for schedule(dynamic) num_threads(threads_) if (batch > 1 && threads_ > 1 && !omp_in_parallel())
+    const int team = int(std::max<int64_t>(1, std::min<int64_t>(threads_, batch)));
+    const bool per_matrix = team > 1 && openblas_runs_on_openmp() && !omp_in_parallel();
+#pragma omp parallel for schedule(dynamic) num_threads(team) if (per_matrix)
     for (int64_t b = 0; b < batch; ++b) {
       T* v = vecs.ptr<T>() + b * n * n;
       T* values = w.ptr<T>() + b * n;
@@ -497,7 +500,10 @@ void CpuBackend::symmetric_eigen(const Tensor& a, const Tensor& w, const Tensor&
         info[b] = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (int)n, v, (int)n, values);
       }
     }
-    for (int64_t b = 0; b < batch; ++b) SDMOE_CHECK_LAPACK(info[b]);
+    for (int64_t b = 0; b < batch; ++b)
+      if (info[b] != 0)
+        SDMOE_FATAL("LAPACK", fmt::format("syevd of matrix {} of {} ({} x {}) returned info={}", b, batch, n, n,
+                                          long(info[b])));
   });
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <random>
 
 #include "core/cpu/gemm_avx512.h"
 #include "tests/core/cpu_test_support.h"

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 
 #include "model/gpt.h"
 #include "tests/model/layer_support.h"
