@@ -92,6 +92,10 @@ void TensorboardWriter::append(const StepRecord& r) {
   add_scalar(s, "perf/tokens_per_second", r.tokens_per_second);
   add_scalar(s, "perf/model_tflops", r.model_flops / 1e12);
   add_scalar(s, "perf/peak_percent", 100.0 * r.peak_fraction);
+  add_scalar(s, "perf/step_seconds", r.step_seconds);
+  add_scalar(s, "perf/forward_backward_seconds", r.forward_backward_seconds);
+  add_scalar(s, "perf/optimizer_seconds", r.optimizer_seconds);
+  add_scalar(s, "perf/refresh_seconds", r.refresh_seconds);
   if (r.val_loss >= 0) add_scalar(s, "val/loss", r.val_loss);
   add_scalar(s, "memory/buffers_gb", double(r.buffer_bytes) / 1e9);
   add_scalar(s, "memory/buffers_peak_gb", double(r.buffer_peak_bytes) / 1e9);

@@ -161,6 +161,14 @@ std::string duration_text(double seconds) {
   return fmt::format("{}s", s);
 }
 
+// The step's wall time and its phases on rank 0; the refresh only at steps that have one.
+std::string time_summary(const StepRecord& r) {
+  std::string s = fmt::format("{:.3f} s: fwd+bwd {:.3f} opt {:.3f}", r.step_seconds, r.forward_backward_seconds,
+                              r.optimizer_seconds);
+  if (r.refresh_seconds >= 0.0005) s += fmt::format(" refresh {:.3f}", r.refresh_seconds);
+  return s;
+}
+
 std::string load_summary(const StepRecord& r) {
   std::string s;
   for (size_t l = 0; l < r.min_load.size(); ++l) s += fmt::format(" {:.2f}-{:.2f}", r.min_load[l], r.max_load[l]);
@@ -437,9 +445,16 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
           sums[4 + 2 * moe_layers + l * experts + x] += s.moe[l].load[x];
       }
     }
+    // The phases are timed between device synchronizations, so that on a GPU they measure
+    // the work and not its launch; the gradient reductions overlapped with the backward
+    // count in its phase, the rest of them in the optimizer's.
+    be.synchronize();
+    const auto backward_done = std::chrono::steady_clock::now();
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
     sync.after_update();
+    be.synchronize();
+    const auto update_done = std::chrono::steady_clock::now();
     RefreshReport refresh;
     bool refreshed = false;
     if (spectral) {
@@ -455,7 +470,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       }
     }
     be.synchronize();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto step_done = std::chrono::steady_clock::now();
+    const double seconds = std::chrono::duration<double>(step_done - start).count();
 
     StepRecord r;
     r.step = step + 1;
@@ -478,6 +494,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     }
     r.buffer_bytes = buffer_bytes_in_use(be.device());
     r.buffer_peak_bytes = buffer_bytes_peak(be.device());
+    r.step_seconds = seconds;
+    r.forward_backward_seconds = std::chrono::duration<double>(backward_done - start).count();
+    r.optimizer_seconds = std::chrono::duration<double>(update_done - backward_done).count();
+    r.refresh_seconds = std::chrono::duration<double>(step_done - update_done).count();
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
@@ -490,9 +510,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       return 3;
     }
     if (root && (r.step % run.training().log_interval() == 0 || r.val_loss >= 0)) {
-      std::printf("step %ld/%d | loss %.6f | lr %.3e | gnorm %.4f | %.0f tok/s | %.2f GFLOP/s (%.1f%% of peak) | aux %.5f z %.5f | load%s",
+      std::printf("step %ld/%d | loss %.6f | lr %.3e | gnorm %.4f | %.0f tok/s | %.2f GFLOP/s (%.1f%% of peak) | %s | aux %.5f z %.5f | load%s",
                   (long)r.step, run.training().steps(), r.loss, r.lr, r.grad_norm, r.tokens_per_second,
-                  r.model_flops / 1e9, 100.0 * r.peak_fraction, r.aux_loss, r.z_loss, load_summary(r).c_str());
+                  r.model_flops / 1e9, 100.0 * r.peak_fraction, time_summary(r).c_str(), r.aux_loss, r.z_loss,
+                  load_summary(r).c_str());
       if (r.val_loss >= 0) std::printf(" | val_loss %.6f", r.val_loss);
       std::printf("%s", bytes_summary(r).c_str());
       // Remaining steps at the mean pace since this process started training.

@@ -20,6 +20,11 @@ struct StepRecord {
   double lr = 0.0, grad_norm = 0.0;
   double aux_loss = 0.0, z_loss = 0.0;  // per micro-batch mean, summed over MoE layers
   double tokens_per_second = 0.0, model_flops = 0.0, peak_fraction = 0.0;
+  // Rank 0's wall time of the step and of its phases: the micro-batches' forward and
+  // backward (with the gradient reductions that overlap them), the rest of the gradient
+  // reduction with the optimizer step, and the SD-MoE refresh or the install of an
+  // asynchronous one (0 at other steps).
+  double step_seconds = 0.0, forward_backward_seconds = 0.0, optimizer_seconds = 0.0, refresh_seconds = 0.0;
   std::vector<double> min_load, max_load;  // per MoE layer
   std::vector<std::vector<double>> expert_load;  // per MoE layer, each expert's share of routed rows
   double val_loss = -1.0;   // < 0 when no validation ran this step

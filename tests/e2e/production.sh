@@ -263,8 +263,18 @@ assert len(logged) == 6, logged
 for r in records:
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "model_flops", "peak_fraction", "aux_loss", "z_loss",
                 "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time",
-                "buffer_bytes", "buffer_peak_bytes"):
+                "buffer_bytes", "buffer_peak_bytes", "step_seconds", "forward_backward_seconds", "optimizer_seconds",
+                "refresh_seconds"):
         assert key in r, (r["step"], key)
+    # The phases are disjoint parts of the step's wall time, and the throughput is the
+    # step's tokens (the same every step) over that time.
+    phases = r["forward_backward_seconds"] + r["optimizer_seconds"] + r["refresh_seconds"]
+    assert r["forward_backward_seconds"] > 0 and r["optimizer_seconds"] > 0 and r["refresh_seconds"] >= 0, r
+    assert abs(phases - r["step_seconds"]) <= 1e-6 * r["step_seconds"] + 1e-8, (phases, r["step_seconds"])
+    assert abs(r["tokens_per_second"] * r["step_seconds"] / (records[0]["tokens_per_second"] * records[0]["step_seconds"])
+               - 1) < 1e-6, r
+    if "spectral" in r:  # a synchronous refresh: its compute and communication lie inside its phase
+        assert r["refresh_seconds"] >= r["spectral_compute_seconds"] + r["spectral_comm_seconds"] - 1e-6, r
     # At least the parameters, gradients and two moments of rank 0's 3.3M parameters in fp32.
     assert 4 * 4 * 3.0e6 < r["buffer_bytes"] <= r["buffer_peak_bytes"], r
     if r["step"] in logged:
@@ -369,7 +379,9 @@ logged = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+)/
 for e in events[1:]:
     s = e["scalars"]
     assert abs(s["train/loss"] - logged[e["step"]]) < 1e-5, (e["step"], s["train/loss"])
-    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_second", "moe/layer0/max_load", "moe/layer1/min_load"):
+    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_second", "perf/step_seconds",
+                "perf/forward_backward_seconds", "perf/optimizer_seconds", "perf/refresh_seconds", "moe/layer0/max_load",
+                "moe/layer1/min_load"):
         assert tag in s, (e["step"], tag)
     assert ("val/loss" in s) == (e["step"] % 2 == 0), (e["step"], sorted(s))
 print("tensorboard: %d events, checksums valid, scalars match the log" % len(events))
