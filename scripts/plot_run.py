@@ -6,6 +6,8 @@ usage: scripts/plot_run.py RUN.jsonl [OUT_DIR]
 Writes into OUT_DIR (default: next to the JSONL file):
   loss.png                 training loss per step and validation loss where measured
   throughput.png           tokens/s and model FLOP/s as a percentage of the measured peak
+  step_time.png            rank 0's step time per step, stacked by phase (forward and
+                           backward, optimizer, SD-MoE refresh)
   expert_load_layerL.png   each expert's share of routed rows over time, per MoE layer
   spectral_overlap.png     SD-MoE inter-expert overlap of the bases over time (runs with SD-MoE)
 
@@ -76,6 +78,25 @@ def plot_throughput(records, out):
     plt.close(fig)
 
 
+def plot_step_time(records, out):
+    phases = [("forward_backward_seconds", "forward + backward"), ("optimizer_seconds", "optimizer"),
+              ("refresh_seconds", "SD-MoE refresh")]
+    timed = [r for r in records if all(r.get(key) is not None for key, _ in phases)]
+    if not timed:  # files written before the phases were recorded
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.stackplot([r["step"] for r in timed], *[[r[key] for r in timed] for key, _ in phases],
+                 labels=[label for _, label in phases], step="mid")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds (rank 0)")
+    ax.legend(fontsize="small", loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_expert_load(records, out_dir):
     with_load = [r for r in records if r.get("expert_load")]
     if not with_load:
@@ -134,6 +155,9 @@ def main():
     written = [os.path.join(out_dir, "loss.png"), os.path.join(out_dir, "throughput.png")]
     plot_loss(records, written[0])
     plot_throughput(records, written[1])
+    step_time = os.path.join(out_dir, "step_time.png")
+    if plot_step_time(records, step_time):
+        written.append(step_time)
     written += plot_expert_load(records, out_dir)
     spectral = os.path.join(out_dir, "spectral_overlap.png")
     if plot_spectral(records, spectral):

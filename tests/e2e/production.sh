@@ -292,7 +292,7 @@ for r in records:
 print("metrics: %d records, fields and values as documented" % len(records))
 PYTHON
   /usr/bin/python3 scripts/plot_run.py "$tmp/run.jsonl" "$tmp/plots" > "$tmp/plots.txt" || die "plot_run.py failed"
-  for png in loss throughput expert_load_layer0 expert_load_layer1 spectral_overlap; do
+  for png in loss throughput step_time expert_load_layer0 expert_load_layer1 spectral_overlap; do
     [ "$(head -c 8 "$tmp/plots/$png.png" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || die "$png.png is not a PNG"
   done
   echo "plots: $(wc -l < "$tmp/plots.txt") PNG files"
