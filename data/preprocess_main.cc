@@ -125,6 +125,12 @@ std::optional<Options> parse_arguments(int argc, char** argv) {
   if (options.tokenizer_dir.empty() && !options.merge) sdmoe::fail("--tokenizer DIR is required (see --help)");
   if (options.output.empty()) sdmoe::fail("--output FILE.h5 is required (see --help)");
   if (options.inputs.empty()) sdmoe::fail("no INPUT files given (see --help)");
+  // The output replaces whatever has its name: never one of the inputs.
+  for (const std::string& input : options.inputs) {
+    std::error_code ec;
+    if (std::filesystem::equivalent(input, options.output, ec))
+      sdmoe::fail("--output {} is the input {}; it would be overwritten", options.output, input);
+  }
   return options;
 }
 

@@ -86,6 +86,10 @@ int main(int argc, char** argv) {
     if (!device.empty()) overrides.push_back("device=" + device);
     sdmoe::config::Run run = sdmoe::load_config(path, overrides);
     sdmoe::ModelSpec spec = sdmoe::model_spec_from(run.model());
+    // The config is checked before the minutes of measurement, not after.
+    spec.validate();
+    if (run.training().micro_batch_size() <= 0) sdmoe::fail("training.micro_batch_size must be positive");
+    const sdmoe::OptimizerSpec optimizer_spec = sdmoe::optimizer_spec_from(run.optimizer(), 100);
     auto be = sdmoe::make_backend(run, mpi);
     double peak = be->peak_flops();
     std::printf("backend: %s\n", be->name().c_str());
@@ -136,9 +140,9 @@ int main(int argc, char** argv) {
 
     sdmoe::GptModel model(spec, *be, sdmoe::DType::F32, run.training().micro_batch_size());
     model.init_parameters(1);
-    sdmoe::AdamW opt(model, sdmoe::optimizer_spec_from(run.optimizer(), 100));
+    sdmoe::AdamW opt(model, optimizer_spec);
     std::vector<int32_t> tokens(int64_t(model.micro_batch()) * (spec.seq_len + 1));
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % 50257);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % uint64_t(spec.vocab_size));
     model.forward_backward(tokens.data(), 1.0);  // warm-up
     be->synchronize();
     // The median step: one slow step caused by a neighbour on a shared machine moves it

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -362,6 +364,18 @@ Checkpointer::Checkpointer(const config::Run& run, GptModel& model, AdamW* optim
                            const ProcessGroups& groups, MomentSharding sharding)
     : run_(run), model_(model), optimizer_(optimizer), sdmoe_(sdmoe), groups_(groups), sharding_(sharding) {
   SDMOE_ASSERT(model.dtype() == DType::F32, "checkpoints hold fp32 models");
+}
+
+void Checkpointer::check_writable(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir))
+    fail("checkpoint.dir {}: cannot create it as a directory ({})", dir, ec ? ec.message() : "a file has that name");
+  const std::string probe = (fs::path(dir) / fmt::format(".write_probe.{}", ::getpid())).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) fail("checkpoint.dir {}: cannot write in it ({})", dir, std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
 }
 
 std::string Checkpointer::step_directory(const std::string& dir, int64_t step) {

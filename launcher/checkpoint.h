@@ -54,6 +54,11 @@ class Checkpointer {
   // the model's parameters alone (W_eff for SD-MoE matrices), for evaluation.
   TrainingPosition load(const std::string& path, bool parameters_only = false);
 
+  // Creates dir when missing and checks that a file can be written in it, so that a
+  // checkpoint.dir that cannot hold checkpoints fails the run at start-up, not at its
+  // first save. Throws sdmoe::Error with the reason. For the writing rank only.
+  static void check_writable(const std::string& dir);
+
   // The directory of step `step` inside dir.
   static std::string step_directory(const std::string& dir, int64_t step);
 

@@ -1,5 +1,7 @@
 #include "launcher/config.h"
 
+#include <cmath>
+
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
@@ -83,6 +85,35 @@ void fill_defaults(pb::Message* msg) {
   }
 }
 
+// No field of the schema means anything as NaN or infinity (a learning rate of 1e400
+// parses as inf), so every floating-point value set in the file or by --set must be finite.
+void require_finite(const pb::Message& msg, const std::string& prefix) {
+  const pb::Reflection* r = msg.GetReflection();
+  std::vector<const pb::FieldDescriptor*> fields;
+  r->ListFields(msg, &fields);
+  for (const pb::FieldDescriptor* f : fields) {
+    const std::string path = prefix + f->name();
+    const int count = f->is_repeated() ? r->FieldSize(msg, f) : 1;
+    for (int i = 0; i < count; ++i) {
+      const std::string where = f->is_repeated() ? fmt::format("{}[{}]", path, i) : path;
+      double value = 0.0;
+      switch (f->cpp_type()) {
+        case pb::FieldDescriptor::CPPTYPE_MESSAGE:
+          require_finite(f->is_repeated() ? r->GetRepeatedMessage(msg, f, i) : r->GetMessage(msg, f), where + ".");
+          continue;
+        case pb::FieldDescriptor::CPPTYPE_DOUBLE:
+          value = f->is_repeated() ? r->GetRepeatedDouble(msg, f, i) : r->GetDouble(msg, f);
+          break;
+        case pb::FieldDescriptor::CPPTYPE_FLOAT:
+          value = f->is_repeated() ? r->GetRepeatedFloat(msg, f, i) : r->GetFloat(msg, f);
+          break;
+        default: continue;
+      }
+      if (!std::isfinite(value)) fail("{} must be a finite number, got {}", where, value);
+    }
+  }
+}
+
 void describe(const pb::Descriptor* d, const std::string& prefix, std::string& out) {
   for (int i = 0; i < d->field_count(); ++i) {
     const pb::FieldDescriptor* f = d->field(i);
@@ -121,6 +152,7 @@ config::Run parse_config_text(const std::string& text, const std::string& name,
   parser.RecordErrorsTo(&errors);
   if (!parser.ParseFromString(text, &run)) fail("{}", errors.first().empty() ? name + ": parse error" : errors.first());
   for (const std::string& o : overrides) apply_override(run, o);
+  require_finite(run, "");
   return run;
 }
 
@@ -187,6 +219,9 @@ OptimizerSpec optimizer_spec_from(const config::Optimizer& o, int64_t total_step
   if (s.lr <= 0 || s.min_lr < 0 || s.min_lr > s.lr) fail("optimizer: need 0 <= min_lr <= lr and lr > 0");
   if (s.warmup_steps < 0) fail("optimizer.warmup_steps must be >= 0");
   if (s.beta1 < 0 || s.beta1 >= 1 || s.beta2 < 0 || s.beta2 >= 1) fail("optimizer: betas must be in [0, 1)");
+  if (!(s.eps > 0)) fail("optimizer.eps must be positive, got {}", s.eps);
+  if (!(s.weight_decay >= 0)) fail("optimizer.weight_decay must be >= 0, got {}", s.weight_decay);
+  if (!(s.grad_clip >= 0)) fail("optimizer.grad_clip must be >= 0 (0 turns clipping off), got {}", s.grad_clip);
   return s;
 }
 

@@ -39,21 +39,21 @@ int main(int argc, char** argv) {
   if (usage_error.empty() && config_path.empty()) usage_error = "--config FILE is required (see --help)";
 
   sdmoe::MpiRuntime mpi(&argc, &argv);
-  if (!usage_error.empty()) {
-    std::fprintf(stderr, "sdmoe_eval: error: %s\n", usage_error.c_str());
-    return 2;
-  }
+  // As in sdmoe_pretrain: errors reported where they happen, then agreed on by all ranks.
+  std::string error = usage_error;
   sdmoe::config::Run run;
-  try {
-    run = sdmoe::load_config(config_path, overrides);
-    // Evaluation never starts fresh: without a checkpoint it is an error. An explicit
-    // --checkpoint wins over the config's checkpoint.dir.
-    run.mutable_checkpoint()->set_resume(sdmoe::config::Checkpoint::REQUIRED);
-    if (!run.checkpoint().load().empty()) run.mutable_checkpoint()->clear_dir();
-  } catch (const sdmoe::Error& e) {
-    std::fprintf(stderr, "sdmoe_eval: error: %s\n", e.what());
-    return 2;
+  if (error.empty()) {
+    try {
+      run = sdmoe::load_config(config_path, overrides);
+      // Evaluation never starts fresh: without a checkpoint it is an error. An explicit
+      // --checkpoint wins over the config's checkpoint.dir.
+      run.mutable_checkpoint()->set_resume(sdmoe::config::Checkpoint::REQUIRED);
+      if (!run.checkpoint().load().empty()) run.mutable_checkpoint()->clear_dir();
+    } catch (const sdmoe::Error& e) {
+      error = e.what();
+    }
   }
+  if (!sdmoe::agree_on_config(mpi, "sdmoe_eval", error, run)) return 2;
   try {
     return sdmoe::run_eval(run, mpi, split);
   } catch (const std::exception& e) {

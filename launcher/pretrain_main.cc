@@ -50,19 +50,19 @@ int main(int argc, char** argv) {
   if (usage_error.empty() && config_path.empty()) usage_error = "--config FILE is required (see --help)";
 
   sdmoe::MpiRuntime mpi(&argc, &argv);
-  // Argument and config errors are the same on every rank: each rank reports and exits
-  // without any collective.
-  if (!usage_error.empty()) {
-    std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", usage_error.c_str());
-    return 2;
-  }
+  // Argument and config errors are reported by the ranks that have them; one agreement
+  // makes every rank exit, so a rank whose node lacks the config file cannot leave the
+  // others waiting.
+  std::string error = usage_error;
   sdmoe::config::Run run;
-  try {
-    run = sdmoe::load_config(config_path, overrides);
-  } catch (const sdmoe::Error& e) {
-    std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", e.what());
-    return 2;
+  if (error.empty()) {
+    try {
+      run = sdmoe::load_config(config_path, overrides);
+    } catch (const sdmoe::Error& e) {
+      error = e.what();
+    }
   }
+  if (!sdmoe::agree_on_config(mpi, "sdmoe_pretrain", error, run)) return 2;
   try {
     return sdmoe::run_pretrain(run, mpi);
   } catch (const sdmoe::Error& e) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <utility>
@@ -140,7 +141,7 @@ int main(int argc, char** argv) {
     const std::string value = argv[++i];
     if (arg == "--config") path = value;
     else if (arg == "--device") device = value;
-    else if ((rounds = std::atoi(value.c_str())) <= 0) {
+    else if (char* end = nullptr; (rounds = int(std::strtol(value.c_str(), &end, 10))) <= 0 || *end != '\0') {
       std::fprintf(stderr, "sdmoe_spectral_bench: error: --rounds needs a positive integer, got '%s'\n", value.c_str());
       return 2;
     }
@@ -151,6 +152,7 @@ int main(int argc, char** argv) {
     if (!device.empty()) overrides.push_back("device=" + device);
     const sdmoe::config::Run run = sdmoe::load_config(path, overrides);
     const sdmoe::ModelSpec spec = sdmoe::model_spec_from(run.model());
+    spec.validate();
     sdmoe::SdmoeSpec exact_spec = sdmoe::sdmoe_spec_from(run.sdmoe());
     exact_spec.solver = sdmoe::SdmoeSolver::EXACT;
     exact_spec.async = false;

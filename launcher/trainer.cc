@@ -66,6 +66,10 @@ Job check_job(const config::Run& run, int dp) {
          t.global_batch_size(), t.micro_batch_size(), dp);
   if (t.global_batch_size() <= 0) fail("training.global_batch_size must be positive");
   if (t.log_interval() <= 0) fail("training.log_interval must be positive");
+  if (t.eval_interval() < 0) fail("training.eval_interval must be >= 0 (0 turns validation off)");
+  if (!(run.parallel().gradient_bucket_mb() >= 0))
+    fail("parallel.gradient_bucket_mb must be >= 0 (0: one bucket per region), got {}",
+         run.parallel().gradient_bucket_mb());
   // The validation set is the first eval_batches x micro_batch_size held-out sequences,
   // shared out over the data-parallel ranks, so every layout evaluates the same ones.
   if (t.eval_interval() > 0 && (t.eval_batches() <= 0 || t.eval_batches() % dp != 0))
@@ -185,7 +189,10 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
     return make_cuda_backend(mpi.local_rank() % count);
   }
   int threads = run.threads();
-  if (threads <= 0) {
+  // More threads than this cannot help a rank and exhaust the OpenMP runtime.
+  if (threads < 0 || threads > 1024)
+    fail("threads must be 0 (this node's cores / its ranks) or 1 to 1024, got {}", threads);
+  if (threads == 0) {
     const int cores = cpu_cores_available();
     threads = std::max(1, cores / std::max(1, mpi.local_size()));
   }
@@ -195,6 +202,7 @@ std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& 
 ParallelDims check_parallel(const config::Run& run, int world) {
   const config::Parallel& p = run.parallel();
   const ModelSpec spec = model_spec_from(run.model());
+  spec.validate();  // the layout checks below read the model's shape
   const ParallelDims dims = ParallelDims::make(world, p.tp(), p.ep(), p.etp(), spec.moe_layer_count() > 0 ? spec.moe.num_experts : 0);
   if (dims.etp > 1 && spec.moe.expert_ffn_dim % dims.etp != 0)
     fail("parallel.etp ({}) must divide model.moe.expert_ffn_dim ({})", dims.etp, spec.moe.expert_ffn_dim);
@@ -234,8 +242,33 @@ struct Setup {
   std::unique_ptr<TensorboardWriter> tensorboard;  // world rank 0, when metrics.tensorboard_dir is set
 };
 
+bool agree_on_config(const MpiRuntime& mpi, const char* tool, const std::string& error, const config::Run& run) {
+  // [any rank failed, -/+ a hash of the resolved config] (52 bits, exact in a double).
+  const double config_hash =
+      error.empty() ? double(std::hash<std::string>{}(resolved_config_text(run)) % (uint64_t(1) << 52)) : 0.0;
+  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, -config_hash, config_hash};
+  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if (!error.empty()) {
+    std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
+    return false;
+  }
+  if (agreement[0] != 0.0) {
+    std::fprintf(stderr, "%s: error: another rank could not load its arguments or config (its message says why)\n",
+                 tool);
+    return false;
+  }
+  if (-agreement[1] != agreement[2]) {
+    std::fprintf(stderr, "%s: error: the ranks loaded different configs (rank %d: hash %013llx); is the config file "
+                 "the same on every node, and the command line too?\n", tool, mpi.world_rank(),
+                 (unsigned long long)config_hash);
+    return false;
+  }
+  return true;
+}
+
 // Input checks on every rank, then one agreement so that no rank is left waiting. False
-// (after each failing rank printed its one line as `tool: error: ...`) when any rank failed.
+// (after every rank printed one line as `tool: error: ...`, the failing ones their
+// reason) when any rank failed.
 bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* tool, Setup& setup) {
   std::string error, no_nccl = "not checked";
   const auto comm_choice = run.parallel().comm_backend();
@@ -245,6 +278,8 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
     setup.backend = make_backend(run, mpi);
     no_nccl = nccl_unavailable_reason(*setup.backend, mpi);
     if (comm_choice == config::Parallel::NCCL && !no_nccl.empty()) fail("parallel.comm_backend NCCL: {}", no_nccl);
+    if (mpi.world_rank() == 0 && !run.checkpoint().dir().empty())
+      Checkpointer::check_writable(run.checkpoint().dir());
     if (mpi.world_rank() == 0 && !run.metrics().jsonl().empty())
       setup.jsonl = std::make_unique<JsonlMetrics>(run.metrics().jsonl());
     if (mpi.world_rank() == 0 && !run.metrics().tensorboard_dir().empty())
@@ -264,7 +299,8 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
     agreement[0] = 1.0;
   }
   if (agreement[0] != 0.0) {
-    if (!error.empty()) std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
+    if (error.empty()) error = "another rank's setup failed (its message says why)";
+    std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
     return false;
   }
   setup.comm_kind =
@@ -509,6 +545,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       std::fprintf(stderr, "sdmoe_pretrain: error: loss became %f at step %ld\n", r.loss, (long)r.step);
       return 3;
     }
+    if (!std::isfinite(r.grad_norm)) {
+      // The global norm, the same on every rank; the update it scaled is not finite either.
+      std::fprintf(stderr, "sdmoe_pretrain: error: gradient norm became %f at step %ld\n", r.grad_norm, (long)r.step);
+      return 3;
+    }
     if (root && (r.step % run.training().log_interval() == 0 || r.val_loss >= 0)) {
       std::printf("step %ld/%d | loss %.6f | lr %.3e | gnorm %.4f | %.0f tok/s | %.2f GFLOP/s (%.1f%% of peak) | %s | aux %.5f z %.5f | load%s",
                   (long)r.step, run.training().steps(), r.loss, r.lr, r.grad_norm, r.tokens_per_second,
@@ -546,6 +587,15 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     const bool last = r.step == run.training().steps();
     if (!ck.dir().empty() && (stop != 0 || last || (ck.interval() > 0 && r.step % ck.interval() == 0))) {
+      // A checkpoint of parameters that are no longer finite would become `latest` and
+      // rotate the good ones out, and every resume would fail: stop without writing it.
+      int broken = std::isfinite(be.sum_squares(model.params())) ? 0 : 1;
+      MPI_Allreduce(MPI_IN_PLACE, &broken, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+      if (broken != 0) {
+        std::fprintf(stderr, "sdmoe_pretrain: error: the parameters are not finite after step %ld; checkpoint not "
+                     "written, the previous ones are kept\n", (long)r.step);
+        return 3;
+      }
       const auto save_start = std::chrono::steady_clock::now();
       checkpointer.save({r.step, train_loader.position()});
       if (root) {

