@@ -55,8 +55,17 @@ std::string architecture_difference(const std::string& saved, const std::string&
   while (a >> x && b >> y) {
     if (x == y) continue;
     const size_t eq = y.find('=');
-    out += fmt::format("{}model.{} {} in the checkpoint, {} in this config", out.empty() ? "" : "; ", y.substr(0, eq),
-                       x.substr(x.find('=') + 1), y.substr(eq + 1));
+    const std::string key = y.substr(0, eq);
+    // The router score is stored as its enum's number; the message names it.
+    auto value = [&key](const std::string& word) {
+      const std::string v = word.substr(word.find('=') + 1);
+      if (key != "moe.router_score") return v;
+      return v == std::to_string(int(RouterScore::SOFTMAX))   ? std::string("SOFTMAX")
+             : v == std::to_string(int(RouterScore::SIGMOID)) ? std::string("SIGMOID")
+                                                              : v;
+    };
+    out += fmt::format("{}model.{} {} in the checkpoint, {} in this config", out.empty() ? "" : "; ", key, value(x),
+                       value(y));
   }
   return out.empty() ? saved + " vs " + current : out;
 }

@@ -6,6 +6,7 @@
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -159,6 +160,7 @@ config::Run parse_config_text(const std::string& text, const std::string& name,
 config::Run load_config(const std::string& path, const std::vector<std::string>& overrides) {
   std::ifstream in(path);
   if (!in) fail("{}: cannot open config file", path);
+  if (std::filesystem::is_directory(path)) fail("{}: is a directory, not a config file", path);
   std::stringstream text;
   text << in.rdbuf();
   return parse_config_text(text.str(), path, overrides);

@@ -43,6 +43,8 @@ int main(int argc, char** argv) {
       overrides.push_back("checkpoint.resume=REQUIRED");
     } else if (arg.rfind("--set=", 0) == 0) {
       overrides.push_back(arg.substr(6));
+    } else if (arg == "--config" || arg == "--set") {
+      usage_error = arg + " needs a value (see --help)";
     } else {
       usage_error = "unknown argument '" + arg + "' (see --help)";
     }

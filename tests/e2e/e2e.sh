@@ -148,6 +148,8 @@ bad_input)
   check "validation batches not shared evenly" "eval_batches (3)" --config configs/tiny.textproto --set training.eval_batches=3
   check "SD-MoE rank too large" "sdmoe.rank (64) must be in" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.rank=64
   check "SD-MoE async with shared bases" "sdmoe.async needs basis: PER_EXPERT" --config configs/tiny.textproto --set sdmoe.enabled=true --set sdmoe.async=true --set sdmoe.basis=LAYER_SHARED
+  check "config is a directory" "is a directory, not a config file" --config configs
+  check "--set without a value" "\-\-set needs a value" --config configs/tiny.textproto --set
   check "MoE layer frequency zero" "layer_freq must be positive" --config configs/tiny.textproto --set model.moe.layer_freq=0
   check "infinite learning rate" "optimizer.lr must be a finite number" --config configs/tiny.textproto --set optimizer.lr=1e400
   check "NaN router loss coefficient" "model.moe.aux_loss_coef must be a finite number" --config configs/tiny.textproto --set model.moe.aux_loss_coef=nan

@@ -176,6 +176,8 @@ bad_checkpoint)
   expect_error corrupt "corrupt" --set checkpoint.load="$tmp/flipped"
   expect_error other_model "differs" --set checkpoint.load="$good" --set model.heads=2
   expect_error other_width "differs" --set checkpoint.load="$good" --set model.moe.expert_ffn_dim=32
+  expect_error other_router "router_score SOFTMAX in the checkpoint, SIGMOID in this config" --set checkpoint.load="$good" \
+    --set model.moe.router_score=SIGMOID
   expect_error no_sdmoe "sdmoe.enabled" --set checkpoint.load="$good" --set sdmoe.enabled=false
   expect_error other_rank "differs" --set checkpoint.load="$good" --set sdmoe.rank=4
   expect_error missing "does not exist" --set checkpoint.load="$tmp/nothing"
