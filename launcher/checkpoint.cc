@@ -598,11 +598,16 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       fail("{}: the checkpoint was written with sdmoe.enabled {}, this run has {}", path, saved_sdmoe,
            sdmoe_ != nullptr);
     position.step = read_int_attribute(file.get(), "step", path);
+    if (position.step < 0)
+      fail("{}: attribute 'step' is {}, not a step count (the file was altered)", path, position.step);
     const int64_t data_seed = read_int_attribute(file.get(), "data_seed", path);
     if (data_seed != int64_t(run_.data().seed()) && world_rank() == 0)
       std::fprintf(stderr, "sdmoe: warning: %s was written with data.seed %ld, this run has %ld: the sample order changes\n",
                    path.c_str(), (long)data_seed, (long)run_.data().seed());
-    position.data_position = uint64_t(read_int_attribute(file.get(), "data_position", path));
+    const int64_t data_position = read_int_attribute(file.get(), "data_position", path);
+    if (data_position < 0)
+      fail("{}: attribute 'data_position' is {}, not a sample count (the file was altered)", path, data_position);
+    position.data_position = uint64_t(data_position);
 
     const ParamRegistry& reg = model_.registry();
     std::vector<float> params = host_copy(be, model_.params());

@@ -180,6 +180,11 @@ bad_checkpoint)
     --set model.moe.router_score=SIGMOID
   expect_error no_sdmoe "sdmoe.enabled" --set checkpoint.load="$good" --set sdmoe.enabled=false
   expect_error other_rank "differs" --set checkpoint.load="$good" --set sdmoe.rank=4
+  # Attributes edited by hand (h5py) into values no run writes.
+  cp -r "$good" "$tmp/edited"
+  /usr/bin/python3 -c "import h5py, sys; h5py.File(sys.argv[1], 'r+').attrs['data_position'] = -100" \
+    "$tmp/edited/checkpoint.h5" || die "editing the checkpoint with h5py"
+  expect_error edited "attribute 'data_position' is -100" --set checkpoint.load="$tmp/edited"
   expect_error missing "does not exist" --set checkpoint.load="$tmp/nothing"
   expect_error required "has no checkpoint" --set checkpoint.dir="$tmp/empty" --resume
   # Ranks that would resume from different checkpoints with the same config (as when
