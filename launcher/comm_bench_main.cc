@@ -325,9 +325,17 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
   const int p = mpi.world_size();
   if (error.empty() && o.experts % p != 0)
     error = fmt::format("--experts ({}) must be a multiple of the number of ranks ({})", o.experts, p);
+  // Every rank must have the same arguments (the collectives' sizes come from them) and
+  // none may have failed: one agreement, then every rank prints a line and exits.
+  std::string args;
+  for (int i = 1; i < argc; ++i) args += std::string(argv[i]) + '\0';
+  const double args_hash = double(std::hash<std::string>{}(args) % (uint64_t(1) << 52));
+  double agreement[3] = {error.empty() ? 0.0 : 1.0, -args_hash, args_hash};
+  MPI_Allreduce(MPI_IN_PLACE, agreement, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if (error.empty() && agreement[0] != 0.0) error = "another rank's arguments are wrong (its message says why)";
+  if (error.empty() && -agreement[1] != agreement[2]) error = "the ranks were given different arguments";
   if (!error.empty()) {
-    // The same arguments reach every rank, so every rank fails alike; one prints.
-    if (root) std::fprintf(stderr, "sdmoe_comm_bench: error: %s\n", error.c_str());
+    std::fprintf(stderr, "sdmoe_comm_bench: error: %s\n", error.c_str());
     return 2;
   }
   // The CPU backend does the dispatcher's row gathers; split the node's cores among its ranks.

