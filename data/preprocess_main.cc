@@ -1,5 +1,7 @@
 // sdmoe_preprocess: corpus files -> one HDF5 token file with train and validation splits.
 // See docs/data.md for the default corpus command lines.
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -21,7 +23,7 @@ constexpr const char* kUsage = R"(usage: sdmoe_preprocess --tokenizer DIR --outp
        sdmoe_preprocess --merge --output FILE.h5 TOKENS.h5...
 
 Tokenizes INPUT files with GPT-2 BPE into an HDF5 token file with /train and /validation.
-  INPUT ending in .jsonl: one JSON object per line, its "text" member is a document.
+  INPUT ending in .jsonl (any case): one JSON object per line, its "text" member is a document.
   Any other INPUT: plain text, one document per file (see --split-regex).
 
 options:
@@ -199,7 +201,8 @@ int run(const Options& options) {
   const auto start_time = std::chrono::steady_clock::now();
   for (const std::string& input : options.inputs) {
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(input, ec)) sdmoe::fail("{}: no such input file", input);
+    if (!std::filesystem::exists(input, ec)) sdmoe::fail("{}: no such input file", input);
+    if (!std::filesystem::is_regular_file(input, ec)) sdmoe::fail("{}: not a regular file (a directory?)", input);
   }
   const BpeTokenizer tokenizer = BpeTokenizer::load(options.tokenizer_dir);
   std::optional<std::regex> split_at;
@@ -232,7 +235,10 @@ int run(const Options& options) {
   };
   for (const std::string& input : options.inputs) {
     if (stop) break;
-    if (input.ends_with(".jsonl")) read_jsonl_documents(input, add_document);
+    std::string extension = std::filesystem::path(input).extension().string();
+    std::transform(extension.begin(), extension.end(), extension.begin(),
+                   [](unsigned char c) { return char(std::tolower(c)); });
+    if (extension == ".jsonl") read_jsonl_documents(input, add_document);
     else read_text_documents(input, split_at, add_document);
   }
   if (documents.empty()) sdmoe::fail("the inputs contain no non-blank documents");

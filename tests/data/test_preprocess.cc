@@ -210,6 +210,8 @@ TEST(Preprocess, BadInputIsOneLineErrorWithExitCode2) {
       {{"--tokenizer", tok_dir, "--output", output}, "no INPUT"},
       {{"--output", output, dir.file("in.txt")}, "--tokenizer DIR is required"},
       {{"--tokenizer", tok_dir, "--output", dir.file("no_dir/out.h5"), dir.file("in.txt")}, "cannot create"},
+      {{"--tokenizer", tok_dir, "--output", output, dir.path().string()}, "not a regular file"},
+      {{"--tokenizer", tok_dir, "--output", dir.file("in.txt"), dir.file("in.txt")}, "it would be overwritten"},
   };
   for (const auto& [args, needle] : cases) {
     const RunResult r = run_preprocess(dir, args);
@@ -219,10 +221,12 @@ TEST(Preprocess, BadInputIsOneLineErrorWithExitCode2) {
     EXPECT_NE(r.err.find(needle), std::string::npos) << "want '" << needle << "' in: " << r.err;
     EXPECT_FALSE(std::filesystem::exists(output));
   }
-  write_file(dir.file("bad.jsonl"), "{\"text\": \"ok\"}\n{\"title\": \"no text\"}\n");
-  const RunResult r = run_preprocess(dir, {"--tokenizer", tok_dir, "--output", output, dir.file("bad.jsonl")});
+  EXPECT_EQ(read_file(dir.file("in.txt")), "hello\n") << "an input named as the output must stay as it was";
+  // The extension is matched in any case: an upper-case .JSONL is read as JSON records.
+  write_file(dir.file("bad.JSONL"), "{\"text\": \"ok\"}\n{\"title\": \"no text\"}\n");
+  const RunResult r = run_preprocess(dir, {"--tokenizer", tok_dir, "--output", output, dir.file("bad.JSONL")});
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("bad.jsonl:2: JSON object has no \"text\""), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("bad.JSONL:2: JSON object has no \"text\""), std::string::npos) << r.err;
 }
 
 TEST(Preprocess, Help) {
