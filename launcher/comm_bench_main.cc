@@ -326,14 +326,12 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
   if (error.empty() && o.experts % p != 0)
     error = fmt::format("--experts ({}) must be a multiple of the number of ranks ({})", o.experts, p);
   // Every rank must have the same arguments (the collectives' sizes come from them) and
-  // none may have failed: one agreement, then every rank prints a line and exits.
+  // none may have failed: agreed on, then every rank prints a line and exits.
   std::string args;
   for (int i = 1; i < argc; ++i) args += std::string(argv[i]) + '\0';
-  const double args_hash = double(std::hash<std::string>{}(args) % (uint64_t(1) << 52));
-  double agreement[3] = {error.empty() ? 0.0 : 1.0, -args_hash, args_hash};
-  MPI_Allreduce(MPI_IN_PLACE, agreement, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  if (error.empty() && agreement[0] != 0.0) error = "another rank's arguments are wrong (its message says why)";
-  if (error.empty() && -agreement[1] != agreement[2]) error = "the ranks were given different arguments";
+  const bool failed = mpi.any_rank(!error.empty());
+  if (error.empty() && failed) error = "another rank's arguments are wrong (its message says why)";
+  if (error.empty() && !mpi.same_on_every_rank(args)) error = "the ranks were given different arguments";
   if (!error.empty()) {
     std::fprintf(stderr, "sdmoe_comm_bench: error: %s\n", error.c_str());
     return 2;

@@ -243,27 +243,16 @@ struct Setup {
 };
 
 bool agree_on_config(const MpiRuntime& mpi, const char* tool, const std::string& error, const config::Run& run) {
-  // [any rank failed, -/+ a hash of the resolved config] (52 bits, exact in a double).
-  const double config_hash =
-      error.empty() ? double(std::hash<std::string>{}(resolved_config_text(run)) % (uint64_t(1) << 52)) : 0.0;
-  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, -config_hash, config_hash};
-  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  if (!error.empty()) {
-    std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
-    return false;
-  }
-  if (agreement[0] != 0.0) {
-    std::fprintf(stderr, "%s: error: another rank could not load its arguments or config (its message says why)\n",
-                 tool);
-    return false;
-  }
-  if (-agreement[1] != agreement[2]) {
-    std::fprintf(stderr, "%s: error: the ranks loaded different configs (rank %d: hash %013llx); is the config file "
-                 "the same on every node, and the command line too?\n", tool, mpi.world_rank(),
-                 (unsigned long long)config_hash);
-    return false;
-  }
-  return true;
+  const bool failed = mpi.any_rank(!error.empty());
+  std::string reason = error;
+  if (reason.empty() && failed)
+    reason = "another rank could not load its arguments or config (its message says why)";
+  if (reason.empty() && !mpi.same_on_every_rank(resolved_config_text(run)))
+    reason = "the ranks loaded different configs; is the config file the same on every node, and the command line "
+             "too?";
+  if (reason.empty()) return true;
+  std::fprintf(stderr, "%s: error: %s\n", tool, reason.c_str());
+  return false;
 }
 
 // Input checks on every rank, then one agreement so that no rank is left waiting. False
@@ -287,24 +276,20 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
   } catch (const Error& e) {
     error = e.what();
   }
-  // [any rank failed, any rank cannot use NCCL, -/+ the resume path's hash]: AUTO picks
-  // NCCL only if every rank can; every rank must resume from the same checkpoint (a
-  // checkpoint.dir that is not on a shared file system would split them).
-  const double path_hash = double(std::hash<std::string>{}(setup.job.resume_from) % (uint64_t(1) << 52));
-  std::vector<double> agreement{error.empty() ? 0.0 : 1.0, no_nccl.empty() ? 0.0 : 1.0, -path_hash, path_hash};
-  MPI_Allreduce(MPI_IN_PLACE, agreement.data(), 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  if (agreement[0] == 0.0 && -agreement[2] != agreement[3]) {
+  // AUTO picks NCCL only if every rank can; every rank must resume from the same
+  // checkpoint (a checkpoint.dir that is not on a shared file system would split them).
+  const bool failed = mpi.any_rank(!error.empty());
+  const bool some_without_nccl = mpi.any_rank(!no_nccl.empty());
+  if (!failed && !mpi.same_on_every_rank(setup.job.resume_from))
     error = fmt::format("the ranks disagree on the checkpoint to resume from (this rank: '{}'); is checkpoint.dir on a "
                         "file system every node sees?", setup.job.resume_from);
-    agreement[0] = 1.0;
-  }
-  if (agreement[0] != 0.0) {
+  if (failed || !error.empty()) {
     if (error.empty()) error = "another rank's setup failed (its message says why)";
     std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
     return false;
   }
   setup.comm_kind =
-      comm_choice == config::Parallel::MPI || agreement[1] != 0.0 ? CommBackend::MPI : CommBackend::NCCL;
+      comm_choice == config::Parallel::MPI || some_without_nccl ? CommBackend::MPI : CommBackend::NCCL;
   return true;
 }
 
@@ -589,9 +574,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     if (!ck.dir().empty() && (stop != 0 || last || (ck.interval() > 0 && r.step % ck.interval() == 0))) {
       // A checkpoint of parameters that are no longer finite would become `latest` and
       // rotate the good ones out, and every resume would fail: stop without writing it.
-      int broken = std::isfinite(be.sum_squares(model.params())) ? 0 : 1;
-      MPI_Allreduce(MPI_IN_PLACE, &broken, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-      if (broken != 0) {
+      if (mpi.any_rank(!std::isfinite(be.sum_squares(model.params())))) {
         std::fprintf(stderr, "sdmoe_pretrain: error: the parameters are not finite after step %ld; checkpoint not "
                      "written, the previous ones are kept\n", (long)r.step);
         return 3;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <numeric>
 
@@ -298,6 +299,21 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
 }
 
 MpiRuntime::~MpiRuntime() { MPI_Finalize(); }
+
+bool MpiRuntime::any_rank(bool flag) const {
+  int any = flag ? 1 : 0;
+  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
+  return any != 0;
+}
+
+bool MpiRuntime::same_on_every_rank(const std::string& text) const {
+  // The largest and the smallest hash over the ranks in one reduction, as max(h), max(-h);
+  // 52 bits are exact in a double.
+  const double hash = double(std::hash<std::string>{}(text) % (uint64_t(1) << 52));
+  double extremes[2] = {hash, -hash};
+  SDMOE_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, extremes, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+  return extremes[0] == -extremes[1];
+}
 
 // ---- process groups -------------------------------------------------------------------
 

@@ -141,6 +141,12 @@ class MpiRuntime {
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
 
+  // Start-up agreement over MPI_COMM_WORLD, before any communicator exists; every rank
+  // must call them in the same order. True on every rank when any rank passes true:
+  bool any_rank(bool flag) const;
+  // and when every rank passes the same text (compared by a 52-bit hash).
+  bool same_on_every_rank(const std::string& text) const;
+
  private:
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
 };
