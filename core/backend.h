@@ -72,6 +72,10 @@ class Backend {
   // Peak dense fp32 FLOP/s of the device, used for the "% of peak" figures, measured once
   // with an FMA loop (CPU cores or GPU SMs).
   virtual double peak_flops() = 0;
+  // Peak FLOP/s of the device's bf16 GEMM path, the denominator of BF16 figures: on CPU the
+  // measured vdpbf16ps rate (or the fp32 peak where bf16 GEMMs widen to fp32); 0 where no
+  // measurement exists yet (CUDA).
+  virtual double peak_bf16_flops() { return 0.0; }
   // The stream every op of this backend is ordered on (a cudaStream_t on CUDA), so that a
   // device communicator can enqueue its collectives in the same order; null on CPU.
   virtual void* native_stream() { return nullptr; }

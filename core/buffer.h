@@ -1,5 +1,6 @@
 // Owned device memory and the arena that carves tensor views out of it.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 
@@ -47,14 +48,22 @@ class Arena {
   Arena(Device device, Buffer& buffer) : device_(device), base_(static_cast<char*>(buffer.data())), capacity_(buffer.bytes()) {}
 
   Tensor take(DType dtype, std::initializer_list<int64_t> dims);
-  size_t used() const { return used_; }
+  // Bytes the buffer needs: the furthest any take() reached, rewinds included.
+  size_t used() const { return std::max(used_, high_water_); }
   bool planning() const { return base_ == nullptr; }
+  // Where the next take() starts, and a return there: the views taken since then are
+  // handed out again (the layers' activations under recomputation share one region).
+  size_t position() const { return used_; }
+  void rewind(size_t position) {
+    high_water_ = std::max(high_water_, used_);
+    used_ = position;
+  }
 
  private:
   Device device_;
   char* base_ = nullptr;
   size_t capacity_ = 0;
-  size_t used_ = 0;
+  size_t used_ = 0, high_water_ = 0;
 };
 
 }  // namespace sdmoe

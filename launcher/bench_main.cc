@@ -1,14 +1,18 @@
 // sdmoe_bench --config FILE.textproto [--device CPU|CUDA|AUTO] [--steps N]: prints the
-// measured fp32 FMA peak of the device the config (or --device) selects, GEMM throughput
-// on the model's shapes and the throughput of full training steps, each as a percentage
-// of that peak. Figures only; nothing is asserted.
+// measured fp32 FMA peak of the device the config (or --device) selects and, on a CPU,
+// its measured bf16 dot-product (vdpbf16ps) peak; GEMM throughput on the model's shapes
+// with fp32 and with bf16 operands; and the throughput of full training steps in FP32
+// and BF16, each as a percentage of the peak of its own precision. Figures only; nothing
+// is asserted.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
+#include "core/cpu/gemm_bf16_avx512.h"
 #include "core/rng.h"
 #include "launcher/config.h"
 #include "launcher/trainer.h"
@@ -26,12 +30,20 @@ constexpr int kGemmRounds = 3, kTrialsPerRound = 2;
 
 // Best of several short trials: these machines are shared, and a neighbour's burst in one
 // trial should not decide the figure. The same rule times the peak.
-double time_gemm(sdmoe::Backend& be, bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t count, int trials) {
-  sdmoe::Buffer a(be, count * m * k * 4), b(be, count * k * n * 4), c(be, count * m * n * 4);
-  sdmoe::Tensor ta_(a.data(), sdmoe::DType::F32, be.device(), {count * m, k}),
-      tb_(b.data(), sdmoe::DType::F32, be.device(), {count * k, n}), tc(c.data(), sdmoe::DType::F32, be.device(), {count * m, n});
-  be.init_normal(ta_, 1, 1, 1.0, 0);
-  be.init_normal(tb_, 1, 2, 1.0, 0);
+// operand: F32, or BF16 (operands bf16, C fp32, as the BF16 training step runs them).
+double time_gemm(sdmoe::Backend& be, sdmoe::DType operand, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                 int64_t count, int trials) {
+  const size_t width = sdmoe::dtype_size(operand);
+  sdmoe::Buffer a(be, count * m * k * width), b(be, count * k * n * width), c(be, count * m * n * 4);
+  sdmoe::Buffer wide(be, std::max(count * m * k, count * k * n) * 4);
+  sdmoe::Tensor ta_(a.data(), operand, be.device(), {count * m, k}), tb_(b.data(), operand, be.device(), {count * k, n}),
+      tc(c.data(), sdmoe::DType::F32, be.device(), {count * m, n});
+  // Random values drawn in fp32 and rounded to the operand type.
+  for (auto [x, stream] : {std::pair{ta_, 1}, std::pair{tb_, 2}}) {
+    const sdmoe::Tensor w(wide.data(), sdmoe::DType::F32, be.device(), {x.numel()});
+    be.init_normal(w, 1, stream, 1.0, 0);
+    be.cast(w, x);
+  }
   const sdmoe::GemmBatch batch{count, m * k, k * n, m * n};
   be.gemm(ta, tb, m, n, k, 1.0, ta_, tb_, 0.0, tc, batch);  // warm-up
   be.synchronize();
@@ -53,15 +65,16 @@ double time_gemm(sdmoe::Backend& be, bool ta, bool tb, int64_t m, int64_t n, int
 
 int main(int argc, char** argv) {
   std::string path = "configs/small-cpu.textproto";
-  int steps = 7;
+  int steps = 9;
   std::string device;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
       std::printf("usage: sdmoe_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--steps N]\n"
-                  "Prints the measured fp32 FMA peak, GEMM throughput on the model's shapes (best of 6\n"
-                  "trials in 3 rounds over all shapes) and the median of N training steps, as\n"
-                  "percentages of that peak.\n");
+                  "Prints the measured fp32 FMA peak and (CPU) the measured bf16 dot-product peak, GEMM\n"
+                  "throughput on the model's shapes with fp32 and bf16 operands (best of 6 trials in 3\n"
+                  "rounds over all shapes), and the median of N training steps in FP32 and BF16 (steps\n"
+                  "of the two alternate), each as a percentage of the peak of its own precision.\n");
       return 0;
     }
     if (i + 1 >= argc || (arg != "--config" && arg != "--steps" && arg != "--device")) {
@@ -118,51 +131,106 @@ int main(int argc, char** argv) {
     // Rounds over all shapes, each shape's best trial kept, and the peak re-measured after
     // every round: a neighbour's burst then spoils one trial of a shape rather than all of
     // them, and cannot lower the denominator (a lowered peak once put a GEMM above 100%).
-    std::vector<double> gemm_flops(std::size(shapes), 0.0);
+    // BF16 figures where BF16 trains: the CPU backend. Its peak is that of the bf16 GEMM
+    // path this CPU uses (AMX or vdpbf16ps), or the fp32 FMA rate where the GEMMs widen
+    // their operands to fp32.
+    auto* cpu = dynamic_cast<sdmoe::CpuBackend*>(be.get());
+    const bool bf16 = cpu != nullptr;
+    const sdmoe::Bf16GemmPath gemm_path = bf16 ? sdmoe::cpu_bf16_gemm_path() : sdmoe::Bf16GemmPath::WIDEN;
+    const bool bf16_kernel = bf16 && gemm_path != sdmoe::Bf16GemmPath::WIDEN;
+    double peak_bf16 = 0.0;
+    std::vector<double> gemm_flops(std::size(shapes), 0.0), gemm_flops_bf16(std::size(shapes), 0.0);
     for (int round = 0; round < kGemmRounds; ++round) {
       for (size_t i = 0; i < std::size(shapes); ++i) {
         const Shape& s = shapes[i];
-        gemm_flops[i] = std::max(gemm_flops[i], time_gemm(*be, s.ta, s.tb, s.m, s.n, s.k, s.count, kTrialsPerRound));
+        gemm_flops[i] = std::max(gemm_flops[i], time_gemm(*be, sdmoe::DType::F32, s.ta, s.tb, s.m, s.n, s.k, s.count,
+                                                          kTrialsPerRound));
+        if (bf16)
+          gemm_flops_bf16[i] = std::max(gemm_flops_bf16[i], time_gemm(*be, sdmoe::DType::BF16, s.ta, s.tb, s.m, s.n,
+                                                                      s.k, s.count, kTrialsPerRound));
       }
-      if (auto* cpu = dynamic_cast<sdmoe::CpuBackend*>(be.get()))
+      if (cpu) {
         peak = std::max(peak, sdmoe::measure_cpu_fma_peak(cpu->threads()));
+        peak_bf16 = std::max(peak_bf16, bf16_kernel ? sdmoe::measure_cpu_bf16_gemm_peak(gemm_path, cpu->threads()) : peak);
+      }
     }
-    std::printf("measured fp32 FMA peak: %.1f GFLOP/s (best of %d measurements)\n\n", peak / 1e9,
+    std::printf("measured fp32 FMA peak: %.1f GFLOP/s (best of %d measurements)\n", peak / 1e9,
                 be->device() == sdmoe::Device::CPU ? kGemmRounds + 1 : 1);
-    std::printf("%-28s %24s %12s %8s\n", "GEMM (model shapes)", "[batch x] m x n x k", "GFLOP/s", "% peak");
+    if (bf16) std::printf("bf16 GEMMs: %s\n", sdmoe::cpu_bf16_gemm_reason().c_str());
+    if (bf16_kernel)
+      std::printf("measured bf16 peak (%s): %.1f GFLOP/s (best of %d), %.2fx the fp32 peak\n",
+                  sdmoe::bf16_gemm_path_name(gemm_path), peak_bf16 / 1e9, kGemmRounds, peak_bf16 / peak);
+    else if (bf16)
+      std::printf("bf16 GEMMs widen to fp32 here: measured against the fp32 peak\n");
+    if (cpu && sdmoe::cpu::cpu_supports_avx512_bf16())
+      std::printf("measured vdpbf16ps (AVX512_BF16) peak: %.1f GFLOP/s, %.2fx the fp32 FMA peak\n",
+                  sdmoe::cpu::measure_cpu_bf16_dot_peak(cpu->threads()) / 1e9,
+                  sdmoe::cpu::measure_cpu_bf16_dot_peak(cpu->threads()) / peak);
+    std::printf("\n%-28s %24s %10s %7s", "GEMM (model shapes)", "[batch x] m x n x k", "fp32 GF/s", "% peak");
+    if (bf16) std::printf(" %10s %7s %7s", "bf16 GF/s", "% peak", "bf16/32");
+    std::printf("\n");
     for (size_t i = 0; i < std::size(shapes); ++i) {
       const Shape& s = shapes[i];
       const std::string dims = (s.count > 1 ? fmt::format("{} x ", s.count) : std::string()) +
                                fmt::format("{}x{}x{}", s.m, s.n, s.k);
-      std::printf("%-28s %24s %12.1f %7.1f%%\n", s.name, dims.c_str(), gemm_flops[i] / 1e9,
-                  100.0 * gemm_flops[i] / peak);
+      std::printf("%-28s %24s %10.1f %6.1f%%", s.name, dims.c_str(), gemm_flops[i] / 1e9, 100.0 * gemm_flops[i] / peak);
+      if (bf16)
+        std::printf(" %10.1f %6.1f%% %6.2fx", gemm_flops_bf16[i] / 1e9, 100.0 * gemm_flops_bf16[i] / peak_bf16,
+                    gemm_flops_bf16[i] / gemm_flops[i]);
+      std::printf("\n");
     }
 
-    sdmoe::GptModel model(spec, *be, sdmoe::DType::F32, run.training().micro_batch_size());
-    model.init_parameters(1);
-    sdmoe::AdamW opt(model, optimizer_spec);
-    std::vector<int32_t> tokens(int64_t(model.micro_batch()) * (spec.seq_len + 1));
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % uint64_t(spec.vocab_size));
-    model.forward_backward(tokens.data(), 1.0);  // warm-up
-    be->synchronize();
-    // The median step: one slow step caused by a neighbour on a shared machine moves it
-    // little, and no step is dropped.
-    std::vector<double> step_seconds;
-    for (int s = 0; s < steps; ++s) {
-      auto start = Clock::now();
-      model.zero_grads();
-      model.forward_backward(tokens.data(), 1.0);
-      opt.step(s);
-      be->synchronize();
-      step_seconds.push_back(seconds_since(start));
+    // Training steps of the FP32 and (on CPU) the BF16 model, alternating, so that a
+    // neighbour's load falls on both alike; the median step of each.
+    struct Arm {
+      sdmoe::Precision precision;
+      std::unique_ptr<sdmoe::GptModel> model;
+      std::unique_ptr<sdmoe::AdamW> optimizer;
+      std::vector<double> seconds;
+    };
+    std::vector<Arm> arms;
+    for (sdmoe::Precision p : {sdmoe::Precision::FP32, sdmoe::Precision::BF16}) {
+      if (p == sdmoe::Precision::BF16 && !bf16) continue;
+      Arm arm{p, std::make_unique<sdmoe::GptModel>(spec, *be, sdmoe::PrecisionPolicy::of(p),
+                                                   run.training().micro_batch_size()),
+              nullptr, {}};
+      arm.model->init_parameters(1);
+      arm.optimizer = std::make_unique<sdmoe::AdamW>(*arm.model, optimizer_spec);
+      arms.push_back(std::move(arm));
     }
-    std::sort(step_seconds.begin(), step_seconds.end());
-    const double sec = step_seconds[step_seconds.size() / 2];
-    const double tps = double(t) / sec, flops = tps * spec.train_flops_per_token();
+    const int micro_batch = arms[0].model->micro_batch();
+    std::vector<int32_t> tokens(int64_t(micro_batch) * (spec.seq_len + 1));
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t(sdmoe::random_bits(7, 0, i) % uint64_t(spec.vocab_size));
+    for (Arm& arm : arms) arm.model->forward_backward(tokens.data(), 1.0);  // warm-up
+    be->synchronize();
+    for (int s = 0; s < steps; ++s)
+      for (Arm& arm : arms) {
+        auto start = Clock::now();
+        arm.model->zero_grads();
+        arm.model->forward_backward(tokens.data(), 1.0);
+        arm.optimizer->step(s);
+        arm.model->weights_changed();
+        be->synchronize();
+        arm.seconds.push_back(seconds_since(start));
+      }
     std::printf("\ntraining step (%s, micro-batch %d x %d tokens, forward+backward+AdamW, median of %d):\n",
-                path.c_str(), model.micro_batch(), spec.seq_len, steps);
-    std::printf("  %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of measured peak\n", sec, tps,
-                flops / 1e9, 100.0 * flops / peak);
+                path.c_str(), micro_batch, spec.seq_len, steps);
+    double fp32_tokens_per_second = 0.0;
+    for (Arm& arm : arms) {
+      // The median step: one slow step caused by a neighbour moves it little, and no step
+      // is dropped.
+      std::sort(arm.seconds.begin(), arm.seconds.end());
+      const double sec = arm.seconds[arm.seconds.size() / 2];
+      const double tps = double(t) / sec, flops = tps * spec.train_flops_per_token();
+      const bool is_bf16 = arm.precision == sdmoe::Precision::BF16;
+      if (!is_bf16) fp32_tokens_per_second = tps;
+      std::printf("  %s: %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of the measured %s peak, "
+                  "activations %.1f MB%s\n",
+                  std::string(sdmoe::precision_name(arm.precision)).c_str(), sec, tps, flops / 1e9,
+                  100.0 * flops / (is_bf16 ? peak_bf16 : peak), is_bf16 && bf16_kernel ? sdmoe::bf16_gemm_path_name(gemm_path) : "fp32",
+                  double(arm.model->activation_bytes()) / 1e6,
+                  is_bf16 ? fmt::format(" ({:.2f}x the FP32 tokens/s)", tps / fp32_tokens_per_second).c_str() : "");
+    }
   } catch (const sdmoe::Error& e) {
     std::fprintf(stderr, "sdmoe_bench: error: %s\n", e.what());
     return 2;

@@ -664,6 +664,7 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
       sdmoe_->bases_restored();
     }
     be.copy_from_host(params.data(), model_.params());
+    model_.weights_changed();  // a BF16 model's working copy follows the loaded fp32 master
     if (!m.empty()) {
       be.copy_from_host(m.data(), optimizer_->first_moments());
       be.copy_from_host(v.data(), optimizer_->second_moments());

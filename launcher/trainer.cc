@@ -44,6 +44,8 @@ void install_stop_handlers() {
 
 struct Job {
   ModelSpec model;
+  PrecisionPolicy precision;
+  Recompute recompute = Recompute::NONE;
   OptimizerSpec optimizer;
   SdmoeSpec sdmoe;
   int micro_batch = 0, accumulation = 0;
@@ -59,6 +61,10 @@ Job check_job(const config::Run& run, int dp) {
   job.model = model_spec_from(run.model());
   job.model.validate();
   const config::Training& t = run.training();
+  job.precision = PrecisionPolicy::of(t.precision() == config::Training::BF16 ? Precision::BF16 : Precision::FP32);
+  job.recompute = t.recompute() == config::Training::FULL        ? Recompute::FULL
+                  : t.recompute() == config::Training::SELECTIVE ? Recompute::SELECTIVE
+                                                                 : Recompute::NONE;
   if (t.steps() < 0) fail("training.steps must be >= 0");
   if (t.micro_batch_size() <= 0) fail("training.micro_batch_size must be positive");
   if (t.global_batch_size() % (t.micro_batch_size() * dp) != 0)
@@ -265,6 +271,11 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
     setup.dims = check_parallel(run, mpi.world_size());
     setup.job = check_job(run, setup.dims.dp);
     setup.backend = make_backend(run, mpi);
+    if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CUDA)
+      fail("training.precision BF16 is not available on the CUDA backend yet (its elementwise kernels are fp32 "
+           "only); use FP32 on GPUs, or device: CPU");
+    // The bf16 GEMM path is chosen now, so that a bad SDMOE_CPU_BF16_GEMM stops every rank here.
+    if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CPU) cpu_bf16_gemm_path();
     no_nccl = nccl_unavailable_reason(*setup.backend, mpi);
     if (comm_choice == config::Parallel::NCCL && !no_nccl.empty()) fail("parallel.comm_backend NCCL: {}", no_nccl);
     if (mpi.world_rank() == 0 && !run.checkpoint().dir().empty())
@@ -291,6 +302,14 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
   setup.comm_kind =
       comm_choice == config::Parallel::MPI || some_without_nccl ? CommBackend::MPI : CommBackend::NCCL;
   return true;
+}
+
+// One line on what the precision policy does on this backend.
+std::string precision_summary(const PrecisionPolicy& policy, Backend& be) {
+  if (policy.mode == Precision::FP32) return "FP32 (every tensor fp32)";
+  std::string gemm = "bf16 GEMM operands, fp32 accumulation";
+  if (be.device() == Device::CPU) gemm += ": " + cpu_bf16_gemm_reason();
+  return "BF16 (" + gemm + "; fp32 master weights, gradients, optimizer state, norms, softmax, router and losses)";
 }
 
 // Mean cross-entropy of `batches` micro-batches from the start of `loader`, shared out over
@@ -320,7 +339,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
-  GptModel model(job.model, be, DType::F32, job.micro_batch, placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()));
+  GptModel model(job.model, be, job.precision, job.micro_batch,
+                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()), job.recompute);
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
@@ -356,7 +376,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   data::SequenceLoader train_loader(job.train, job.model.seq_len, run.data().seed(), groups.dp->rank(), dims.dp);
   data::SequenceLoader val_loader(job.validation, job.model.seq_len, run.data().seed() + 1, groups.dp->rank(), dims.dp);
 
-  const double peak = be.peak_flops() * dims.world;
+  // Utilisation is measured against the peak of the run's own precision.
+  const bool bf16 = job.precision.mode == Precision::BF16;
+  const double peak = (bf16 ? be.peak_bf16_flops() : be.peak_flops()) * dims.world;
   const int64_t tokens_per_step = int64_t(run.training().global_batch_size()) * job.model.seq_len;
   const double micro_batches = double(job.accumulation) * dims.dp;
   if (root) {
@@ -376,8 +398,16 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                 zero1 ? (job.sdmoe.enabled ? " (ZeRO-1: dense state sharded over the data-parallel ranks; experts whole for SD-MoE)"
                                : " (ZeRO-1: sharded over the data-parallel ranks)")
                       : "");
-    std::printf("peak fp32 %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s", peak / 1e9,
-                resolved_config_text(run).c_str());
+    std::printf("precision: %s\n", precision_summary(job.precision, be).c_str());
+    std::printf("activations: %.1f MB per rank, recompute %s (kept for the backward, its scratch and the output "
+                "head's chunk)\n",
+                double(model.activation_bytes()) / 1e6,
+                config::Training::Recompute_Name(run.training().recompute()).c_str());
+    std::printf("peak %s %.1f GFLOP/s (measured, all ranks)\nresolved config:\n%s",
+                bf16 && be.device() == Device::CPU && cpu_bf16_gemm_path() != Bf16GemmPath::WIDEN
+                    ? fmt::format("bf16 ({})", bf16_gemm_path_name(cpu_bf16_gemm_path())).c_str()
+                    : "fp32",
+                peak / 1e9, resolved_config_text(run).c_str());
     std::fflush(stdout);
   }
   auto print_spectral = [&](int64_t step, const RefreshReport& rep) {
@@ -474,6 +504,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
     sync.after_update();
+    model.weights_changed();
     be.synchronize();
     const auto update_done = std::chrono::steady_clock::now();
     RefreshReport refresh;
@@ -515,6 +546,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     }
     r.buffer_bytes = buffer_bytes_in_use(be.device());
     r.buffer_peak_bytes = buffer_bytes_peak(be.device());
+    r.activation_bytes = int64_t(model.activation_bytes());
     r.step_seconds = seconds;
     r.forward_backward_seconds = std::chrono::duration<double>(backward_done - start).count();
     r.optimizer_seconds = std::chrono::duration<double>(update_done - backward_done).count();
@@ -620,7 +652,7 @@ int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& s
   }
   Backend& be = *setup.backend;
   ProcessGroups groups = make_process_groups(setup.dims, be, setup.comm_kind);
-  GptModel model(job.model, be, DType::F32, job.micro_batch,
+  GptModel model(job.model, be, job.precision, job.micro_batch,
                  placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()));
   Checkpointer checkpointer(run, model, nullptr, nullptr, groups, MomentSharding{});
   TrainingPosition position;

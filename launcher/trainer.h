@@ -31,6 +31,8 @@ struct StepRecord {
   // Bytes in this rank's Buffers on the training device (parameters, gradients, optimizer
   // and SD-MoE state, activations, scratch): now, and the most so far.
   int64_t buffer_bytes = 0, buffer_peak_bytes = 0;
+  // Bytes of this rank's activation buffers (what training.recompute decides).
+  int64_t activation_bytes = 0;
   // Bytes rank 0 sent in this step per communication group ("dp", "ep", ...; groups with
   // the same ranks are one communicator and share one entry, named "dp=edp" and so on).
   std::vector<std::pair<std::string, uint64_t>> bytes_sent;

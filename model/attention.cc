@@ -5,26 +5,28 @@
 
 namespace sdmoe {
 
-namespace {
-Param bind_param(const ParamRegistry& r, int id, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
-  return Param{id, r.view(params, id, dtype, dev), r.view(grads, id, dtype, dev)};
-}
-}  // namespace
-
-void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, DType dtype_) {
+void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy) {
   const int64_t t = int64_t(batch) * spec.seq_len, d = spec.dim, h = spec.heads, s = spec.seq_len;
   const int64_t f = std::max<int64_t>(spec.ffn_dim, spec.moe.shared_expert_ffn_dim);
-  d_normed = arena.take(dtype_, {t, d});
-  d_x = arena.take(dtype_, {t, d});
-  d_ctx = arena.take(dtype_, {t, d});
-  d_ctx_heads = arena.take(dtype_, {batch, h, s, d / h});
-  dq = arena.take(dtype_, {batch, h, s, d / h});
-  dk = arena.take(dtype_, {batch, h, s, d / h});
-  dv = arena.take(dtype_, {batch, h, s, d / h});
-  d_probs = arena.take(dtype_, {batch * h, s, s});
-  d_qkv = arena.take(dtype_, {t, 3 * d});
-  d_hidden = arena.take(dtype_, {t, 2 * f});
-  d_act = arena.take(dtype_, {t, f});
+  const DType master = policy.master, operand = policy.operand;
+  qkv = arena.take(master, {t, 3 * d});
+  ctx_heads = arena.take(master, {batch, h, s, d / h});
+  d_normed = arena.take(master, {t, d});
+  d_x = arena.take(master, {t, d});
+  d_ctx = arena.take(master, {t, d});
+  d_ctx_heads = arena.take(operand, {batch, h, s, d / h});
+  dq = arena.take(master, {batch, h, s, d / h});
+  dk = arena.take(master, {batch, h, s, d / h});
+  dv = arena.take(master, {batch, h, s, d / h});
+  d_probs = arena.take(master, {batch * h, s, s});
+  d_qkv = arena.take(operand, {t, 3 * d});
+  d_hidden = arena.take(operand, {t, 2 * f});
+  d_act = arena.take(master, {t, f});
+  if (policy.separate_operands()) {
+    scores = arena.take(master, {batch * h, s, s});
+    operand_rows = arena.take(operand, {t, d});
+    operand_scores = arena.take(operand, {batch * h, s, s});
+  }
 }
 
 void Attention::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp) {
@@ -41,30 +43,49 @@ void Attention::declare(ParamRegistry& registry, const std::string& prefix, cons
   eps_ = spec.norm_eps;
 }
 
-void Attention::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
-  norm_ = bind_param(r, norm_.id, params, grads, dtype, dev);
-  qkv_ = bind_param(r, qkv_.id, params, grads, dtype, dev);
-  proj_ = bind_param(r, proj_.id, params, grads, dtype, dev);
+void Attention::bind(const ParamBuffers& buffers) {
+  policy_ = buffers.policy;
+  norm_ = buffers.bind(norm_.id);
+  qkv_ = buffers.bind(qkv_.id);
+  proj_ = buffers.bind(proj_.id);
 }
 
-void Attention::plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch) {
+void Attention::plan(Arena& kept, Arena& internal, const LayerDims& dims, const TpScratch& tp_scratch) {
   dims_ = dims;
   dims_.heads = dims.heads / tp_.size();
   tps_ = tp_scratch;
-  const DType dt = norm_.value.dtype;
+  const DType op = policy_.operand;
   const int64_t t = dims_.tokens(), d = dims_.dim, b = dims_.batch, h = dims_.heads, s = dims_.seq, dh = dims_.head_dim;
-  normed_ = arena.take(dt, {t, d});
-  rstd_ = arena.take(dt, {tp_.split_sequence() ? t / tp_.size() : t});
-  qkv_out_ = arena.take(dt, {t, 3 * h * dh});
-  q_ = arena.take(dt, {b, h, s, dh});
-  k_ = arena.take(dt, {b, h, s, dh});
-  v_ = arena.take(dt, {b, h, s, dh});
-  probs_ = arena.take(dt, {b * h, s, s});
-  ctx_heads_ = arena.take(dt, {b, h, s, dh});
-  ctx_ = arena.take(dt, {t, h * dh});
+  normed_ = kept.take(op, {t, d});
+  rstd_ = kept.take(policy_.master, {tp_.split_sequence() ? t / tp_.size() : t});
+  q_ = internal.take(op, {b, h, s, dh});
+  k_ = internal.take(op, {b, h, s, dh});
+  v_ = internal.take(op, {b, h, s, dh});
+  probs_ = internal.take(op, {b * h, s, s});
+  ctx_ = internal.take(op, {t, h * dh});
 }
 
-void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
+void Attention::recompute(Backend& be, Scratch& sc) {
+  const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
+  const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
+  const Tensor qkv_out = sc.qkv.prefix({t, 3 * dl});
+  be.gemm(false, true, t, 3 * dl, d, 1.0, normed_, qkv_.operand, 0.0, qkv_out);
+  be.split_qkv(qkv_out, q_, k_, v_);
+  be.rope(q_, rope_theta_, +1);
+  be.rope(k_, rope_theta_, +1);
+  // The softmax runs in master dtype: in place on the kept probabilities, or (with separate
+  // operands) on fp32 scores that are then rounded into them.
+  const Tensor scores = policy_.separate_operands() ? sc.scores.prefix({bh, s, s}) : probs_;
+  const GemmBatch heads{bh, s * dh, s * dh, s * s};
+  be.gemm(false, true, s, s, dh, 1.0, q_, k_, 0.0, scores, heads);  // scores = q k^T
+  be.causal_softmax_forward(scores, 1.0 / std::sqrt(double(dh)));
+  if (scores.data != probs_.data) be.cast(scores, probs_);
+  const Tensor ctx_heads = sc.ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
+  be.gemm(false, false, s, dh, s, 1.0, probs_, v_, 0.0, ctx_heads, {bh, s * s, s * dh, s * dh});
+  be.merge_heads(ctx_heads, ctx_.view({dims_.batch, s, dims_.heads, dh}));
+}
+
+void Attention::forward(Backend& be, const Tensor& in, const Tensor& out, Scratch& sc) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
   const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
   if (tp_.split_sequence()) {
@@ -75,22 +96,14 @@ void Attention::forward(Backend& be, const Tensor& in, const Tensor& out) {
   } else {
     be.rmsnorm_forward(in, norm_.value, eps_, normed_, rstd_);
   }
-  be.gemm(false, true, t, 3 * dl, d, 1.0, normed_, qkv_.value, 0.0, qkv_out_);
-  be.split_qkv(qkv_out_, q_, k_, v_);
-  be.rope(q_, rope_theta_, +1);
-  be.rope(k_, rope_theta_, +1);
-  const GemmBatch heads{bh, s * dh, s * dh, s * s};
-  be.gemm(false, true, s, s, dh, 1.0, q_, k_, 0.0, probs_, heads);  // scores = q k^T
-  be.causal_softmax_forward(probs_, 1.0 / std::sqrt(double(dh)));
-  be.gemm(false, false, s, dh, s, 1.0, probs_, v_, 0.0, ctx_heads_, {bh, s * s, s * dh, s * dh});
-  be.merge_heads(ctx_heads_, ctx_.view({dims_.batch, s, dims_.heads, dh}));
+  recompute(be, sc);  // q, k, v, probabilities and context from the normalised input
   be.copy(in, out);
   if (!tp_.active()) {
-    be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 1.0, out);
+    be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.operand, 1.0, out);
     return;
   }
   // Row-parallel projection: each rank's heads contribute a partial sum.
-  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.value, 0.0, tps_.partial);
+  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.operand, 0.0, tps_.partial);
   if (tp_.split_sequence()) {
     const Tensor local = tps_.local.prefix({out.rows(), d});
     tp_.reduce_scatter_rows(tps_.partial, local);
@@ -115,21 +128,23 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
     dres_all = tps_.gathered;
     tp_.gather_rows(dres, dres_all, be);
   }
-  be.gemm(false, false, t, dl, d, 1.0, dres_all, proj_.value, 0.0, d_ctx);
-  be.gemm(true, false, d, dl, t, 1.0, dres_all, ctx_, 1.0, proj_.grad);
+  const Tensor dres_operand = policy_.as_operand(be, dres_all, sc.operand_rows);
+  be.gemm(false, false, t, dl, d, 1.0, dres_operand, proj_.operand, 0.0, d_ctx);
+  be.gemm(true, false, d, dl, t, 1.0, dres_operand, ctx_, 1.0, proj_.grad);
   be.split_heads(d_ctx.view({dims_.batch, s, h, dh}), d_ctx_heads);
   // ctx = P v
   be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
   be.gemm(true, false, s, dh, s, 1.0, probs_, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
   // P = softmax(scale * q k^T)
   be.causal_softmax_backward(probs_, d_probs, scale);
-  be.gemm(false, false, s, dh, s, 1.0, d_probs, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
-  be.gemm(true, false, s, dh, s, 1.0, d_probs, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
+  const Tensor d_scores = policy_.as_operand(be, d_probs, sc.operand_scores);
+  be.gemm(false, false, s, dh, s, 1.0, d_scores, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
+  be.gemm(true, false, s, dh, s, 1.0, d_scores, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
   be.rope(dq, rope_theta_, -1);
   be.rope(dk, rope_theta_, -1);
   be.join_qkv(dq, dk, dv, d_qkv);
   // Column-parallel qkv: the input gradient is the sum of every rank's heads' parts.
-  be.gemm(false, false, t, d, 3 * dl, 1.0, d_qkv, qkv_.value, 0.0, sc.d_normed);
+  be.gemm(false, false, t, d, 3 * dl, 1.0, d_qkv, qkv_.operand, 0.0, sc.d_normed);
   be.gemm(true, false, 3 * dl, d, t, 1.0, d_qkv, normed_, 1.0, qkv_.grad);
   Tensor d_normed = sc.d_normed;
   if (tp_.split_sequence()) {

@@ -8,9 +8,6 @@
 namespace sdmoe {
 
 namespace {
-Param bind_param(const ParamRegistry& r, int id, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
-  return Param{id, r.view(params, id, dtype, dev), r.view(grads, id, dtype, dev)};
-}
 char* at(const Tensor& t, int64_t elements) { return static_cast<char*>(t.data) + elements * dtype_size(t.dtype); }
 }  // namespace
 
@@ -27,28 +24,33 @@ void SwigluMlp::declare(ParamRegistry& registry, const std::string& prefix, int6
   down_.id = registry.add_part(prefix + ".down", {dim, ffn}, 1, tp.size(), tp.rank(), ParamRole::DENSE, out_std, true);
 }
 
-void SwigluMlp::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
-  gate_up_ = bind_param(r, gate_up_.id, params, grads, dtype, dev);
-  down_ = bind_param(r, down_.id, params, grads, dtype, dev);
+void SwigluMlp::bind(const ParamBuffers& buffers) {
+  policy_ = buffers.policy;
+  gate_up_ = buffers.bind(gate_up_.id);
+  down_ = buffers.bind(down_.id);
 }
 
-void SwigluMlp::plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch) {
-  hidden_ = arena.take(gate_up_.value.dtype, {tokens, 2 * ffn_});
-  act_ = arena.take(gate_up_.value.dtype, {tokens, ffn_});
+void SwigluMlp::plan(Arena& internal, int64_t tokens, const TpScratch& tp_scratch) {
+  hidden_ = internal.take(policy_.master, {tokens, 2 * ffn_});
+  act_ = internal.take(policy_.operand, {tokens, ffn_});
   tps_ = tp_scratch;
+}
+
+void SwigluMlp::recompute(Backend& be, const Tensor& h) {
+  be.gemm(false, true, h.rows(), 2 * ffn_, dim_, 1.0, h, gate_up_.operand, 0.0, hidden_);
+  be.swiglu_forward(hidden_, act_);
 }
 
 void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
   const int64_t t = h.rows();
-  be.gemm(false, true, t, 2 * ffn_, dim_, 1.0, h, gate_up_.value, 0.0, hidden_);
-  be.swiglu_forward(hidden_, act_);
+  recompute(be, h);  // hidden_ and act_
   if (!tp_.active()) {
-    be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 1.0, out);
+    be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.operand, 1.0, out);
     return;
   }
   // Row-parallel down projection: each rank's hidden units contribute a partial sum.
   const Tensor partial = tps_.partial.prefix({t, dim_});
-  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.value, 0.0, partial);
+  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.operand, 0.0, partial);
   if (tp_.split_sequence()) {
     const Tensor local = tps_.local.prefix({out.rows(), dim_});
     tp_.reduce_scatter_rows(partial, local);
@@ -68,15 +70,16 @@ void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, cons
     d_out_all = tps_.gathered.prefix({t, dim_});
     tp_.gather_rows(d_out, d_out_all, be);
   }
-  be.gemm(false, false, t, ffn_, dim_, 1.0, d_out_all, down_.value, 0.0, d_act);
-  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out_all, act_, 1.0, down_.grad);
+  const Tensor d_out_operand = policy_.as_operand(be, d_out_all, sc.operand_rows);
+  be.gemm(false, false, t, ffn_, dim_, 1.0, d_out_operand, down_.operand, 0.0, d_act);
+  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out_operand, act_, 1.0, down_.grad);
   be.swiglu_backward(hidden_, d_act, d_hidden);
   if (!tp_.active()) {
-    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, beta, d_h);
+    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.operand, beta, d_h);
   } else {
     // Column-parallel gate_up: the input gradient is the sum of every rank's part.
     const Tensor partial = tps_.partial.prefix({t, dim_});
-    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.value, 0.0, partial);
+    be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.operand, 0.0, partial);
     Tensor summed = partial;
     if (tp_.split_sequence()) {
       summed = tps_.local.prefix({d_h.rows(), dim_});
@@ -143,39 +146,45 @@ void MoeFeedForward::declare(ParamRegistry& registry, const std::string& prefix,
     shared_.declare(registry, prefix + ".moe.shared_expert", d, moe_.shared_expert_ffn_dim, spec.init_std, out_std, tp);
 }
 
-void MoeFeedForward::bind(const ParamRegistry& r, const Buffer& params, const Buffer& grads, DType dtype, Device dev) {
-  dtype_ = dtype;
-  router_ = bind_param(r, router_.id, params, grads, dtype, dev);
-  gate_up_ = bind_param(r, gate_up_.id, params, grads, dtype, dev);
-  down_ = bind_param(r, down_.id, params, grads, dtype, dev);
-  if (has_shared_) shared_.bind(r, params, grads, dtype, dev);
+void MoeFeedForward::bind(const ParamBuffers& buffers) {
+  policy_ = buffers.policy;
+  dtype_ = policy_.master;
+  router_ = buffers.bind(router_.id);
+  gate_up_ = buffers.bind(gate_up_.id);
+  down_ = buffers.bind(down_.id);
+  if (has_shared_) shared_.bind(buffers);
 }
 
-void MoeFeedForward::plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch) {
+void MoeFeedForward::plan(Arena& kept, Arena& internal, int64_t tokens, const TpScratch& tp_scratch) {
   tokens_ = tokens;
   tps_ = tp_scratch;
   SDMOE_ASSERT(tokens % tp_.size() == 0, "{} tokens do not split over {} tensor-parallel ranks", tokens, tp_.size());
   slice_tokens_ = tokens / tp_.size();
   slice_begin_ = slice_tokens_ * tp_.rank();
   const int64_t e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, n = tokens * k, d = dim_;
-  logits_ = arena.take(dtype_, {tokens, e});
-  topk_index_ = arena.take(DType::I32, {tokens, k});
-  topk_weight_ = arena.take(dtype_, {tokens, k});
-  aux_probs_ = arena.take(dtype_, {tokens, e});
-  lse_ = arena.take(dtype_, {tokens});
-  row_token_ = arena.take(DType::I32, {n});
-  slot_row_ = arena.take(DType::I32, {tokens, k});
-  routed_in_ = arena.take(dtype_, {n, d});
-  hidden_ = arena.take(dtype_, {n, 2 * f});
-  act_ = arena.take(dtype_, {n, f});
-  routed_out_ = arena.take(dtype_, {n, d});
-  d_routed_ = arena.take(dtype_, {n, d});
-  d_hidden_ = arena.take(dtype_, {n, 2 * f});
-  d_act_ = arena.take(dtype_, {n, f});
-  d_weight_ = arena.take(dtype_, {tokens, k});
-  d_logits_ = arena.take(dtype_, {tokens, e});
-  aux_grad_ = arena.take(dtype_, {e});
-  if (has_shared_) shared_.plan(arena, tokens, tp_scratch);
+  logits_ = kept.take(dtype_, {tokens, e});
+  topk_index_ = kept.take(DType::I32, {tokens, k});
+  topk_weight_ = kept.take(dtype_, {tokens, k});
+  aux_probs_ = kept.take(dtype_, {tokens, e});
+  lse_ = kept.take(dtype_, {tokens});
+  row_token_ = kept.take(DType::I32, {n});
+  slot_row_ = kept.take(DType::I32, {tokens, k});
+  const DType op = policy_.operand;
+  routed_in_ = kept.take(op, {n, d});
+  hidden_ = internal.take(dtype_, {n, 2 * f});
+  act_ = internal.take(op, {n, f});
+  routed_out_ = kept.take(dtype_, {n, d});
+  d_routed_ = internal.take(dtype_, {n, d});
+  d_hidden_ = internal.take(op, {n, 2 * f});
+  d_act_ = internal.take(dtype_, {n, f});
+  d_weight_ = internal.take(dtype_, {tokens, k});
+  d_logits_ = internal.take(dtype_, {tokens, e});
+  aux_grad_ = internal.take(dtype_, {e});
+  if (policy_.separate_operands()) {
+    d_routed_operand_ = internal.take(op, {n, d});
+    d_logits_operand_ = internal.take(op, {tokens, e});
+  }
+  if (has_shared_) shared_.plan(internal, tokens, tp_scratch);
 }
 
 template <typename MakeGroup>
@@ -184,7 +193,7 @@ void MoeFeedForward::run_experts(Backend& be, bool trans_a, bool trans_b, double
   std::vector<GemmGroup> groups;
   groups.reserve(dispatcher_->local_experts());
   for (int e = 0; e < dispatcher_->local_experts(); ++e) groups.push_back(make(e, offset[e], offset[e + 1] - offset[e]));
-  be.grouped_gemm(trans_a, trans_b, dtype_, 1.0, groups, beta);
+  be.grouped_gemm(trans_a, trans_b, policy_.operand, 1.0, groups, beta);
 }
 
 ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
@@ -193,19 +202,22 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
     // The sorted rows are already expert-major: work on them in place.
     const Tensor x = routed_in_.prefix({rows, d}), y = routed_out_.prefix({rows, d}), dy = d_routed_.prefix({rows, d});
     return ExpertRows{x, hidden_.prefix({rows, 2 * f}), act_.prefix({rows, f}), y, dy,
-                      d_hidden_.prefix({rows, 2 * f}), d_act_.prefix({rows, f}), dy};
+                      d_hidden_.prefix({rows, 2 * f}), d_act_.prefix({rows, f}), dy,
+                      policy_.separate_operands() ? d_routed_operand_.prefix({rows, d}) : Tensor{}};
   }
   // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row. The same
   // two passes as the activations: plan to size the buffer, then carve it.
   auto carve = [&](Arena& arena, int64_t n) {
     ExpertRows r;
-    r.x = arena.take(dtype_, {n, d});
+    const DType op = policy_.operand;
+    r.x = arena.take(op, {n, d});
     r.y = arena.take(dtype_, {n, d});
     r.dy = r.dx = arena.take(dtype_, {n, d});
     r.hidden = arena.take(dtype_, {n, 2 * f});
-    r.act = arena.take(dtype_, {n, f});
-    r.d_hidden = arena.take(dtype_, {n, 2 * f});
+    r.act = arena.take(op, {n, f});
+    r.d_hidden = arena.take(op, {n, 2 * f});
     r.d_act = arena.take(dtype_, {n, f});
+    if (policy_.separate_operands()) r.dy_operand = arena.take(op, {n, d});
     return r;
   };
   if (rows > expert_side_rows_) {
@@ -219,10 +231,24 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
   return r;
 }
 
+void MoeFeedForward::expert_hidden(Backend& be) {
+  const int64_t f = expert_ffn_local_, d = dim_;
+  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(rows_.x, row * d), at(gate_up_.operand, x * 2 * f * d), at(rows_.hidden, row * 2 * f), rows, 2 * f, d};
+  });
+  if (rows_.hidden.numel() > 0) be.swiglu_forward(rows_.hidden, rows_.act);
+}
+
+void MoeFeedForward::recompute(Backend& be, const Tensor& h) {
+  // The routed rows this rank's experts received are kept (rows_.x), so no exchange.
+  expert_hidden(be);
+  if (has_shared_) shared_.recompute(be, h);
+}
+
 MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out) {
   const int64_t t = tokens_, e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, d = dim_;
   // Route.
-  be.gemm(false, true, t, e, d, 1.0, h, router_.value, 0.0, logits_);
+  be.gemm(false, true, t, e, d, 1.0, h, router_.operand, 0.0, logits_);
   be.router_forward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, aux_probs_, lse_);
   std::vector<int32_t> topk(t * k);
   be.copy_to_host(topk_index_, topk.data());
@@ -241,12 +267,9 @@ MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out
   dispatcher_->exchange_counts(rows_per_expert);
   rows_ = expert_rows(be, dispatcher_->received_rows());
   dispatcher_->dispatch(routed_in_, rows_.x);
+  expert_hidden(be);
   run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.x, row * d), at(gate_up_.value, x * 2 * f * d), at(rows_.hidden, row * 2 * f), rows, 2 * f, d};
-  });
-  if (rows_.hidden.numel() > 0) be.swiglu_forward(rows_.hidden, rows_.act);
-  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.act, row * f), at(down_.value, x * d * f), at(rows_.y, row * d), rows, d, f};
+    return GemmGroup{at(rows_.act, row * f), at(down_.operand, x * d * f), at(rows_.y, row * d), rows, d, f};
   });
   dispatcher_->combine(rows_.y, routed_out_);
   const Tensor weight_slice = topk_weight_.slice_rows(t0, ts);
@@ -291,15 +314,16 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
   be.combine_rows_backward(d_out_mine, routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,
                            d_weight_slice);
   dispatcher_->dispatch(d_routed_, rows_.dy);
+  const Tensor dy = policy_.as_operand(be, rows_.dy, rows_.dy_operand);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.dy, row * d), at(down_.value, x * d * f), at(rows_.d_act, row * f), rows, f, d};
+    return GemmGroup{at(dy, row * d), at(down_.operand, x * d * f), at(rows_.d_act, row * f), rows, f, d};
   });
   run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.dy, row * d), at(rows_.act, row * f), at(down_.grad, x * d * f), d, f, rows};
+    return GemmGroup{at(dy, row * d), at(rows_.act, row * f), at(down_.grad, x * d * f), d, f, rows};
   });
   if (rows_.hidden.numel() > 0) be.swiglu_backward(rows_.hidden, rows_.d_act, rows_.d_hidden);
   run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(gate_up_.value, x * 2 * f * d), at(rows_.dx, row * d), rows, d, 2 * f};
+    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(gate_up_.operand, x * 2 * f * d), at(rows_.dx, row * d), rows, d, 2 * f};
   });
   run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
     return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(rows_.x, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
@@ -337,13 +361,15 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
     be.router_backward(logits_.slice_rows(t0, ts), moe_.router_score, moe_.normalize_topk,
                        topk_index_.slice_rows(t0, ts), topk_weight_.slice_rows(t0, ts), d_weight_slice, aux_grad_,
                        lse_.slice_rows(t0, ts), z_grad_scale, d_logits);
-    be.gemm(false, false, ts, d, e, 1.0, d_logits, router_.value, 1.0, d_h);
-    be.gemm(true, false, e, d, ts, 1.0, d_logits, h.slice_rows(t0, ts), 1.0, router_.grad);
+    const Tensor d_logits_operand = policy_.as_operand(be, d_logits, d_logits_operand_);
+    be.gemm(false, false, ts, d, e, 1.0, d_logits_operand, router_.operand, 1.0, d_h);
+    be.gemm(true, false, e, d, ts, 1.0, d_logits_operand, h.slice_rows(t0, ts), 1.0, router_.grad);
   } else {
     be.router_backward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, d_weight_,
                        aux_grad_, lse_, z_grad_scale, d_logits_);
-    be.gemm(false, false, t, d, e, 1.0, d_logits_, router_.value, 1.0, d_h);
-    be.gemm(true, false, e, d, t, 1.0, d_logits_, h, 1.0, router_.grad);
+    const Tensor d_logits_operand = policy_.as_operand(be, d_logits_, d_logits_operand_);
+    be.gemm(false, false, t, d, e, 1.0, d_logits_operand, router_.operand, 1.0, d_h);
+    be.gemm(true, false, e, d, t, 1.0, d_logits_operand, h, 1.0, router_.grad);
   }
   if (has_shared_) shared_.backward(be, h, d_out, d_h, 1.0, sc);
 }

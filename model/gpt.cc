@@ -38,11 +38,17 @@ int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
                    const ModelPlacement& placement)
+    : GptModel(spec, backend, PrecisionPolicy::uniform(dtype), micro_batch, placement) {}
+
+GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolicy& policy, int micro_batch,
+                   const ModelPlacement& placement, Recompute recompute)
     : spec_(spec),
       be_(backend),
       tp_group_(placement.tp_group),
       sequence_parallel_(placement.sequence_parallel && placement.tp_group && placement.tp_group->size() > 1),
-      dtype_(dtype),
+      policy_(policy),
+      recompute_(recompute),
+      dtype_(policy.master),
       batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
@@ -84,21 +90,25 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
   const size_t bytes = registry_.total_elements() * dtype_size(dtype_);
   params_ = Buffer(be_, bytes);
   grads_ = Buffer(be_, bytes);
-  auto bind = [&](Param& p) { p = Param{p.id, param(p.id), grad(p.id)}; };
+  if (policy_.separate_operands())
+    operand_weights_ = Buffer(be_, registry_.total_elements() * dtype_size(policy_.operand));
+  const ParamBuffers buffers{registry_, params_, grads_, operand_weights_, policy_, be_.device()};
+  auto bind = [&](Param& p) { p = buffers.bind(p.id); };
   bind(embedding_);
   bind(final_norm_);
   bind(output_);
   for (auto& b : blocks_) {
-    b->attention.bind(registry_, params_, grads_, dtype_, be_.device());
+    b->attention.bind(buffers);
     bind(b->ffn_norm);
-    if (b->is_moe) b->moe.bind(registry_, params_, grads_, dtype_, be_.device());
-    else b->mlp.bind(registry_, params_, grads_, dtype_, be_.device());
+    if (b->is_moe) b->moe.bind(buffers);
+    else b->mlp.bind(buffers);
   }
-  Arena planner(be_.device());
-  plan_activations(planner);
+  Arena planner(be_.device()), region_planner(be_.device());
+  plan_activations(planner, recompute_ == Recompute::NONE ? planner : region_planner);
   activations_ = Buffer(be_, planner.used());
-  Arena arena(be_.device(), activations_);
-  plan_activations(arena);
+  if (recompute_ != Recompute::NONE) block_activations_ = Buffer(be_, region_planner.used());
+  Arena arena(be_.device(), activations_), region(be_.device(), block_activations_);
+  plan_activations(arena, recompute_ == Recompute::NONE ? arena : region);
   zero_grads();
 }
 
@@ -113,15 +123,18 @@ std::vector<GradientReadyRange> GptModel::gradient_ready_ranges() const {
   return out;
 }
 
-void GptModel::plan_activations(Arena& arena) {
+void GptModel::plan_activations(Arena& arena, Arena& region) {
   const int64_t t = tokens_, d = spec_.dim;
   // Rows of the residual stream this rank holds: all, or its T/tp with sequence parallelism.
   const int64_t rows = sequence_parallel_ ? t / tp_group_->size() : t;
   const LayerDims dims{batch_, spec_.seq_len, d, spec_.heads, spec_.head_dim()};
   ids_ = arena.take(DType::I32, {t});
   targets_ = arena.take(DType::I32, {t});
-  stream_.clear();
-  for (int i = 0; i < 2 * spec_.layers + 1; ++i) stream_.push_back(arena.take(dtype_, {rows, d}));
+  const bool full = recompute_ == Recompute::FULL, shared_region = recompute_ != Recompute::NONE;
+  // Under FULL only the blocks' inputs (even entries) live through the step; the stream
+  // between a block's attention and feed-forward (odd entries) is the block's own.
+  stream_.assign(2 * spec_.layers + 1, Tensor{});
+  for (int i = 0; i < 2 * spec_.layers + 1; i += 2) stream_[i] = arena.take(dtype_, {rows, d});
   tp_scratch_ = TpScratch{};
   if (tp_group_ && tp_group_->size() > 1) {
     tp_scratch_.partial = arena.take(dtype_, {t, d});
@@ -130,22 +143,33 @@ void GptModel::plan_activations(Arena& arena) {
       tp_scratch_.local = arena.take(dtype_, {rows, d});
     }
   }
-  for (auto& b : blocks_) {
-    b->attention.plan(arena, dims, tp_scratch_);
-    b->ffn_normed = arena.take(dtype_, {t, d});
-    b->ffn_rstd = arena.take(dtype_, {rows});
-    if (b->is_moe) b->moe.plan(arena, t, tp_scratch_);
-    else b->mlp.plan(arena, t, tp_scratch_);
+  // Each block's activations: kept in `arena` without recomputation; under SELECTIVE the
+  // recomputable ones in the shared region, under FULL all of them.
+  Arena& kept = full ? region : arena;
+  const size_t region_start = region.position();
+  size_t region_end = region_start;
+  for (int l = 0; l < spec_.layers; ++l) {
+    Block& b = *blocks_[l];
+    if (shared_region) region.rewind(region_start);
+    stream_[2 * l + 1] = kept.take(dtype_, {rows, d});
+    b.attention.plan(kept, region, dims, tp_scratch_);
+    b.ffn_normed = kept.take(policy_.operand, {t, d});
+    b.ffn_rstd = kept.take(dtype_, {rows});
+    if (b.is_moe) b.moe.plan(kept, region, t, tp_scratch_);
+    else b.mlp.plan(region, t, tp_scratch_);
+    region_end = std::max(region_end, region.position());
   }
-  final_normed_ = arena.take(dtype_, {t, d});
+  if (shared_region) region.rewind(region_end);
+  final_normed_ = arena.take(policy_.operand, {t, d});
   final_rstd_ = arena.take(dtype_, {rows});
   logits_ = arena.take(dtype_, {head_chunk_, vocab_local_});
+  if (policy_.separate_operands()) logits_operand_ = arena.take(policy_.operand, {head_chunk_, vocab_local_});
   losses_ = arena.take(dtype_, {head_chunk_, 1});
   lse_ = arena.take(dtype_, {head_chunk_});
   d_final_ = arena.take(dtype_, {t, d});
   d_final_local_ = sequence_parallel_ ? arena.take(dtype_, {rows, d}) : d_final_;
   d_stream_ = arena.take(dtype_, {rows, d});
-  scratch_.plan(arena, spec_, batch_, dtype_);
+  scratch_.plan(arena, spec_, batch_, policy_);
 }
 
 // The normalised residual stream for all T tokens: with sequence parallelism this rank
@@ -187,6 +211,12 @@ void GptModel::init_parameters(uint64_t seed) {
       be_.init_normal(p, seed, stream_of(s.name), s.init_std, first);
     else init_part_on_host(s, p, seed);
   }
+  weights_changed();
+}
+
+void GptModel::weights_changed() {
+  if (policy_.separate_operands())
+    be_.cast(params(), registry_.flat(operand_weights_, policy_.operand, be_.device()));
 }
 
 double GptModel::combine_vocab_shards(const Tensor& losses, const Tensor& lse, const int32_t* targets,
@@ -246,6 +276,25 @@ MicroBatchStats GptModel::forward_backward(const int32_t* tokens, double loss_sc
 
 MicroBatchStats GptModel::forward_only(const int32_t* tokens) { return run(tokens, false, 0.0); }
 
+void GptModel::forward_block(int l, MicroBatchStats* stats) {
+  Block& b = *blocks_[l];
+  const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
+  b.attention.forward(be_, in, mid, scratch_);
+  norm_all_rows(mid, b.ffn_norm.value, b.ffn_normed, b.ffn_rstd);
+  // A recomputation rewrites `out` (the next block's input) with the same values.
+  be_.copy(mid, out);
+  if (b.is_moe) {
+    MoeStats m = b.moe.forward(be_, b.ffn_normed, out);
+    if (stats) {
+      stats->aux_loss += m.aux_loss;
+      stats->z_loss += m.z_loss;
+      stats->moe.push_back(m);
+    }
+  } else {
+    b.mlp.forward(be_, b.ffn_normed, out);
+  }
+}
+
 MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_scale) {
   const int64_t t = tokens_, d = spec_.dim, s = spec_.seq_len, v = spec_.vocab_size;
   std::vector<int32_t> ids(t), targets(t);
@@ -281,21 +330,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     be_.embedding_forward(ids_, embedding_.value, stream_[0]);
     tp.sum(stream_[0]);
   }
-  for (int l = 0; l < spec_.layers; ++l) {
-    Block& b = *blocks_[l];
-    const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
-    b.attention.forward(be_, in, mid);
-    norm_all_rows(mid, b.ffn_norm.value, b.ffn_normed, b.ffn_rstd);
-    be_.copy(mid, out);
-    if (b.is_moe) {
-      MoeStats m = b.moe.forward(be_, b.ffn_normed, out);
-      stats.aux_loss += m.aux_loss;
-      stats.z_loss += m.z_loss;
-      stats.moe.push_back(m);
-    } else {
-      b.mlp.forward(be_, b.ffn_normed, out);
-    }
-  }
+  for (int l = 0; l < spec_.layers; ++l) forward_block(l, &stats);
   norm_all_rows(stream_[2 * spec_.layers], final_norm_.value, final_normed_, final_rstd_);
 
   // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
@@ -304,16 +339,17 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     const int64_t rows = std::min(head_chunk_, t - row), vl = vocab_local_;
     Tensor h = final_normed_.slice_rows(row, rows), logits = logits_.prefix({rows, vl});
     Tensor losses = losses_.prefix({rows, 1}), lse = lse_.prefix({rows}), tgt = targets_.slice_rows(row, rows);
-    be_.gemm(false, true, rows, vl, d, 1.0, h, output_.value, 0.0, logits);
+    be_.gemm(false, true, rows, vl, d, 1.0, h, output_.operand, 0.0, logits);
     be_.cross_entropy_forward(logits, tgt, losses, lse);
     if (!tp.active()) stats.loss_sum += be_.column_sums(losses)[0];
     else stats.loss_sum += combine_vocab_shards(losses, lse, &targets[row], tp);
     if (!train) continue;
     be_.cross_entropy_backward(logits, tgt, lse, loss_scale / double(t));
     const Tensor d_h = d_final_.slice_rows(row, rows);
-    be_.gemm(false, false, rows, d, vl, 1.0, logits, output_.value, 0.0, d_h);
+    const Tensor d_logits = policy_.as_operand(be_, logits, logits_operand_);
+    be_.gemm(false, false, rows, d, vl, 1.0, d_logits, output_.operand, 0.0, d_h);
     if (!tp.split_sequence()) tp.sum(d_h);  // every shard's logits depend on h (summed below with SP)
-    be_.gemm(true, false, vl, d, rows, 1.0, logits, h, 1.0, output_.grad);
+    be_.gemm(true, false, vl, d, rows, 1.0, d_logits, h, 1.0, output_.grad);
   }
   if (!train) return stats;
 
@@ -327,11 +363,18 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   for (int l = spec_.layers - 1; l >= 0; --l) {
     Block& b = *blocks_[l];
     const Tensor& mid = stream_[2 * l + 1];
+    // The last block's activations are still those of the forward.
+    if (recompute_ == Recompute::FULL && l < spec_.layers - 1) forward_block(l, nullptr);
+    if (recompute_ == Recompute::SELECTIVE) {
+      if (b.is_moe) b.moe.recompute(be_, b.ffn_normed);
+      else b.mlp.recompute(be_, b.ffn_normed);
+    }
     const Tensor d_normed = scratch_.d_normed.prefix({mid.rows(), d}), d_x = scratch_.d_x.prefix({mid.rows(), d});
     if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, d_normed, loss_scale, scratch_);
     else b.mlp.backward(be_, b.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
     be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
     be_.axpy(1.0, d_x, d_stream_);
+    if (recompute_ == Recompute::SELECTIVE) b.attention.recompute(be_, scratch_);
     b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
     stage_done(spec_.layers - l);
   }

@@ -20,6 +20,14 @@ struct MicroBatchStats {
   std::vector<MoeStats> moe;   // per MoE layer
 };
 
+// Activation recomputation: what the backward recomputes instead of keeping from the
+// forward. SELECTIVE keeps each layer's normalised inputs, routing and routed rows and
+// recomputes attention's q, k, v, probabilities and context and the MLPs' and experts'
+// hidden activations; FULL keeps only each block's input and re-runs the block's forward
+// (its MoE exchanges included) before its backward. Either way the recomputed values are
+// bitwise those of the forward, so the gradients do not change.
+enum class Recompute : uint8_t { NONE, SELECTIVE, FULL };
+
 // Where this rank's part of the model sits in the parallel layout.
 struct ModelPlacement {
   std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
@@ -37,14 +45,19 @@ ModelPlacement placement_for(const ProcessGroups& groups, bool zero1, bool seque
 
 class GptModel {
  public:
-  // micro_batch sequences of spec.seq_len tokens per forward/backward.
+  // micro_batch sequences of spec.seq_len tokens per forward/backward. A dtype gives every
+  // tensor that dtype (FP32 training, F64 gradient checks); a policy mixes precisions.
   GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch, const ModelPlacement& placement = {});
+  GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolicy& policy, int micro_batch,
+           const ModelPlacement& placement = {}, Recompute recompute = Recompute::NONE);
   ~GptModel();
 
   const ModelSpec& spec() const { return spec_; }
   const ParamRegistry& registry() const { return registry_; }
   Backend& backend() { return be_; }
+  // The master dtype: parameters, gradients and optimizer state.
   DType dtype() const { return dtype_; }
+  const PrecisionPolicy& precision() const { return policy_; }
   int micro_batch() const { return batch_; }
   Tensor params() const { return registry_.flat(params_, dtype_, be_.device()); }
   Tensor grads() const { return registry_.flat(grads_, dtype_, be_.device()); }
@@ -52,6 +65,14 @@ class GptModel {
   Tensor grad(int id) const { return registry_.view(grads_, id, dtype_, be_.device()); }
 
   void init_parameters(uint64_t seed);
+  // To be called whenever the master weights change outside init_parameters (an optimizer
+  // step with its ZeRO-1 gather, a checkpoint load): refreshes the GEMM operands' working
+  // copy (a no-op unless the policy keeps one).
+  void weights_changed();
+  // Bytes of the activation buffer: what the forward keeps for the backward, the
+  // backward's scratch, and the output head's chunk.
+  size_t activation_bytes() const { return activations_.bytes() + block_activations_.bytes(); }
+  Recompute recompute() const { return recompute_; }
   void zero_grads();
   // tokens: host, [micro_batch, seq_len + 1]; inputs are the first seq_len, targets the
   // last seq_len. Accumulates loss_scale * d(mean cross-entropy + aux + z)/d(params)
@@ -72,7 +93,12 @@ class GptModel {
 
  private:
   struct Block;
-  void plan_activations(Arena& arena);
+  // arena: what lives for the whole step; region: what a block needs only while it runs
+  // (rewound for every block under recomputation; `arena` itself without it).
+  void plan_activations(Arena& arena, Arena& region);
+  // One block's forward: its attention and feed-forward sublayers with their residuals.
+  // stats: where the MoE statistics go (null when recomputing).
+  void forward_block(int layer, MicroBatchStats* stats);
   void init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed);
   void norm_all_rows(const Tensor& x, const Tensor& weight, const Tensor& normed, const Tensor& rstd);
   // Vocabulary-parallel cross-entropy: combines the shards' per-row results over tp,
@@ -91,6 +117,8 @@ class GptModel {
   std::shared_ptr<Communicator> tp_group_;
   bool sequence_parallel_;
   TpScratch tp_scratch_;
+  PrecisionPolicy policy_;
+  Recompute recompute_;
   DType dtype_;
   int batch_;
   int64_t tokens_;
@@ -100,11 +128,14 @@ class GptModel {
   std::vector<std::unique_ptr<Block>> blocks_;
   Param embedding_, final_norm_, output_;
   Buffer params_, grads_, activations_;
+  Buffer operand_weights_;  // the weights in the policy's operand dtype (separate operands only)
+  Buffer block_activations_;  // the region the blocks share under recomputation
   Scratch scratch_;
   Tensor ids_, targets_;            // I32 [T]
   std::vector<Tensor> stream_;      // residual stream: 2 * layers + 1 tensors [T,D]
   Tensor final_normed_, final_rstd_;  // [T,D], [T]
   Tensor logits_, losses_, lse_;    // [C,V], [C], [C]
+  Tensor logits_operand_;           // [C,V] the logits' gradient as a GEMM operand (separate operands only)
   Tensor d_final_;                  // [T,D]
   Tensor d_final_local_;            // this rank's rows of it (sequence parallel), else d_final_
   Tensor d_stream_;                 // [T,D] residual gradient

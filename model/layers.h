@@ -14,27 +14,53 @@
 #include "core/buffer.h"
 #include "model/model_spec.h"
 #include "model/param_registry.h"
+#include "model/precision.h"
 #include "parallel/token_dispatcher.h"
 
 namespace sdmoe {
 
 struct Param {
   int id = -1;
-  Tensor value;
-  Tensor grad;
+  Tensor value;    // master weights
+  Tensor grad;     // master dtype, accumulated
+  Tensor operand;  // the weights as a GEMM operand: `value`, or its working copy (BF16)
 };
 
-// Scratch activation gradients, one set for the whole model.
+// The flat buffers a layer binds its parameters in, and the precision they follow.
+struct ParamBuffers {
+  const ParamRegistry& registry;
+  const Buffer& params;
+  const Buffer& grads;
+  const Buffer& operands;  // the weights' working copy; unused when operands are master dtype
+  PrecisionPolicy policy;
+  Device device;
+  Param bind(int id) const {
+    const Tensor value = registry.view(params, id, policy.master, device);
+    return Param{id, value, registry.view(grads, id, policy.master, device),
+                 policy.separate_operands() ? registry.view(operands, id, policy.operand, device) : value};
+  }
+};
+
+// Scratch shared by all layers (used one layer at a time): activation gradients, and the
+// intermediates of a forward that its backward does not keep. Dtypes follow the precision
+// policy: GEMM operands in its operand dtype, the rest in its master dtype.
 struct Scratch {
+  Tensor qkv;       // [T,3D] forward: the qkv projection before the head split
+  Tensor scores;    // [B*H,S,S] forward: attention scores (master dtype; empty unless separate operands)
+  Tensor ctx_heads; // [B,H,S,Dh] forward: attention output per head
   Tensor d_normed;  // [T,D]
   Tensor d_x;       // [T,D]
   Tensor d_ctx;     // [T,D]
-  Tensor d_ctx_heads, dq, dk, dv;  // [B,H,S,Dh]
+  Tensor d_ctx_heads;  // [B,H,S,Dh] operand
+  Tensor dq, dk, dv;   // [B,H,S,Dh]
   Tensor d_probs;   // [B*H,S,S]
-  Tensor d_qkv;     // [T,3D]
-  Tensor d_hidden;  // [T, 2*max(F, F_shared)] for the dense MLPs
+  Tensor d_qkv;     // [T,3D] operand
+  Tensor d_hidden;  // [T, 2*max(F, F_shared)] operand, for the dense MLPs
   Tensor d_act;     // [T, max(F, F_shared)]
-  void plan(Arena& arena, const ModelSpec& spec, int batch, DType dtype);
+  // Operand staging for gradients computed in master dtype (empty without separate operands).
+  Tensor operand_rows;    // [T,D]
+  Tensor operand_scores;  // [B*H,S,S]
+  void plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy);
 };
 
 // How a layer is split over the tensor-parallel group (Megatron's column/row-parallel
@@ -88,24 +114,33 @@ class Attention {
  public:
   // With tensor parallelism this rank holds heads [rank * H/tp, (rank+1) * H/tp).
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp = {});
-  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
+  void bind(const ParamBuffers& buffers);
   // dims: the model's sizes (all heads); tp_partial: [T,D] scratch shared by the layers,
   // used when tensor parallel.
-  void plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch = {});
-  void forward(Backend& be, const Tensor& in, const Tensor& out);
+  // kept: what the backward reads as the forward left it (the normalised input and its
+  // statistics); internal: q, k, v, the probabilities and the context, which the backward
+  // may recompute (selective recomputation plans them in a region the layers share).
+  void plan(Arena& kept, Arena& internal, const LayerDims& dims, const TpScratch& tp_scratch = {});
+  void plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch = {}) {
+    plan(arena, arena, dims, tp_scratch);
+  }
+  void forward(Backend& be, const Tensor& in, const Tensor& out, Scratch& scratch);
+  // Recomputes the internal activations from the kept ones, as the forward made them.
+  void recompute(Backend& be, Scratch& scratch);
   void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch);
 
  private:
   LayerDims dims_{};  // heads: this rank's
   TensorParallel tp_;
   TpScratch tps_;
+  PrecisionPolicy policy_;
   double rope_theta_ = 10000.0, eps_ = 1e-5;
   Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]; with tp: [3, D/tp, D] and [D, D/tp]
+  // Kept for the backward; all but rstd_ are GEMM operands (the policy's operand dtype).
   Tensor normed_, rstd_;      // [T,D], [T]
-  Tensor qkv_out_;            // [T,3D] = [B,S,3,H,Dh]
   Tensor q_, k_, v_;          // [B,H,S,Dh], q and k after RoPE
   Tensor probs_;              // [B*H,S,S]
-  Tensor ctx_heads_, ctx_;    // [B,H,S,Dh], [T,D]
+  Tensor ctx_;                // [T,D]
 };
 
 // SwiGLU MLP on an already-normalised input, adding its output into `out`.
@@ -114,11 +149,14 @@ class SwigluMlp {
   // With tensor parallelism this rank holds hidden units [rank * F/tp, (rank+1) * F/tp).
   void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std,
                TensorParallel tp = {});
-  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {});
+  void bind(const ParamBuffers& buffers);
+  // hidden_ and act_ are internal (recomputable from h); the MLP keeps nothing else.
+  void plan(Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {});
   // h: [T,D] (all tokens). out and d_out: [T,D], or this rank's [T/tp,D] rows with
   // sequence parallelism; d_h likewise.
   void forward(Backend& be, const Tensor& h, const Tensor& out);
+  // Recomputes hidden_ and act_ from h, as the forward made them.
+  void recompute(Backend& be, const Tensor& h);
   // d_h = beta * d_h + d(h) of this MLP.
   void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch);
 
@@ -126,8 +164,9 @@ class SwigluMlp {
   int64_t dim_ = 0, ffn_ = 0;  // ffn_: this rank's hidden units
   TensorParallel tp_;
   TpScratch tps_;
+  PrecisionPolicy policy_;
   Param gate_up_, down_;  // [2F,D], [D,F]; with tp: [2, F/tp, D] and [D, F/tp]
-  Tensor hidden_, act_;   // [T,2F], [T,F]
+  Tensor hidden_, act_;   // [T,2F] master dtype, [T,F] operand dtype
 };
 
 // Where each routed row goes; computed on the host from the router's choices with a
@@ -149,8 +188,9 @@ struct MoeStats {
 // the layer's own sorted-row tensors; with it they hold the rows received from the ep group
 // and grow with the busiest micro-batch seen (routing is dropless).
 struct ExpertRows {
-  Tensor x, hidden, act, y;  // [R,D], [R,2Fe], [R,Fe], [R,D]
-  Tensor dy, d_hidden, d_act, dx;
+  Tensor x, hidden, act, y;  // [R,D], [R,2Fe], [R,Fe], [R,D]: x and act operands, the rest master
+  Tensor dy, d_hidden, d_act, dx;  // dy, d_act and dx master, d_hidden operand
+  Tensor dy_operand;               // [R,D] dy staged as an operand (empty without separate operands)
 };
 
 class MoeFeedForward {
@@ -166,9 +206,15 @@ class MoeFeedForward {
   // tp. The shared expert is split like a dense MLP.
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
                std::shared_ptr<TokenDispatcher> dispatcher, TensorParallel tp = {});
-  void bind(const ParamRegistry& registry, const Buffer& params, const Buffer& grads, DType dtype, Device device);
-  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {});
+  void bind(const ParamBuffers& buffers);
+  // kept: routing, routed rows and their outputs; internal: the experts' (and the shared
+  // expert's) hidden activations and the backward's scratch.
+  void plan(Arena& kept, Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {});
+  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {}) { plan(arena, arena, tokens, tp_scratch); }
   MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
+  // Recomputes the experts' and the shared expert's hidden activations from the routed
+  // rows and h, as the forward made them.
+  void recompute(Backend& be, const Tensor& h);
   // loss_scale multiplies the auxiliary and z losses in the gradient, as the cross
   // entropy's own scale does for the main loss.
   void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
@@ -178,6 +224,7 @@ class MoeFeedForward {
   // One GEMM per expert over its rows; `make` fills a group from (expert, row offset, rows).
   template <typename MakeGroup>
   void run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make);
+  void expert_hidden(Backend& be);  // rows_.x -> rows_.hidden, rows_.act
   ExpertRows expert_rows(Backend& be, int64_t rows);
   MoeSpec moe_{};
   std::shared_ptr<TokenDispatcher> dispatcher_;
@@ -189,7 +236,8 @@ class MoeFeedForward {
   ExpertRows rows_;
   int64_t dim_ = 0, tokens_ = 0;
   int64_t expert_ffn_local_ = 0;  // this rank's hidden units of each expert (Fe / etp)
-  DType dtype_ = DType::F32;
+  DType dtype_ = DType::F32;  // the policy's master dtype
+  PrecisionPolicy policy_;
   Param router_, gate_up_, down_;  // [E,D], [E,2Fe,D], [E,D,Fe]
   bool has_shared_ = false;
   SwigluMlp shared_;
@@ -199,6 +247,7 @@ class MoeFeedForward {
   Tensor row_token_, slot_row_;                                  // I32 [N], [T,K]
   Tensor routed_in_, hidden_, act_, routed_out_;                 // [N,D], [N,2Fe], [N,Fe], [N,D]
   Tensor d_routed_, d_hidden_, d_act_, d_weight_, d_logits_, aux_grad_;  // backward scratch
+  Tensor d_routed_operand_, d_logits_operand_;  // [N,D], [T,E] operand staging (separate operands only)
 };
 
 }  // namespace sdmoe

@@ -18,6 +18,8 @@
 
 #include "core/cpu/cpu_dispatch.h"
 #include "core/cpu/gemm_avx512.h"
+#include "core/cpu/gemm_bf16_amx.h"
+#include "core/cpu/gemm_bf16_avx512.h"
 #include "core/rng.h"
 
 extern "C" {
@@ -28,6 +30,7 @@ int openblas_get_parallel(void);  // 0 sequential, 1 pthreads, 2 OpenMP
 
 namespace sdmoe {
 using cpu::dispatch_float;
+using cpu::dispatch_storage;
 using cpu::expect_same;
 
 namespace {
@@ -37,28 +40,50 @@ bool openblas_runs_on_openmp() {
   return openmp;
 }
 
-std::vector<float> to_float(const Tensor& t) {
-  std::vector<float> out(t.numel());
-  if (t.dtype == DType::F32) {
-    std::memcpy(out.data(), t.data, t.bytes());
-  } else if (t.dtype == DType::BF16) {
-    const bf16* p = t.ptr<bf16>();
-    for (int64_t i = 0; i < t.numel(); ++i) out[i] = bf16_to_float(p[i]);
-  } else {
-    SDMOE_FATAL("cpu", "to_float: unsupported dtype");
-  }
-  return out;
+// The accumulation and output type of a GEMM on operands of type T: bf16 operands
+// accumulate and write fp32.
+template <typename T>
+using GemmOut = std::conditional_t<std::is_same_v<T, bf16>, float, T>;
+
+template <typename T>
+void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, GemmOut<T> alpha, const T* a, int64_t lda,
+                const T* b, int64_t ldb, GemmOut<T> beta, GemmOut<T>* c, int64_t ldc);
+
+// bf16 operands widened into per-thread fp32 copies (packed: leading dimension = width),
+// then the fp32 path. The copies cost O(mk + kn) against the GEMM's O(mnk).
+void gemm_widened(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16* a, int64_t lda,
+                  const bf16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> wide_a, wide_b;
+  auto widen_block = [](const bf16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+    dst.resize(size_t(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) dst[r * cols + j] = bf16_to_float(src[r * ld + j]);
+  };
+  // A is stored [m,k] (or [k,m] when transposed), B [k,n] (or [n,k]).
+  widen_block(a, ta ? k : m, ta ? m : k, lda, wide_a);
+  widen_block(b, tb ? n : k, tb ? k : n, ldb, wide_b);
+  gemm_typed<float>(ta, tb, m, n, k, alpha, wide_a.data(), ta ? m : k, wide_b.data(), tb ? k : n, beta, c, ldc);
 }
 
 template <typename T>
-void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-                int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, GemmOut<T> alpha, const T* a, int64_t lda,
+                const T* b, int64_t ldb, GemmOut<T> beta, GemmOut<T>* c, int64_t ldc) {
+  using Out = GemmOut<T>;
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == Out(0) ? Out(0) : beta * c[i * ldc + j];
     return;
   }
+  if constexpr (std::is_same_v<T, bf16>) {
+    // bf16_gemm_path.cc says which path is fastest on this CPU.
+    switch (ta && tb ? Bf16GemmPath::WIDEN : cpu_bf16_gemm_path()) {
+      case Bf16GemmPath::AMX: return cpu::gemm_bf16_amx(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      case Bf16GemmPath::AVX512_BF16:
+        return cpu::gemm_bf16_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      case Bf16GemmPath::WIDEN: return gemm_widened(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  } else {
   if constexpr (std::is_same_v<T, float>) {
     if (cpu::gemm_avx512_applies(ta, tb, m, n, k))
       return cpu::gemm_avx512(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -68,6 +93,7 @@ void gemm_typed(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, cons
     cblas_sgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
   } else {
     cblas_dgemm(CblasRowMajor, opa, opb, (int)m, (int)n, (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
+  }
   }
 }
 
@@ -87,8 +113,8 @@ constexpr int64_t kRowSliceForSplit = 128;
 // docs/performance.md. Without the OpenMP build (OpenBLAS with its own pthreads would nest
 // a pool inside ours) a GEMM our kernel does not take goes to OpenBLAS whole.
 template <typename T>
-void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, const T* b,
-                   T beta, T* c) {
+void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, GemmOut<T> alpha, const T* a,
+                   const T* b, GemmOut<T> beta, GemmOut<T>* c) {
   const int64_t lda = ta ? m : k, ldb = tb ? k : n, ldc = n;
   // Rows keep each thread's B panel whole and its C rows contiguous; columns only win
   // when the row slices would be thin (at m = 333 x n = 50304, 174 against 165 GFLOP/s).
@@ -100,6 +126,8 @@ void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t 
   if constexpr (std::is_same_v<T, float>)
     own_kernel =
         parts > 0 && cpu::gemm_avx512_applies(ta, tb, split_rows ? m / parts : m, split_rows ? n : n / parts, k);
+  // bf16 operands never reach OpenBLAS: our kernels run on any thread.
+  if constexpr (std::is_same_v<T, bf16>) own_kernel = true;
   if ((!openblas_runs_on_openmp() && !own_kernel) || omp_in_parallel() || parts < 2 ||
       double(m) * n * k < kMinParallelGemmFmas) {
     gemm_typed<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -111,7 +139,7 @@ void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t 
     // Slice edges on our kernel's tile grid (6 rows, 64 columns; 64 rows of C^T for A^T B),
     // so that only the last slice has a partial tile: 576 rows split 288 + 288 left half a
     // panel idle in each.
-    const int64_t grid = !own_kernel ? 1 : split_rows && !ta ? 6 : 64;
+    const int64_t grid = !own_kernel || std::is_same_v<T, bf16> ? 1 : split_rows && !ta ? 6 : 64;
     const auto edge = [&](int p) { return p == parts ? extent : (extent * p / parts + grid / 2) / grid * grid; };
     const int64_t lo = edge(part), hi = edge(part + 1);
     if (split_rows) {
@@ -127,9 +155,10 @@ void gemm_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t 
 // A batch of equally shaped GEMMs: whole GEMMs per thread when there are enough of them
 // (the attention heads), otherwise each one split across the threads.
 template <typename T>
-void gemm_batch_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                         const T* b, T beta, T* c, const GemmBatch& batch) {
-  if (batch.count >= threads && threads > 1 && openblas_runs_on_openmp() && !omp_in_parallel()) {
+void gemm_batch_threaded(int threads, bool ta, bool tb, int64_t m, int64_t n, int64_t k, GemmOut<T> alpha,
+                         const T* a, const T* b, GemmOut<T> beta, GemmOut<T>* c, const GemmBatch& batch) {
+  const bool threads_safe = openblas_runs_on_openmp() || std::is_same_v<T, bf16>;
+  if (batch.count >= threads && threads > 1 && threads_safe && !omp_in_parallel()) {
     const int64_t lda = ta ? m : k, ldb = tb ? k : n;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < batch.count; ++i)
@@ -162,6 +191,14 @@ std::string CpuBackend::name() const {
 double CpuBackend::peak_flops() {
   if (peak_flops_ == 0.0) peak_flops_ = measure_cpu_fma_peak(threads_);
   return peak_flops_;
+}
+
+double CpuBackend::peak_bf16_flops() {
+  if (peak_bf16_flops_ == 0.0)
+    peak_bf16_flops_ = cpu_bf16_gemm_path() == Bf16GemmPath::WIDEN
+                           ? peak_flops()
+                           : measure_cpu_bf16_gemm_peak(cpu_bf16_gemm_path(), threads_);
+  return peak_bf16_flops_;
 }
 
 std::string openblas_core_name() { return openblas_get_corename(); }
@@ -259,23 +296,23 @@ std::vector<double> CpuBackend::column_sums(const Tensor& x) {
 void CpuBackend::cast(const Tensor& src, const Tensor& dst) {
   SDMOE_ASSERT(src.numel() == dst.numel(), "cast size mismatch");
   const int64_t n = src.numel();
-  auto load = [&](int64_t i) -> double {
-    switch (src.dtype) {
-      case DType::F32: return src.ptr<float>()[i];
-      case DType::F64: return src.ptr<double>()[i];
-      case DType::BF16: return bf16_to_float(src.ptr<bf16>()[i]);
-      default: SDMOE_FATAL("cpu", "cast: unsupported source dtype");
-    }
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    double v = load(i);
-    switch (dst.dtype) {
-      case DType::F32: dst.ptr<float>()[i] = static_cast<float>(v); break;
-      case DType::F64: dst.ptr<double>()[i] = v; break;
-      case DType::BF16: dst.ptr<bf16>()[i] = float_to_bf16(static_cast<float>(v)); break;
-      default: SDMOE_FATAL("cpu", "cast: unsupported destination dtype");
-    }
-  }
+  // Under BF16 this runs on every weight after each step and on the staged operands, so
+  // it is a typed parallel loop (the compiler vectorises the float <-> bf16 ones).
+  cpu::dispatch_storage(src.dtype, [&](auto zs) {
+    using S = decltype(zs);
+    cpu::dispatch_storage(dst.dtype, [&](auto zd) {
+      using D = decltype(zd);
+      const S* in = src.ptr<S>();
+      D* out = dst.ptr<D>();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+      for (int64_t i = 0; i < n; ++i) {
+        if constexpr (std::is_same_v<S, D>) out[i] = in[i];
+        else if constexpr (std::is_same_v<S, float> && std::is_same_v<D, bf16>) out[i] = float_to_bf16(in[i]);
+        else if constexpr (std::is_same_v<S, bf16> && std::is_same_v<D, float>) out[i] = bf16_to_float(in[i]);
+        else out[i] = cpu::narrow<D>(cpu::widen(in[i]));
+      }
+    });
+  });
 }
 
 void CpuBackend::init_normal(const Tensor& x, uint64_t seed, uint64_t stream, double std, int64_t index_offset) {
@@ -291,11 +328,12 @@ void CpuBackend::init_normal(const Tensor& x, uint64_t seed, uint64_t stream, do
 void CpuBackend::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const Tensor& a,
                       const Tensor& b, double beta, const Tensor& c, const GemmBatch& batch) {
   if (a.dtype == DType::BF16 || b.dtype == DType::BF16) {
-    // bf16 inputs, fp32 accumulation: widen once, then the fp32 path.
-    SDMOE_ASSERT(c.dtype == DType::F32, "bf16 gemm needs an f32 output");
-    std::vector<float> af = to_float(a), bf = to_float(b);
-    gemm_batch_threaded<float>(threads_, ta, tb, m, n, k, float(alpha), af.data(), bf.data(), float(beta),
-                               c.ptr<float>(), batch);
+    // bf16 operands, fp32 accumulation and output.
+    SDMOE_ASSERT(a.dtype == DType::BF16 && b.dtype == DType::BF16 && c.dtype == DType::F32,
+                 "bf16 gemm needs two bf16 operands and an f32 output (got {}, {}, {})", dtype_name(a.dtype),
+                 dtype_name(b.dtype), dtype_name(c.dtype));
+    gemm_batch_threaded<bf16>(threads_, ta, tb, m, n, k, float(alpha), a.ptr<bf16>(), b.ptr<bf16>(), float(beta),
+                              c.ptr<float>(), batch);
     return;
   }
   expect_same(a, b, "gemm");
@@ -308,11 +346,13 @@ void CpuBackend::gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double 
 
 void CpuBackend::grouped_gemm(bool ta, bool tb, DType dtype, double alpha, std::span<const GemmGroup> groups,
                               double beta) {
-  dispatch_float(dtype, [&](auto z) {
+  // dtype is the operands'; bf16 operands write fp32 outputs, as in gemm.
+  dispatch_storage(dtype, [&](auto z) {
     using T = decltype(z);
+    using Out = GemmOut<T>;
     for (const GemmGroup& g : groups)
-      gemm_threaded<T>(threads_, ta, tb, g.m, g.n, g.k, T(alpha), static_cast<const T*>(g.a),
-                       static_cast<const T*>(g.b), T(beta), static_cast<T*>(g.c));
+      gemm_threaded<T>(threads_, ta, tb, g.m, g.n, g.k, Out(alpha), static_cast<const T*>(g.a),
+                       static_cast<const T*>(g.b), Out(beta), static_cast<Out*>(g.c));
   });
 }
 

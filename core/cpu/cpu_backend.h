@@ -10,6 +10,7 @@ class CpuBackend final : public Backend {
   Device device() const override { return Device::CPU; }
   std::string name() const override;
   double peak_flops() override;
+  double peak_bf16_flops() override;
   int threads() const { return threads_; }
   void bind_to_current_thread() override;
 
@@ -78,12 +79,25 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_;
-  double peak_flops_ = 0.0;
+  double peak_flops_ = 0.0, peak_bf16_flops_ = 0.0;
 };
 
 // Measured fp32 FMA peak of this process's cores (FLOP/s), with the widest vector unit
 // the CPU supports. threads <= 0: one per available core.
 double measure_cpu_fma_peak(int threads);
+// How GEMMs on bf16 operands run in this process (core/cpu/bf16_gemm_path.cc), chosen once:
+// AMX tiles where the CPU and OS offer them; else AVX512_BF16 vdpbf16ps where it beats the
+// fp32 FMA rate; else the operands widened to fp32 for the fp32 kernel. The environment
+// variable SDMOE_CPU_BF16_GEMM=amx|avx512_bf16|widen forces one (a diagnostic switch, like
+// oneDNN's ONEDNN_MAX_CPU_ISA); a bad value or an unavailable path throws sdmoe::Error.
+enum class Bf16GemmPath { AMX, AVX512_BF16, WIDEN };
+Bf16GemmPath cpu_bf16_gemm_path();
+// Why that path, in words for the start-up line.
+std::string cpu_bf16_gemm_reason();
+const char* bf16_gemm_path_name(Bf16GemmPath path);
+// Measured peak FLOP/s of a path's instruction on `threads` threads (the fp32 FMA peak for
+// WIDEN): the denominator of BF16 utilisation figures.
+double measure_cpu_bf16_gemm_peak(Bf16GemmPath path, int threads);
 // Cores this process may run on (its affinity mask).
 int cpu_cores_available();
 // OpenBLAS kernel family in use ("Cooperlake", "Haswell", ...).

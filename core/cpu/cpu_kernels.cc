@@ -16,8 +16,11 @@
 
 namespace sdmoe {
 using cpu::dispatch_float;
+using cpu::dispatch_storage;
 using cpu::exp_of;
 using cpu::expect_same;
+using cpu::narrow;
+using cpu::widen;
 
 void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
   const int64_t tokens = ids.numel(), dim = table.cols(), vocab = table.rows();
@@ -51,18 +54,22 @@ void CpuBackend::embedding_backward(const Tensor& ids, const Tensor& dout, const
 void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y,
                                  const Tensor& rstd) {
   const int64_t rows = x.rows(), dim = x.cols();
+  // y may be in a storage dtype (a bf16 GEMM operand); statistics stay in x's dtype.
   dispatch_float(x.dtype, [&](auto z) {
     using T = decltype(z);
+    dispatch_storage(y.dtype, [&](auto zy) {
+      using Y = decltype(zy);
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* xr = x.ptr<T>() + r * dim;
-      double ss = 0.0;
-      for (int64_t d = 0; d < dim; ++d) ss += double(xr[d]) * double(xr[d]);
-      const double inv = 1.0 / std::sqrt(ss / double(dim) + eps);
-      rstd.ptr<T>()[r] = T(inv);
-      T* yr = y.ptr<T>() + r * dim;
-      for (int64_t d = 0; d < dim; ++d) yr[d] = T(double(xr[d]) * inv * double(weight.ptr<T>()[d]));
-    }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x.ptr<T>() + r * dim;
+        double ss = 0.0;
+        for (int64_t d = 0; d < dim; ++d) ss += double(xr[d]) * double(xr[d]);
+        const double inv = 1.0 / std::sqrt(ss / double(dim) + eps);
+        rstd.ptr<T>()[r] = T(inv);
+        Y* yr = y.ptr<Y>() + r * dim;
+        for (int64_t d = 0; d < dim; ++d) yr[d] = narrow<Y>(double(xr[d]) * inv * double(weight.ptr<T>()[d]));
+      }
+    });
   });
 }
 
@@ -98,88 +105,114 @@ void CpuBackend::rmsnorm_backward(const Tensor& x, const Tensor& weight, const T
 void CpuBackend::swiglu_forward(const Tensor& gate_up, const Tensor& out) {
   const int64_t rows = out.rows(), f = out.cols();
   SDMOE_ASSERT(gate_up.cols() == 2 * f, "swiglu: gate_up must be [T,2F]");
-  dispatch_float(out.dtype, [&](auto z) {
+  // out may be in a storage dtype (a bf16 GEMM operand).
+  dispatch_float(gate_up.dtype, [&](auto z) {
     using T = decltype(z);
+    dispatch_storage(out.dtype, [&](auto zo) {
+      using O = decltype(zo);
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* g = gate_up.ptr<T>() + r * 2 * f;
-      T* o = out.ptr<T>() + r * f;
-      for (int64_t i = 0; i < f; ++i) {
-        const double a = double(g[i]);
-        o[i] = T(a / (1.0 + std::exp(-a)) * double(g[f + i]));
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* g = gate_up.ptr<T>() + r * 2 * f;
+        O* o = out.ptr<O>() + r * f;
+        for (int64_t i = 0; i < f; ++i) {
+          const double a = double(g[i]);
+          o[i] = narrow<O>(a / (1.0 + std::exp(-a)) * double(g[f + i]));
+        }
       }
-    }
+    });
   });
 }
 
 void CpuBackend::swiglu_backward(const Tensor& gate_up, const Tensor& dout, const Tensor& dgate_up) {
   const int64_t rows = dout.rows(), f = dout.cols();
+  // dgate_up may be in a storage dtype (a bf16 GEMM operand).
   dispatch_float(dout.dtype, [&](auto z) {
     using T = decltype(z);
+    dispatch_storage(dgate_up.dtype, [&](auto zg) {
+      using G = decltype(zg);
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* g = gate_up.ptr<T>() + r * 2 * f;
-      const T* d = dout.ptr<T>() + r * f;
-      T* dg = dgate_up.ptr<T>() + r * 2 * f;
-      for (int64_t i = 0; i < f; ++i) {
-        const double a = double(g[i]), u = double(g[f + i]), s = 1.0 / (1.0 + std::exp(-a));
-        dg[i] = T(double(d[i]) * u * s * (1.0 + a * (1.0 - s)));
-        dg[f + i] = T(double(d[i]) * a * s);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* g = gate_up.ptr<T>() + r * 2 * f;
+        const T* d = dout.ptr<T>() + r * f;
+        G* dg = dgate_up.ptr<G>() + r * 2 * f;
+        for (int64_t i = 0; i < f; ++i) {
+          const double a = double(g[i]), u = double(g[f + i]), s = 1.0 / (1.0 + std::exp(-a));
+          dg[i] = narrow<G>(double(d[i]) * u * s * (1.0 + a * (1.0 - s)));
+          dg[f + i] = narrow<G>(double(d[i]) * a * s);
+        }
       }
-    }
+    });
   });
 }
 
 namespace {
-// Copies between [B,S,P,H,Dh] (P packed projections, p-th selected) and [B,H,S,Dh].
-template <typename T>
-void heads_copy(const T* packed, T* heads, int64_t b, int64_t s, int64_t parts, int64_t part, int64_t h,
-                int64_t dh, bool to_heads) {
+// Copies between [B,S,P,H,Dh] (P packed projections, p-th selected) and [B,H,S,Dh]; the two
+// sides may differ in storage dtype (a master-dtype result rounded into a bf16 operand).
+template <typename P, typename H>
+void heads_copy(const Tensor& packed_t, const Tensor& heads_t, int64_t b, int64_t s, int64_t parts, int64_t part,
+                int64_t h, int64_t dh, bool to_heads) {
+  P* packed = packed_t.ptr<P>();
+  H* heads = heads_t.ptr<H>();
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t bi = 0; bi < b; ++bi)
     for (int64_t si = 0; si < s; ++si)
       for (int64_t hi = 0; hi < h; ++hi) {
-        T* hp = heads + ((bi * h + hi) * s + si) * dh;
-        T* pp = const_cast<T*>(packed) + (((bi * s + si) * parts + part) * h + hi) * dh;
-        if (to_heads) std::copy_n(pp, dh, hp);
-        else std::copy_n(hp, dh, pp);
+        H* hp = heads + ((bi * h + hi) * s + si) * dh;
+        P* pp = packed + (((bi * s + si) * parts + part) * h + hi) * dh;
+        if constexpr (std::is_same_v<P, H>) {
+          if (to_heads) std::copy_n(pp, dh, hp);
+          else std::copy_n(hp, dh, pp);
+        } else if (to_heads) {
+          for (int64_t i = 0; i < dh; ++i) hp[i] = narrow<H>(widen(pp[i]));
+        } else {
+          for (int64_t i = 0; i < dh; ++i) pp[i] = narrow<P>(widen(hp[i]));
+        }
       }
+}
+
+template <typename Fn>
+void dispatch_pair(DType packed, DType heads, Fn&& fn) {
+  dispatch_storage(packed, [&](auto zp) { dispatch_storage(heads, [&](auto zh) { fn(zp, zh); }); });
 }
 }  // namespace
 
 void CpuBackend::split_qkv(const Tensor& qkv, const Tensor& q, const Tensor& k, const Tensor& v) {
   const int64_t b = q.dim(0), h = q.dim(1), s = q.dim(2), dh = q.dim(3);
-  dispatch_float(q.dtype, [&](auto z) {
-    using T = decltype(z);
-    heads_copy<T>(qkv.ptr<T>(), q.ptr<T>(), b, s, 3, 0, h, dh, true);
-    heads_copy<T>(qkv.ptr<T>(), k.ptr<T>(), b, s, 3, 1, h, dh, true);
-    heads_copy<T>(qkv.ptr<T>(), v.ptr<T>(), b, s, 3, 2, h, dh, true);
+  expect_same(q, k, "split_qkv");
+  expect_same(q, v, "split_qkv");
+  dispatch_pair(qkv.dtype, q.dtype, [&](auto zp, auto zh) {
+    using P = decltype(zp);
+    using H = decltype(zh);
+    heads_copy<P, H>(qkv, q, b, s, 3, 0, h, dh, true);
+    heads_copy<P, H>(qkv, k, b, s, 3, 1, h, dh, true);
+    heads_copy<P, H>(qkv, v, b, s, 3, 2, h, dh, true);
   });
 }
 
 void CpuBackend::join_qkv(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dqkv) {
   const int64_t b = dq.dim(0), h = dq.dim(1), s = dq.dim(2), dh = dq.dim(3);
-  dispatch_float(dq.dtype, [&](auto z) {
-    using T = decltype(z);
-    heads_copy<T>(dqkv.ptr<T>(), dq.ptr<T>(), b, s, 3, 0, h, dh, false);
-    heads_copy<T>(dqkv.ptr<T>(), dk.ptr<T>(), b, s, 3, 1, h, dh, false);
-    heads_copy<T>(dqkv.ptr<T>(), dv.ptr<T>(), b, s, 3, 2, h, dh, false);
+  expect_same(dq, dk, "join_qkv");
+  expect_same(dq, dv, "join_qkv");
+  dispatch_pair(dqkv.dtype, dq.dtype, [&](auto zp, auto zh) {
+    using P = decltype(zp);
+    using H = decltype(zh);
+    heads_copy<P, H>(dqkv, dq, b, s, 3, 0, h, dh, false);
+    heads_copy<P, H>(dqkv, dk, b, s, 3, 1, h, dh, false);
+    heads_copy<P, H>(dqkv, dv, b, s, 3, 2, h, dh, false);
   });
 }
 
 void CpuBackend::merge_heads(const Tensor& x_bhsd, const Tensor& y_bshd) {
   const int64_t b = x_bhsd.dim(0), h = x_bhsd.dim(1), s = x_bhsd.dim(2), dh = x_bhsd.dim(3);
-  dispatch_float(x_bhsd.dtype, [&](auto z) {
-    using T = decltype(z);
-    heads_copy<T>(y_bshd.ptr<T>(), x_bhsd.ptr<T>(), b, s, 1, 0, h, dh, false);
+  dispatch_pair(y_bshd.dtype, x_bhsd.dtype, [&](auto zp, auto zh) {
+    heads_copy<decltype(zp), decltype(zh)>(y_bshd, x_bhsd, b, s, 1, 0, h, dh, false);
   });
 }
 
 void CpuBackend::split_heads(const Tensor& y_bshd, const Tensor& x_bhsd) {
   const int64_t b = x_bhsd.dim(0), h = x_bhsd.dim(1), s = x_bhsd.dim(2), dh = x_bhsd.dim(3);
-  dispatch_float(x_bhsd.dtype, [&](auto z) {
-    using T = decltype(z);
-    heads_copy<T>(y_bshd.ptr<T>(), x_bhsd.ptr<T>(), b, s, 1, 0, h, dh, true);
+  dispatch_pair(y_bshd.dtype, x_bhsd.dtype, [&](auto zp, auto zh) {
+    heads_copy<decltype(zp), decltype(zh)>(y_bshd, x_bhsd, b, s, 1, 0, h, dh, true);
   });
 }
 
@@ -193,7 +226,8 @@ void CpuBackend::rope(const Tensor& x, double theta, int direction) {
       cos_table[pos * half + i] = std::cos(angle);
       sin_table[pos * half + i] = direction * std::sin(angle);
     }
-  dispatch_float(x.dtype, [&](auto z) {
+  // Also on bf16 operands (q and k kept for the backward), computed in double.
+  dispatch_storage(x.dtype, [&](auto z) {
     using T = decltype(z);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t n = 0; n < bh; ++n)
@@ -201,9 +235,9 @@ void CpuBackend::rope(const Tensor& x, double theta, int direction) {
         T* row = x.ptr<T>() + (n * s + pos) * dh;
         for (int64_t i = 0; i < half; ++i) {
           const double c = cos_table[pos * half + i], sn = sin_table[pos * half + i];
-          const double a = double(row[i]), b = double(row[i + half]);
-          row[i] = T(a * c - b * sn);
-          row[i + half] = T(a * sn + b * c);
+          const double a = widen(row[i]), b = widen(row[i + half]);
+          row[i] = narrow<T>(a * c - b * sn);
+          row[i + half] = narrow<T>(a * sn + b * c);
         }
       }
   });
@@ -229,18 +263,22 @@ void CpuBackend::causal_softmax_forward(const Tensor& scores, double scale) {
 
 void CpuBackend::causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) {
   const int64_t n = probs.dim(0), s = probs.dim(1);
-  dispatch_float(probs.dtype, [&](auto z) {
+  // probs may be the bf16 operand the forward kept; the gradient stays in its own dtype.
+  dispatch_float(grad.dtype, [&](auto z) {
     using T = decltype(z);
+    dispatch_storage(probs.dtype, [&](auto zp) {
+      using P = decltype(zp);
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < n; ++b)
-      for (int64_t i = 0; i < s; ++i) {
-        const T* p = probs.ptr<T>() + (b * s + i) * s;
-        T* g = grad.ptr<T>() + (b * s + i) * s;
-        double dot = 0.0;
-        for (int64_t j = 0; j <= i; ++j) dot += double(p[j]) * double(g[j]);
-        for (int64_t j = 0; j <= i; ++j) g[j] = T(scale * double(p[j]) * (double(g[j]) - dot));
-        for (int64_t j = i + 1; j < s; ++j) g[j] = T(0);
-      }
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t i = 0; i < s; ++i) {
+          const P* p = probs.ptr<P>() + (b * s + i) * s;
+          T* g = grad.ptr<T>() + (b * s + i) * s;
+          double dot = 0.0;
+          for (int64_t j = 0; j <= i; ++j) dot += widen(p[j]) * double(g[j]);
+          for (int64_t j = 0; j <= i; ++j) g[j] = T(scale * widen(p[j]) * (double(g[j]) - dot));
+          for (int64_t j = i + 1; j < s; ++j) g[j] = T(0);
+        }
+    });
   });
 }
 

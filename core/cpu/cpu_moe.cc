@@ -116,7 +116,9 @@ void CpuBackend::router_backward(const Tensor& logits, RouterScore score, bool n
 void CpuBackend::gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) {
   const int64_t n = index.numel(), dim = src.cols();
   const int32_t* idx = index.ptr<int32_t>();
-  dispatch_float(src.dtype, [&](auto z) {
+  cpu::expect_same(src, dst, "gather_rows");
+  // A copy: any storage dtype (the routed rows are bf16 GEMM operands under BF16).
+  cpu::dispatch_storage(src.dtype, [&](auto z) {
     using T = decltype(z);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) std::copy_n(src.ptr<T>() + int64_t(idx[i]) * dim, dim, dst.ptr<T>() + i * dim);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Production checks of sdmoe_pretrain and sdmoe_eval under mpirun, run by ctest:
 # checkpoints, resume and preemption, evaluation, metrics files and plots.
-#   production.sh BIN_DIR REPO resume_exact | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
+#   production.sh BIN_DIR REPO resume_exact | precision | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
 #                              | eval | metrics | tensorboard | megatron | scaling
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
@@ -63,6 +63,82 @@ resume_exact)
     || { cat "$tmp/d.log"; die "async resumed run failed"; }
   same_state "$tmp/c/step_00000009/checkpoint.h5" "$tmp/d/step_00000009/checkpoint.h5"
   echo "resumed runs identical to uninterrupted ones"
+  ;;
+precision)
+  # training.precision BF16 (bf16 GEMM operands, fp32 master state) and checkpoints, which
+  # hold the fp32 state in either precision.
+  # (1) Exact resume under BF16, as in resume_exact: a run killed with SIGKILL after its
+  # first checkpoint and resumed matches the uninterrupted one bit for bit (the bf16
+  # weight copy is derived from the fp32 master weights, so nothing else needs saving).
+  bf16=(--set training.precision=BF16 --set training.steps=16 --set checkpoint.interval=4)
+  run2 "${bf16[@]}" --set checkpoint.dir="$tmp/a" > "$tmp/a.log" 2>&1 || { cat "$tmp/a.log"; die "uninterrupted BF16 run failed"; }
+  grep -q "^precision: BF16 (" "$tmp/a.log" || { cat "$tmp/a.log"; die "the BF16 run does not report its precision"; }
+  run2 "${bf16[@]}" --set checkpoint.dir="$tmp/b" > "$tmp/b1.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 3000); do [ -e "$tmp/b/latest" ] && break; sleep 0.02; done
+  pkill -KILL -f "checkpoint.dir=$tmp/b"; kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  [ -e "$tmp/b/latest" ] || { cat "$tmp/b1.log"; die "no BF16 checkpoint before the kill"; }
+  [ -d "$tmp/b/step_00000016" ] && die "the BF16 run finished before it was killed; nothing was tested"
+  echo "BF16 run killed after $(cat "$tmp/b/latest")"
+  run2 "${bf16[@]}" --set checkpoint.dir="$tmp/b" --resume > "$tmp/b2.log" 2>&1 || { cat "$tmp/b2.log"; die "resumed BF16 run failed"; }
+  grep -q "^resumed from $tmp/b/step_" "$tmp/b2.log" || die "the second BF16 run did not resume"
+  losses "$tmp/b2.log" > "$tmp/b.loss"
+  [ "$(wc -l < "$tmp/b.loss")" -ge 4 ] || die "too few steps after the BF16 resume"
+  losses "$tmp/a.log" | awk 'NR == FNR {resumed[$1] = 1; next} $1 in resumed' "$tmp/b.loss" - > "$tmp/a.loss"
+  diff "$tmp/a.loss" "$tmp/b.loss" > "$tmp/diff" || { head -20 "$tmp/diff"; die "BF16 losses after the resume differ from the uninterrupted run"; }
+  same_state "$tmp/a/step_00000016/checkpoint.h5" "$tmp/b/step_00000016/checkpoint.h5"
+  echo "BF16: resumed run identical to the uninterrupted one ($(wc -l < "$tmp/b.loss") steps and the final state)"
+  # (2) The format does not change with the precision: a BF16 checkpoint holds the same
+  # datasets, shapes and types (32-bit IEEE floats) as an FP32 one.
+  fp32=(--set training.steps=16 --set checkpoint.interval=4)
+  run2 "${fp32[@]}" --set checkpoint.dir="$tmp/f" > "$tmp/f.log" 2>&1 || { cat "$tmp/f.log"; die "FP32 run failed"; }
+  for group in /params /optimizer /sdmoe; do
+    diff <(h5dump -H -g "$group" "$tmp/f/step_00000016/checkpoint.h5" | tail -n +2) \
+         <(h5dump -H -g "$group" "$tmp/a/step_00000016/checkpoint.h5" | tail -n +2) > "$tmp/diff" \
+      || { head -20 "$tmp/diff"; die "$group of a BF16 checkpoint differs in layout from an FP32 one"; }
+  done
+  h5dump -H -g /params "$tmp/a/step_00000016/checkpoint.h5" | grep DATATYPE | sort | uniq -c > "$tmp/types"
+  [ "$(wc -l < "$tmp/types")" -eq 1 ] && grep -q ' DATATYPE  H5T_IEEE_F32LE$' "$tmp/types" \
+    || { cat "$tmp/types"; die "the BF16 checkpoint's /params are not all 32-bit floats"; }
+  echo "BF16 checkpoint: same layout as FP32, /params:$(cat "$tmp/types")"
+  # (3) Resuming in the other precision: an FP32 checkpoint (step 8) continued under BF16,
+  # and a BF16 one under FP32, for 8 steps. Each must load, and its losses must stay within
+  # TOL of the saving run's own continuation: the two differ only in the precision of the
+  # GEMM operands from step 9 on. bf16 keeps 8 significant bits (relative rounding up to
+  # 2^-9 = 2e-3 per operand), but over these first 16 steps the loss is still near ln 50257
+  # and hardly depends on the weights' low bits: measured here with each bf16 GEMM path
+  # (AMX, AVX512_BF16, widened), the continuations differ from the saving runs by at most
+  # 1.5e-4 nats (1.4e-5 relative), whole FP32 and BF16 runs by at most 2.5e-4. TOL = 1e-3
+  # is four times that, and far below the 0.69 nats the loss falls over steps 9-16
+  # (checked below: more than 100 x TOL). A resume that loses state fails it by far: with
+  # the data position reset to 0 the losses moved by up to 0.27 nats, with part of the
+  # moments zeroed by 0.18.
+  tol=1e-3
+  # near LABEL REFERENCE_LOG RESUMED_LOG: the resumed run's losses are within tol of the
+  # reference's at the same steps (at least 4 of them).
+  near() {
+    losses "$3" > "$tmp/r.loss"
+    [ "$(wc -l < "$tmp/r.loss")" -ge 4 ] || { cat "$3"; die "$1: too few steps after the resume"; }
+    losses "$2" | awk -v what="$1" -v tol="$tol" 'NR == FNR {got[$1] = $2; next}
+      $1 in got {d = got[$1] - $2; if (d < 0) d = -d; if (d > m) m = d; if (d > tol) bad = 1; n++}
+      END {printf "%s: max |loss difference| %.2e over %d steps (tolerance %g)\n", what, m, n, tol; exit bad || n < 4}' \
+      "$tmp/r.loss" - || die "$1: losses differ by more than $tol from the saving run's"
+  }
+  run2 "${bf16[@]}" --set checkpoint.dir="$tmp/x" --set checkpoint.load="$tmp/f/step_00000008" > "$tmp/x.log" 2>&1 \
+    || { cat "$tmp/x.log"; die "resuming an FP32 checkpoint under BF16 failed"; }
+  grep -q "^resumed from $tmp/f/step_00000008" "$tmp/x.log" || { cat "$tmp/x.log"; die "the BF16 run did not load the FP32 checkpoint"; }
+  near "FP32 checkpoint -> BF16" "$tmp/f.log" "$tmp/x.log"
+  run2 "${fp32[@]}" --set checkpoint.dir="$tmp/y" --set checkpoint.load="$tmp/a/step_00000008" > "$tmp/y.log" 2>&1 \
+    || { cat "$tmp/y.log"; die "resuming a BF16 checkpoint under FP32 failed"; }
+  grep -q "^resumed from $tmp/a/step_00000008" "$tmp/y.log" || { cat "$tmp/y.log"; die "the FP32 run did not load the BF16 checkpoint"; }
+  near "BF16 checkpoint -> FP32" "$tmp/a.log" "$tmp/y.log"
+  # For reference, the whole runs in the two precisions (not a check).
+  losses "$tmp/a.log" | awk 'NR == FNR {got[$1] = $2; next} $1 in got {d = got[$1] - $2; if (d < 0) d = -d; if (d > m) m = d}
+    END {printf "whole FP32 and BF16 runs: max |loss difference| %.2e over 16 steps\n", m}' - <(losses "$tmp/f.log")
+  # The tolerance must be far below what training changes over the compared steps.
+  losses "$tmp/f.log" | awk -v tol="$tol" '$1 == 9 {a = $2} $1 == 16 {b = $2}
+    END {printf "the loss falls by %.3f over steps 9-16\n", a - b; exit !(a - b > 100 * tol)}' \
+    || die "the loss did not fall by more than 100 x $tol over steps 9-16; the tolerance tests nothing"
   ;;
 kill_during_write)
   # SIGKILL while a checkpoint is being written (its .partial directory exists): the
@@ -277,8 +353,9 @@ for r in records:
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "model_flops", "peak_fraction", "aux_loss", "z_loss",
                 "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time",
                 "buffer_bytes", "buffer_peak_bytes", "step_seconds", "forward_backward_seconds", "optimizer_seconds",
-                "refresh_seconds"):
+                "refresh_seconds", "activation_bytes"):
         assert key in r, (r["step"], key)
+    assert 0 < r["activation_bytes"] < r["buffer_bytes"], r
     # The phases are disjoint parts of the step's wall time, and the throughput is the
     # step's tokens (the same every step) over that time.
     phases = r["forward_backward_seconds"] + r["optimizer_seconds"] + r["refresh_seconds"]

@@ -44,6 +44,10 @@ struct LayerParams {
     grads = Buffer(be(), reg.total_elements() * sizeof(double));
     host.assign(reg.specs().size(), {});
   }
+  // Every tensor in F64: the layers' finite-difference precision.
+  ParamBuffers buffers() const {
+    return ParamBuffers{reg, params, grads, params, PrecisionPolicy::uniform(DType::F64), Device::CPU};
+  }
   Tensor value(int id) const { return reg.view(params, id, DType::F64, Device::CPU); }
   Tensor grad(int id) const { return reg.view(grads, id, DType::F64, Device::CPU); }
   // Random values: norm gains around 1, matrices N(0, std^2).

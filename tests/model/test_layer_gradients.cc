@@ -79,15 +79,15 @@ struct AttentionHarness {
     t = batch * spec.seq_len;
     attn.declare(p.reg, "layers.0", spec);
     p.allocate();
-    attn.bind(p.reg, p.params, p.grads, DType::F64, Device::CPU);
+    attn.bind(p.buffers());
     const LayerDims dims{batch, spec.seq_len, spec.dim, spec.heads, spec.head_dim()};
     Arena planner(Device::CPU);
     attn.plan(planner, dims);
-    sc.plan(planner, spec, int(batch), DType::F64);
+    sc.plan(planner, spec, int(batch), PrecisionPolicy::uniform(DType::F64));
     acts = Buffer(be(), planner.used());
     Arena arena(Device::CPU, acts);
     attn.plan(arena, dims);
-    sc.plan(arena, spec, int(batch), DType::F64);
+    sc.plan(arena, spec, int(batch), PrecisionPolicy::uniform(DType::F64));
   }
 };
 
@@ -96,7 +96,7 @@ TEST(LayerForward, AttentionMatchesReference) {
   a.p.randomize(100, 0.3);
   const auto in = randn(a.t * a.spec.dim, 101);
   Owned x = make_from({a.t, a.spec.dim}, in), out = make(DType::F64, {a.t, a.spec.dim});
-  a.attn.forward(be(), x.t, out.t);
+  a.attn.forward(be(), x.t, out.t, a.sc);
   const auto& h = a.p.host;
   const auto want = attention_reference(a.spec, a.batch, in, h[a.p.id_of("layers.0.attn_norm")],
                                         h[a.p.id_of("layers.0.attn.qkv")], h[a.p.id_of("layers.0.attn.proj")]);
@@ -113,7 +113,7 @@ TEST(LayerGradients, Attention) {
   auto loss = [&] {
     a.p.upload();
     put(x.t, in);
-    a.attn.forward(be(), x.t, out.t);
+    a.attn.forward(be(), x.t, out.t, a.sc);
     return dot(c, get(out.t));
   };
   loss();
@@ -134,15 +134,15 @@ TEST(LayerGradients, SwigluMlpWithBeta) {
   SwigluMlp mlp;
   mlp.declare(p.reg, "mlp", d, f, 0.3, 0.3);
   p.allocate();
-  mlp.bind(p.reg, p.params, p.grads, DType::F64, Device::CPU);
+  mlp.bind(p.buffers());
   Scratch sc;
   Arena planner(Device::CPU);
   mlp.plan(planner, t);
-  sc.plan(planner, spec, 1, DType::F64);
+  sc.plan(planner, spec, 1, PrecisionPolicy::uniform(DType::F64));
   Buffer acts(be(), planner.used());
   Arena arena(Device::CPU, acts);
   mlp.plan(arena, t);
-  sc.plan(arena, spec, 1, DType::F64);
+  sc.plan(arena, spec, 1, PrecisionPolicy::uniform(DType::F64));
   p.randomize(120, 0.3);
   std::vector<double> hv = randn(t * d, 121);
   const std::vector<double> c = randn(t * d, 122), out0 = randn(t * d, 123), dh0 = randn(t * d, 124);
@@ -195,14 +195,14 @@ struct MoeHarness {
     t = batch * spec.seq_len;
     moe.declare(p.reg, "layers.1", spec, std::make_shared<TokenDispatcher>(nullptr, nullptr, be(), spec.moe.num_experts));
     p.allocate();
-    moe.bind(p.reg, p.params, p.grads, DType::F64, Device::CPU);
+    moe.bind(p.buffers());
     Arena planner(Device::CPU);
     moe.plan(planner, t);
-    sc.plan(planner, spec, int(batch), DType::F64);
+    sc.plan(planner, spec, int(batch), PrecisionPolicy::uniform(DType::F64));
     acts = Buffer(be(), planner.used());
     Arena arena(Device::CPU, acts);
     moe.plan(arena, t);
-    sc.plan(arena, spec, int(batch), DType::F64);
+    sc.plan(arena, spec, int(batch), PrecisionPolicy::uniform(DType::F64));
   }
   const std::vector<double>& host(const std::string& suffix) const { return p.host[p.id_of("layers.1.moe." + suffix)]; }
 };

@@ -28,7 +28,8 @@ inline OwnedTensor make_owned(Backend& backend, DType dtype, std::initializer_li
   return o;
 }
 
-// Writes doubles into a float tensor, converting to its dtype (F32 rounds).
+// Writes doubles into a float tensor, converting to its dtype (F32 and BF16 round to
+// nearest even).
 inline void upload(Backend& backend, const Tensor& t, const std::vector<double>& v) {
   ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
   if (t.dtype == DType::F64) {
@@ -36,6 +37,10 @@ inline void upload(Backend& backend, const Tensor& t, const std::vector<double>&
   } else if (t.dtype == DType::F32) {
     std::vector<float> f(v.begin(), v.end());
     backend.copy_from_host(f.data(), t);
+  } else if (t.dtype == DType::BF16) {
+    std::vector<bf16> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_bf16(static_cast<float>(v[i]));
+    backend.copy_from_host(h.data(), t);
   } else {
     FAIL() << "upload: float tensors only";
   }
@@ -55,6 +60,10 @@ inline std::vector<double> download(Backend& backend, const Tensor& t) {
     std::vector<float> f(t.numel());
     backend.copy_to_host(t, f.data());
     for (size_t i = 0; i < f.size(); ++i) out[i] = f[i];
+  } else if (t.dtype == DType::BF16) {
+    std::vector<bf16> h(t.numel());
+    backend.copy_to_host(t, h.data());
+    for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_float(h[i]);
   } else {
     ADD_FAILURE() << "download: float tensors only";
   }
