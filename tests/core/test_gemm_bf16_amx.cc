@@ -1,8 +1,8 @@
 // The AMX bf16 GEMM (core/cpu/gemm_bf16_amx.h) against a double-precision reference
 // computed from the same bf16 inputs, on the model's shapes and on edge shapes (partial
 // tiles, k not a multiple of 32, k across a block edge, padded and odd leading
-// dimensions), for all four (ta, tb), plus calls from two threads at once. Every test skips
-// on CPUs (or kernels) without AMX-BF16.
+// dimensions), for all four (ta, tb), plus calls from two threads at once. Every test that
+// touches the tiles skips on a CPU without AMX-BF16 or a Linux that does not grant it.
 //
 // Tolerance, as for the AVX-512 bf16 kernel (tests/core/test_gemm_bf16.cc): bf16 x bf16 is
 // exact in fp32, so the kernel and the reference sum the same exact products and differ
@@ -22,7 +22,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <random>
