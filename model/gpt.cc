@@ -29,11 +29,15 @@ ModelPlacement placement_for(const ProcessGroups& groups, bool zero1, bool seque
   return p;
 }
 
-int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens) {
-  // At most 2^26 logits (256 MiB in fp32) at once. Smaller chunks save memory but make
-  // the head's GEMMs skinnier: 333-row chunks ran them at 72 to 75% of the CPU's peak,
-  // 1024-row chunks at 80 to 85%.
-  return std::min<int64_t>(std::max<int64_t>((int64_t(1) << 26) / spec.vocab_size, 64), tokens);
+int64_t GptModel::output_head_chunk(const ModelSpec& spec, int64_t tokens, int64_t bytes_per_logit) {
+  // At most 256 MiB of logits at once (2^26 fp32 logits; under BF16 the fp32 logits and
+  // their bf16 gradient copy, so 2/3 as many rows), in chunks of equal size. Smaller chunks
+  // save memory but make the head's GEMMs skinnier: 333-row chunks ran them at 72 to 75%
+  // of the CPU's fp32 peak, 1024-row chunks at 80 to 85%.
+  const int64_t most = std::max<int64_t>((int64_t(1) << 28) / (bytes_per_logit * spec.vocab_size), 64);
+  if (tokens <= most) return tokens;
+  const int64_t chunks = (tokens + most - 1) / most;
+  return (tokens + chunks - 1) / chunks;
 }
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch,
@@ -52,7 +56,8 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolic
       batch_(micro_batch) {
   spec_.validate();
   tokens_ = int64_t(batch_) * spec_.seq_len;
-  head_chunk_ = output_head_chunk(spec_, tokens_);
+  head_chunk_ = output_head_chunk(spec_, tokens_,
+                                  policy_.separate_operands() ? 4 + int64_t(dtype_size(policy_.operand)) : 4);
   const int64_t d = spec_.dim;
   // Vocabulary-parallel: each tp rank holds rows [vocab_begin_, vocab_begin_ + V/tp) of
   // the embedding (and of the output projection).

@@ -88,8 +88,10 @@ class GptModel {
   // Every tensor's range in the flat gradient and the stage after which it is final.
   std::vector<GradientReadyRange> gradient_ready_ranges() const;
 
-  // Rows of logits the output head materialises at once for `tokens` tokens per micro-batch.
-  static int64_t output_head_chunk(const ModelSpec& spec, int64_t tokens);
+  // Rows of logits the output head materialises at once for `tokens` tokens per micro-batch,
+  // each logit taking `bytes_per_logit` bytes (4 in fp32; 6 under BF16, with its bf16
+  // gradient copy).
+  static int64_t output_head_chunk(const ModelSpec& spec, int64_t tokens, int64_t bytes_per_logit = 4);
 
  private:
   struct Block;

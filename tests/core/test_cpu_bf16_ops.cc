@@ -65,6 +65,37 @@ TEST(CpuBf16Ops, CastRoundsToNearestEven) {
   }
 }
 
+TEST(CpuBf16Ops, VectorCastKeepsEverySpecialValue) {
+  // The special values again, now inside 16-lane blocks of a large array, between random
+  // values: every element must have float_to_bf16's bits (NaN: a quiet NaN).
+  const std::vector<float> special = {0.0f, -0.0f, 1.0f + std::ldexp(1.0f, -8), 1.0078125f + std::ldexp(1.0f, -8),
+                                      3.4028235e38f, INFINITY, -INFINITY, NAN, 1e-40f, -1e-41f, -2.5f, 65504.0f};
+  const int64_t n = (1 << 17) + 5;
+  const std::vector<double> r = randn(n, 23, 100.0);
+  std::vector<float> in(r.begin(), r.end());
+  for (int64_t i = 0; i < n; i += 7) in[i] = special[(i / 7) % special.size()];
+  Owned src = make(DType::F32, {n}), dst = make(DType::BF16, {n}), back = make(DType::F32, {n});
+  cpu().copy_from_host(in.data(), src.t);
+  cpu().cast(src.t, dst.t);
+  std::vector<uint16_t> got(n);
+  cpu().copy_to_host(dst.t, got.data());
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t want = float_to_bf16(in[i]).bits;
+    if (std::isnan(in[i]) ? (got[i] & 0x7fc0) != 0x7fc0 : got[i] != want) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << "elements whose bf16 bits differ from float_to_bf16";
+  cpu().cast(dst.t, back.t);
+  std::vector<float> widened(n);
+  cpu().copy_to_host(back.t, widened.data());
+  bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float want = bf16_to_float(bf16{got[i]});
+    if (!(widened[i] == want || (std::isnan(want) && std::isnan(widened[i])))) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << "widened elements that differ";
+}
+
 TEST(CpuBf16Ops, LargeCastMatchesElementwise) {
   // Above the size where the cast runs on several threads.
   const int64_t n = (1 << 17) + 3;
