@@ -15,3 +15,16 @@ void Backend::check_copy_rows(const Tensor& src, int64_t src_stride, const Tenso
 }
 
 }  // namespace sdmoe
+
+namespace sdmoe {
+
+void Backend::attention_forward(const Tensor&, const Tensor&, const Tensor&, double, const Tensor&, const Tensor&) {
+  fail("fused attention is not implemented on the {} backend", name());
+}
+
+void Backend::attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, double, const Tensor&, const Tensor&, const Tensor&) {
+  fail("fused attention is not implemented on the {} backend", name());
+}
+
+}  // namespace sdmoe

@@ -156,6 +156,19 @@ class Backend {
   // grad [N,S,S]: in dP, out d(scores) = scale * P * (dP - sum_j P dP).
   virtual void causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) = 0;
 
+  // ---- fused attention (FlashAttention-2) ------------------------------------------------
+  // Causal attention without the [S,S] probabilities: q, k, v, out [N,S,Dh] (N = B*H
+  // heads, one storage dtype), lse [N,S] the rows' log-sum-exp of scale * q k^T over keys
+  // j <= i (F64 for F64 inputs, else F32). The backward recomputes the probabilities from
+  // lse tile by tile; out and dout may be any float dtype, dq, dk, dv (assigned) are F64 for
+  // F64 inputs, else F32. A backend without it says so (has_fused_attention) and throws.
+  virtual bool has_fused_attention() const { return false; }
+  virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& out,
+                                 const Tensor& lse);
+  virtual void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                  const Tensor& dout, const Tensor& lse, double scale, const Tensor& dq,
+                                  const Tensor& dk, const Tensor& dv);
+
   // ---- loss ---------------------------------------------------------------------------
   // Per-token loss and log-sum-exp. A target of kTargetOnOtherShard is a class outside
   // these logits (a vocabulary-parallel shard): loss = lse, and the gradient is the

@@ -46,6 +46,7 @@ struct Job {
   ModelSpec model;
   PrecisionPolicy precision;
   Recompute recompute = Recompute::NONE;
+  bool fused_attention = false;
   OptimizerSpec optimizer;
   SdmoeSpec sdmoe;
   int micro_batch = 0, accumulation = 0;
@@ -65,6 +66,7 @@ Job check_job(const config::Run& run, int dp) {
   job.recompute = t.recompute() == config::Training::FULL        ? Recompute::FULL
                   : t.recompute() == config::Training::SELECTIVE ? Recompute::SELECTIVE
                                                                  : Recompute::NONE;
+  job.fused_attention = t.attention() == config::Training::FUSED;
   if (t.steps() < 0) fail("training.steps must be >= 0");
   if (t.micro_batch_size() <= 0) fail("training.micro_batch_size must be positive");
   if (t.global_batch_size() % (t.micro_batch_size() * dp) != 0)
@@ -274,6 +276,9 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
     if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CUDA)
       fail("training.precision BF16 is not available on the CUDA backend yet (its elementwise kernels are fp32 "
            "only); use FP32 on GPUs, or device: CPU");
+    if (setup.job.fused_attention && !setup.backend->has_fused_attention())
+      fail("training.attention FUSED is not available on the {} backend yet; use UNFUSED there",
+           setup.backend->name());
     // The bf16 GEMM path is chosen now, so that a bad SDMOE_CPU_BF16_GEMM stops every rank here.
     if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CPU) cpu_bf16_gemm_path();
     no_nccl = nccl_unavailable_reason(*setup.backend, mpi);
@@ -340,7 +345,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
   GptModel model(job.model, be, job.precision, job.micro_batch,
-                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()), job.recompute);
+                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()),
+                 ModelExecution{job.recompute, job.fused_attention});
   model.init_parameters(run.training().seed());
   // ZeRO-1: this rank updates (and keeps moments for) its shard of each region only.
   const bool zero1 = run.parallel().zero1();
@@ -653,7 +659,8 @@ int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& s
   Backend& be = *setup.backend;
   ProcessGroups groups = make_process_groups(setup.dims, be, setup.comm_kind);
   GptModel model(job.model, be, job.precision, job.micro_batch,
-                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()));
+                 placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()),
+                 ModelExecution{Recompute::NONE, job.fused_attention});
   Checkpointer checkpointer(run, model, nullptr, nullptr, groups, MomentSharding{});
   TrainingPosition position;
   try {

@@ -5,7 +5,8 @@
 
 namespace sdmoe {
 
-void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy) {
+void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy,
+                   bool fused_attention) {
   const int64_t t = int64_t(batch) * spec.seq_len, d = spec.dim, h = spec.heads, s = spec.seq_len;
   const int64_t f = std::max<int64_t>(spec.ffn_dim, spec.moe.shared_expert_ffn_dim);
   const DType master = policy.master, operand = policy.operand;
@@ -18,20 +19,24 @@ void Scratch::plan(Arena& arena, const ModelSpec& spec, int batch, const Precisi
   dq = arena.take(master, {batch, h, s, d / h});
   dk = arena.take(master, {batch, h, s, d / h});
   dv = arena.take(master, {batch, h, s, d / h});
-  d_probs = arena.take(master, {batch * h, s, s});
+  if (!fused_attention) d_probs = arena.take(master, {batch * h, s, s});
   d_qkv = arena.take(operand, {t, 3 * d});
   d_hidden = arena.take(operand, {t, 2 * f});
   d_act = arena.take(master, {t, f});
   if (policy.separate_operands()) {
-    scores = arena.take(master, {batch * h, s, s});
     operand_rows = arena.take(operand, {t, d});
-    operand_scores = arena.take(operand, {batch * h, s, s});
+    if (!fused_attention) {
+      scores = arena.take(master, {batch * h, s, s});
+      operand_scores = arena.take(operand, {batch * h, s, s});
+    }
   }
 }
 
-void Attention::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp) {
+void Attention::declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp,
+                        bool fused) {
   const int64_t d = spec.dim;
   tp_ = tp;
+  fused_ = fused;
   norm_.id = registry.add(prefix + ".attn_norm", {d}, ParamRole::NORM, 0.0);
   // [3, D, D] is the [3D, D] matrix of q, k and v rows; a tp part keeps its heads' rows of
   // each, so the part is itself a [q | k | v] matrix for those heads.
@@ -61,7 +66,8 @@ void Attention::plan(Arena& kept, Arena& internal, const LayerDims& dims, const 
   q_ = internal.take(op, {b, h, s, dh});
   k_ = internal.take(op, {b, h, s, dh});
   v_ = internal.take(op, {b, h, s, dh});
-  probs_ = internal.take(op, {b * h, s, s});
+  if (fused_) lse_ = internal.take(policy_.master, {b * h, s});
+  else probs_ = internal.take(op, {b * h, s, s});
   ctx_ = internal.take(op, {t, h * dh});
 }
 
@@ -73,14 +79,24 @@ void Attention::recompute(Backend& be, Scratch& sc) {
   be.split_qkv(qkv_out, q_, k_, v_);
   be.rope(q_, rope_theta_, +1);
   be.rope(k_, rope_theta_, +1);
+  const Tensor ctx_heads = sc.ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
+  const double scale = 1.0 / std::sqrt(double(dh));
+  if (fused_) {
+    // The kernel writes its output in q's dtype (the operand dtype): into the operand-dtype
+    // heads scratch, which the forward does not otherwise use.
+    const Tensor out_heads = sc.d_ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
+    be.attention_forward(q_.view({bh, s, dh}), k_.view({bh, s, dh}), v_.view({bh, s, dh}), scale,
+                         out_heads.view({bh, s, dh}), lse_);
+    be.merge_heads(out_heads, ctx_.view({dims_.batch, s, dims_.heads, dh}));
+    return;
+  }
   // The softmax runs in master dtype: in place on the kept probabilities, or (with separate
   // operands) on fp32 scores that are then rounded into them.
   const Tensor scores = policy_.separate_operands() ? sc.scores.prefix({bh, s, s}) : probs_;
   const GemmBatch heads{bh, s * dh, s * dh, s * s};
   be.gemm(false, true, s, s, dh, 1.0, q_, k_, 0.0, scores, heads);  // scores = q k^T
-  be.causal_softmax_forward(scores, 1.0 / std::sqrt(double(dh)));
+  be.causal_softmax_forward(scores, scale);
   if (scores.data != probs_.data) be.cast(scores, probs_);
-  const Tensor ctx_heads = sc.ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
   be.gemm(false, false, s, dh, s, 1.0, probs_, v_, 0.0, ctx_heads, {bh, s * s, s * dh, s * dh});
   be.merge_heads(ctx_heads, ctx_.view({dims_.batch, s, dims_.heads, dh}));
 }
@@ -120,8 +136,7 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
   const double scale = 1.0 / std::sqrt(double(dh));
   const Tensor d_ctx = sc.d_ctx.prefix({t, dl}), d_ctx_heads = sc.d_ctx_heads.prefix({dims_.batch, h, s, dh});
   const Tensor dq = sc.dq.prefix({dims_.batch, h, s, dh}), dk = sc.dk.prefix({dims_.batch, h, s, dh}),
-               dv = sc.dv.prefix({dims_.batch, h, s, dh}), d_probs = sc.d_probs.prefix({bh, s, s}),
-               d_qkv = sc.d_qkv.prefix({t, 3 * dl});
+               dv = sc.dv.prefix({dims_.batch, h, s, dh}), d_qkv = sc.d_qkv.prefix({t, 3 * dl});
   // out = in + ctx proj^T; with sequence parallelism dres holds this rank's rows only.
   Tensor dres_all = dres;
   if (tp_.split_sequence()) {
@@ -132,14 +147,24 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
   be.gemm(false, false, t, dl, d, 1.0, dres_operand, proj_.operand, 0.0, d_ctx);
   be.gemm(true, false, d, dl, t, 1.0, dres_operand, ctx_, 1.0, proj_.grad);
   be.split_heads(d_ctx.view({dims_.batch, s, h, dh}), d_ctx_heads);
-  // ctx = P v
-  be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
-  be.gemm(true, false, s, dh, s, 1.0, probs_, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
-  // P = softmax(scale * q k^T)
-  be.causal_softmax_backward(probs_, d_probs, scale);
-  const Tensor d_scores = policy_.as_operand(be, d_probs, sc.operand_scores);
-  be.gemm(false, false, s, dh, s, 1.0, d_scores, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
-  be.gemm(true, false, s, dh, s, 1.0, d_scores, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
+  if (fused_) {
+    // The kernel needs the output per head: the kept context, split back into heads.
+    const Tensor out_heads = sc.ctx_heads.prefix({dims_.batch, h, s, dh});
+    be.split_heads(ctx_.view({dims_.batch, s, h, dh}), out_heads);
+    auto heads = [&](const Tensor& x) { return x.view({bh, s, dh}); };
+    be.attention_backward(heads(q_), heads(k_), heads(v_), heads(out_heads), heads(d_ctx_heads), lse_, scale, heads(dq),
+                          heads(dk), heads(dv));
+  } else {
+    const Tensor d_probs = sc.d_probs.prefix({bh, s, s});
+    // ctx = P v
+    be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
+    be.gemm(true, false, s, dh, s, 1.0, probs_, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
+    // P = softmax(scale * q k^T)
+    be.causal_softmax_backward(probs_, d_probs, scale);
+    const Tensor d_scores = policy_.as_operand(be, d_probs, sc.operand_scores);
+    be.gemm(false, false, s, dh, s, 1.0, d_scores, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
+    be.gemm(true, false, s, dh, s, 1.0, d_scores, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
+  }
   be.rope(dq, rope_theta_, -1);
   be.rope(dk, rope_theta_, -1);
   be.join_qkv(dq, dk, dv, d_qkv);

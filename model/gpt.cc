@@ -45,13 +45,13 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int mic
     : GptModel(spec, backend, PrecisionPolicy::uniform(dtype), micro_batch, placement) {}
 
 GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolicy& policy, int micro_batch,
-                   const ModelPlacement& placement, Recompute recompute)
+                   const ModelPlacement& placement, const ModelExecution& execution)
     : spec_(spec),
       be_(backend),
       tp_group_(placement.tp_group),
       sequence_parallel_(placement.sequence_parallel && placement.tp_group && placement.tp_group->size() > 1),
       policy_(policy),
-      recompute_(recompute),
+      execution_(execution),
       dtype_(policy.master),
       batch_(micro_batch) {
   spec_.validate();
@@ -73,7 +73,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolic
     auto block = std::make_unique<Block>();
     const std::string prefix = fmt::format("layers.{}", l);
     const TensorParallel tp{tp_group_.get(), placement.sequence_parallel};
-    block->attention.declare(registry_, prefix, spec_, tp);
+    block->attention.declare(registry_, prefix, spec_, tp, execution_.fused_attention);
     block->ffn_norm.id = registry_.add(prefix + ".ffn_norm", {d}, ParamRole::NORM, 0.0);
     block->is_moe = spec_.moe.is_moe_layer(l);
     const double out_std = spec_.init_std / std::sqrt(2.0 * spec_.layers);
@@ -109,11 +109,11 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolic
     else b->mlp.bind(buffers);
   }
   Arena planner(be_.device()), region_planner(be_.device());
-  plan_activations(planner, recompute_ == Recompute::NONE ? planner : region_planner);
+  plan_activations(planner, execution_.recompute == Recompute::NONE ? planner : region_planner);
   activations_ = Buffer(be_, planner.used());
-  if (recompute_ != Recompute::NONE) block_activations_ = Buffer(be_, region_planner.used());
+  if (execution_.recompute != Recompute::NONE) block_activations_ = Buffer(be_, region_planner.used());
   Arena arena(be_.device(), activations_), region(be_.device(), block_activations_);
-  plan_activations(arena, recompute_ == Recompute::NONE ? arena : region);
+  plan_activations(arena, execution_.recompute == Recompute::NONE ? arena : region);
   zero_grads();
 }
 
@@ -135,7 +135,7 @@ void GptModel::plan_activations(Arena& arena, Arena& region) {
   const LayerDims dims{batch_, spec_.seq_len, d, spec_.heads, spec_.head_dim()};
   ids_ = arena.take(DType::I32, {t});
   targets_ = arena.take(DType::I32, {t});
-  const bool full = recompute_ == Recompute::FULL, shared_region = recompute_ != Recompute::NONE;
+  const bool full = execution_.recompute == Recompute::FULL, shared_region = execution_.recompute != Recompute::NONE;
   // Under FULL only the blocks' inputs (even entries) live through the step; the stream
   // between a block's attention and feed-forward (odd entries) is the block's own.
   stream_.assign(2 * spec_.layers + 1, Tensor{});
@@ -174,7 +174,7 @@ void GptModel::plan_activations(Arena& arena, Arena& region) {
   d_final_ = arena.take(dtype_, {t, d});
   d_final_local_ = sequence_parallel_ ? arena.take(dtype_, {rows, d}) : d_final_;
   d_stream_ = arena.take(dtype_, {rows, d});
-  scratch_.plan(arena, spec_, batch_, policy_);
+  scratch_.plan(arena, spec_, batch_, policy_, execution_.fused_attention);
 }
 
 // The normalised residual stream for all T tokens: with sequence parallelism this rank
@@ -369,8 +369,8 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     Block& b = *blocks_[l];
     const Tensor& mid = stream_[2 * l + 1];
     // The last block's activations are still those of the forward.
-    if (recompute_ == Recompute::FULL && l < spec_.layers - 1) forward_block(l, nullptr);
-    if (recompute_ == Recompute::SELECTIVE) {
+    if (execution_.recompute == Recompute::FULL && l < spec_.layers - 1) forward_block(l, nullptr);
+    if (execution_.recompute == Recompute::SELECTIVE) {
       if (b.is_moe) b.moe.recompute(be_, b.ffn_normed);
       else b.mlp.recompute(be_, b.ffn_normed);
     }
@@ -379,7 +379,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     else b.mlp.backward(be_, b.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
     be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
     be_.axpy(1.0, d_x, d_stream_);
-    if (recompute_ == Recompute::SELECTIVE) b.attention.recompute(be_, scratch_);
+    if (execution_.recompute == Recompute::SELECTIVE) b.attention.recompute(be_, scratch_);
     b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
     stage_done(spec_.layers - l);
   }

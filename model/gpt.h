@@ -28,6 +28,14 @@ struct MicroBatchStats {
 // bitwise those of the forward, so the gradients do not change.
 enum class Recompute : uint8_t { NONE, SELECTIVE, FULL };
 
+// How the model runs, apart from its shape, layout and precision.
+struct ModelExecution {
+  Recompute recompute = Recompute::NONE;
+  // Attention as one fused kernel (FlashAttention-2: no [S,S] probabilities kept) instead
+  // of the unfused GEMM, softmax, GEMM path, which stays the reference.
+  bool fused_attention = false;
+};
+
 // Where this rank's part of the model sits in the parallel layout.
 struct ModelPlacement {
   std::shared_ptr<Communicator> ep_group;  // null: every expert on this rank
@@ -49,7 +57,7 @@ class GptModel {
   // tensor that dtype (FP32 training, F64 gradient checks); a policy mixes precisions.
   GptModel(const ModelSpec& spec, Backend& backend, DType dtype, int micro_batch, const ModelPlacement& placement = {});
   GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolicy& policy, int micro_batch,
-           const ModelPlacement& placement = {}, Recompute recompute = Recompute::NONE);
+           const ModelPlacement& placement = {}, const ModelExecution& execution = {});
   ~GptModel();
 
   const ModelSpec& spec() const { return spec_; }
@@ -72,7 +80,7 @@ class GptModel {
   // Bytes of the activation buffer: what the forward keeps for the backward, the
   // backward's scratch, and the output head's chunk.
   size_t activation_bytes() const { return activations_.bytes() + block_activations_.bytes(); }
-  Recompute recompute() const { return recompute_; }
+  Recompute recompute() const { return execution_.recompute; }
   void zero_grads();
   // tokens: host, [micro_batch, seq_len + 1]; inputs are the first seq_len, targets the
   // last seq_len. Accumulates loss_scale * d(mean cross-entropy + aux + z)/d(params)
@@ -120,7 +128,7 @@ class GptModel {
   bool sequence_parallel_;
   TpScratch tp_scratch_;
   PrecisionPolicy policy_;
-  Recompute recompute_;
+  ModelExecution execution_;
   DType dtype_;
   int batch_;
   int64_t tokens_;

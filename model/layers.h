@@ -60,7 +60,9 @@ struct Scratch {
   // Operand staging for gradients computed in master dtype (empty without separate operands).
   Tensor operand_rows;    // [T,D]
   Tensor operand_scores;  // [B*H,S,S]
-  void plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy);
+  // fused_attention: no [B*H,S,S] tensors (scores, their gradient and its staging).
+  void plan(Arena& arena, const ModelSpec& spec, int batch, const PrecisionPolicy& policy,
+            bool fused_attention = false);
 };
 
 // How a layer is split over the tensor-parallel group (Megatron's column/row-parallel
@@ -113,7 +115,9 @@ struct LayerDims {
 class Attention {
  public:
   // With tensor parallelism this rank holds heads [rank * H/tp, (rank+1) * H/tp).
-  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp = {});
+  // fused: the fused kernel (Backend::attention_forward) instead of the unfused path.
+  void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp = {},
+               bool fused = false);
   void bind(const ParamBuffers& buffers);
   // dims: the model's sizes (all heads); tp_partial: [T,D] scratch shared by the layers,
   // used when tensor parallel.
@@ -134,12 +138,14 @@ class Attention {
   TensorParallel tp_;
   TpScratch tps_;
   PrecisionPolicy policy_;
+  bool fused_ = false;
   double rope_theta_ = 10000.0, eps_ = 1e-5;
   Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]; with tp: [3, D/tp, D] and [D, D/tp]
   // Kept for the backward; all but rstd_ are GEMM operands (the policy's operand dtype).
   Tensor normed_, rstd_;      // [T,D], [T]
   Tensor q_, k_, v_;          // [B,H,S,Dh], q and k after RoPE
-  Tensor probs_;              // [B*H,S,S]
+  Tensor probs_;              // [B*H,S,S] unfused only
+  Tensor lse_;                // [B*H,S] fused only: the softmax rows' log-sum-exp (master dtype)
   Tensor ctx_;                // [T,D]
 };
 

@@ -52,6 +52,13 @@ class CpuBackend final : public Backend {
   void causal_softmax_forward(const Tensor& scores, double scale) override;
   void causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) override;
 
+  bool has_fused_attention() const override { return true; }
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& out,
+                         const Tensor& lse) override;
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                          const Tensor& lse, double scale, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv) override;
+
   void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,
                              const Tensor& lse) override;
   void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, double scale) override;

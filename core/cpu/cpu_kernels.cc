@@ -12,6 +12,7 @@
 #include "core/cpu/cpu_backend.h"
 #include "core/cpu/cpu_dispatch.h"
 #include "core/cpu/fast_math.h"
+#include "core/cpu/flash_attention.h"
 #include "core/cpu/softmax_rows_avx512.h"
 
 namespace sdmoe {
@@ -280,6 +281,17 @@ void CpuBackend::causal_softmax_backward(const Tensor& probs, const Tensor& grad
         }
     });
   });
+}
+
+void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& out,
+                                   const Tensor& lse) {
+  cpu::flash_attention_forward(q, k, v, scale, out, lse);
+}
+
+void CpuBackend::attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                    const Tensor& dout, const Tensor& lse, double scale, const Tensor& dq,
+                                    const Tensor& dk, const Tensor& dv) {
+  cpu::flash_attention_backward(q, k, v, out, dout, lse, scale, dq, dk, dv);
 }
 
 void CpuBackend::cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,

@@ -24,7 +24,8 @@
 // the gradient norms within 2e-3 relative (measured: up to 7e-4, at the last step with tp);
 // the measured differences are printed.
 // With --recompute selective|full the parallel model recomputes activations in the
-// backward, its tensor-parallel and expert exchanges included; the bounds stay the same.
+// backward, its tensor-parallel and expert exchanges included; with --attention fused both
+// models run attention on the fused kernel. The bounds stay the same.
 // With --sdmoe 1 both models train with SD-MoE, each refreshed by its own spectral service,
 // and every local expert's bases (whole, also where --etp > 1 splits the experts) are
 // compared with the reference's (within 1e-3 rad), the spectral metrics too (within 1e-4),
@@ -122,6 +123,7 @@ int run(int argc, char** argv) {
   // The parallel model may recompute (its collectives then run again in the backward);
   // the reference never does.
   Recompute recompute = Recompute::NONE;
+  bool fused = false;  // --attention fused: the parallel model's attention on the fused kernel
   // Small gradient buckets, so that every layout reduces several of them during the backward.
   int64_t bucket_elements = 4096;
   // SD-MoE on both models: --sdmoe 1 [--basis 0|1 (per expert, layer shared)] [--solver 0|1
@@ -147,6 +149,7 @@ int run(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--sp")) sequence_parallel = std::atoi(argv[i + 1]) != 0;
     else if (!std::strcmp(argv[i], "--bucket")) bucket_elements = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--precision")) bf16 = !std::strcmp(argv[i + 1], "bf16");
+    else if (!std::strcmp(argv[i], "--attention")) fused = !std::strcmp(argv[i + 1], "fused");
     else if (!std::strcmp(argv[i], "--recompute"))
       recompute = !std::strcmp(argv[i + 1], "full")        ? Recompute::FULL
                   : !std::strcmp(argv[i + 1], "selective") ? Recompute::SELECTIVE
@@ -176,8 +179,11 @@ int run(int argc, char** argv) {
 
   const PrecisionPolicy policy = PrecisionPolicy::of(bf16 ? Precision::BF16 : Precision::FP32);
   const double grad_tol = bf16 ? 1e-2 : 1e-5, loss_tol = bf16 ? 5e-4 : 1e-5, norm_tol = bf16 ? 2e-3 : 1e-5;
-  GptModel reference(spec, *be, policy, kMicroBatch);
-  GptModel parallel(spec, *be, policy, kMicroBatch, placement_for(groups, zero1, sequence_parallel), recompute);
+  // The reference runs the same attention kernel (fused against unfused is a unit test's
+  // comparison, in F64) and never recomputes.
+  GptModel reference(spec, *be, policy, kMicroBatch, {}, ModelExecution{Recompute::NONE, fused});
+  GptModel parallel(spec, *be, policy, kMicroBatch, placement_for(groups, zero1, sequence_parallel),
+                    ModelExecution{recompute, fused});
   reference.init_parameters(5);
   parallel.init_parameters(5);
   GradientSync sync(parallel.params(), parallel.grads(), parallel.registry().tp_sharded_begin(),
@@ -347,8 +353,11 @@ int run(int argc, char** argv) {
   if (rank == 0)
     std::printf("%s: %s%s%s%s; worst gradient difference %.2e of the tensor's largest, worst loss difference %.2e over %d steps%s\n",
                 all[0] == 0 ? "PASS" : "FAIL", dims.describe().c_str(), bf16 ? " in BF16" : "",
-                recompute == Recompute::FULL ? " with full recomputation"
-                : recompute == Recompute::SELECTIVE ? " with selective recomputation" : "",
+                fmt::format("{}{}", recompute == Recompute::FULL        ? " with full recomputation"
+                                    : recompute == Recompute::SELECTIVE ? " with selective recomputation"
+                                                                        : "",
+                            fused ? " with fused attention" : "")
+                    .c_str(),
                 use_sdmoe ? " with SD-MoE" : "", all[1], all[2], kSteps, sdmoe_summary.c_str());
   return all[0] == 0 ? 0 : 1;
 }
