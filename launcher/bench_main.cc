@@ -5,6 +5,7 @@
 // and BF16, each as a percentage of the peak of its own precision. Figures only; nothing
 // is asserted.
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -60,6 +61,49 @@ double time_gemm(sdmoe::Backend& be, sdmoe::DType operand, bool ta, bool tb, int
     best = std::max(best, 2.0 * m * n * k * count * reps / seconds_since(start));
   }
   return best;
+}
+// The fused attention kernel's forward plus backward at head dimension 64 and sequence
+// 1024 (8 heads, fp32), in causal FLOP/s (forward 2 N S^2 Dh, backward 2.5x that), and the
+// activation bytes of the model with one sequence per micro-batch at sequence lengths 128,
+// 1024 and 4096, fused against unfused.
+void fused_attention_figures(sdmoe::Backend& be, const sdmoe::ModelSpec& spec) {
+  const int64_t n = 8, s = 1024, dh = 64;
+  auto take = [&](sdmoe::Buffer& b, std::initializer_list<int64_t> dims) {
+    sdmoe::Tensor t(nullptr, sdmoe::DType::F32, be.device(), dims);
+    b = sdmoe::Buffer(be, t.bytes());
+    t.data = b.data();
+    return t;
+  };
+  sdmoe::Buffer bq, bk, bv, bo, bl, bdo, bdq, bdk, bdv;
+  const sdmoe::Tensor q = take(bq, {n, s, dh}), k = take(bk, {n, s, dh}), v = take(bv, {n, s, dh}),
+                      o = take(bo, {n, s, dh}), lse = take(bl, {n, s}), dout = take(bdo, {n, s, dh}),
+                      dq = take(bdq, {n, s, dh}), dk = take(bdk, {n, s, dh}), dv = take(bdv, {n, s, dh});
+  int stream = 0;
+  for (const sdmoe::Tensor* t : {&q, &k, &v, &dout}) be.init_normal(*t, 3, ++stream, 1.0, 0);
+  const double scale = 1.0 / std::sqrt(double(dh));
+  double best = 1e30;
+  for (int trial = 0; trial < 5; ++trial) {
+    const auto start = Clock::now();
+    be.attention_forward(q, k, v, scale, o, lse);
+    be.attention_backward(q, k, v, o, dout, lse, scale, dq, dk, dv);
+    be.synchronize();
+    best = std::min(best, seconds_since(start));
+  }
+  const double flops = 3.5 * 2.0 * double(n) * double(s) * double(s) * double(dh);
+  std::printf("\nfused attention, fp32, %ld heads x sequence %ld x head dim %ld: forward+backward %.2f ms, %.1f GFLOP/s "
+              "(causal FLOPs), %.1f%% of the measured fp32 peak\n",
+              (long)n, (long)s, (long)dh, best * 1e3, flops / best / 1e9, 100.0 * flops / best / be.peak_flops());
+  std::printf("activations of the model with 1 sequence per micro-batch (FP32):\n");
+  for (int64_t seq : {128, 1024, 4096}) {
+    sdmoe::ModelSpec at = spec;
+    at.seq_len = seq;
+    const auto bytes = [&](bool fused) {
+      return double(sdmoe::GptModel(at, be, sdmoe::PrecisionPolicy::of(sdmoe::Precision::FP32), 1, {},
+                                    sdmoe::ModelExecution{sdmoe::Recompute::NONE, fused})
+                        .activation_bytes());
+    };
+    std::printf("  sequence %5ld: unfused %8.1f MB, fused %8.1f MB\n", (long)seq, bytes(false) / 1e6, bytes(true) / 1e6);
+  }
 }
 }  // namespace
 
@@ -184,15 +228,21 @@ int main(int argc, char** argv) {
     // neighbour's load falls on both alike; the median step of each.
     struct Arm {
       sdmoe::Precision precision;
+      bool fused_attention;
       std::unique_ptr<sdmoe::GptModel> model;
       std::unique_ptr<sdmoe::AdamW> optimizer;
       std::vector<double> seconds;
     };
     std::vector<Arm> arms;
-    for (sdmoe::Precision p : {sdmoe::Precision::FP32, sdmoe::Precision::BF16}) {
+    // FP32, BF16, and (where the backend has it) BF16 with the fused attention kernel.
+    for (auto [p, fused] : {std::pair{sdmoe::Precision::FP32, false}, std::pair{sdmoe::Precision::BF16, false},
+                            std::pair{sdmoe::Precision::BF16, true}}) {
       if (p == sdmoe::Precision::BF16 && !bf16) continue;
-      Arm arm{p, std::make_unique<sdmoe::GptModel>(spec, *be, sdmoe::PrecisionPolicy::of(p),
-                                                   run.training().micro_batch_size()),
+      if (fused && !be->has_fused_attention()) continue;
+      Arm arm{p, fused,
+              std::make_unique<sdmoe::GptModel>(spec, *be, sdmoe::PrecisionPolicy::of(p),
+                                                run.training().micro_batch_size(), sdmoe::ModelPlacement{},
+                                                sdmoe::ModelExecution{sdmoe::Recompute::NONE, fused}),
               nullptr, {}};
       arm.model->init_parameters(1);
       arm.optimizer = std::make_unique<sdmoe::AdamW>(*arm.model, optimizer_spec);
@@ -224,13 +274,15 @@ int main(int argc, char** argv) {
       const double tps = double(t) / sec, flops = tps * spec.train_flops_per_token();
       const bool is_bf16 = arm.precision == sdmoe::Precision::BF16;
       if (!is_bf16) fp32_tokens_per_second = tps;
-      std::printf("  %s: %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of the measured %s peak, "
+      std::printf("  %s%s: %.3f s/step, %.0f tokens/s, %.1f GFLOP/s model FLOPs = %.1f%% of the measured %s peak, "
                   "activations %.1f MB%s\n",
-                  std::string(sdmoe::precision_name(arm.precision)).c_str(), sec, tps, flops / 1e9,
+                  std::string(sdmoe::precision_name(arm.precision)).c_str(),
+                  arm.fused_attention ? " + fused attention" : "", sec, tps, flops / 1e9,
                   100.0 * flops / (is_bf16 ? peak_bf16 : peak), is_bf16 && bf16_kernel ? sdmoe::bf16_gemm_path_name(gemm_path) : "fp32",
                   double(arm.model->activation_bytes()) / 1e6,
                   is_bf16 ? fmt::format(" ({:.2f}x the FP32 tokens/s)", tps / fp32_tokens_per_second).c_str() : "");
     }
+    if (be->has_fused_attention()) fused_attention_figures(*be, spec);
   } catch (const sdmoe::Error& e) {
     std::fprintf(stderr, "sdmoe_bench: error: %s\n", e.what());
     return 2;

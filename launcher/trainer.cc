@@ -62,6 +62,7 @@ Job check_job(const config::Run& run, int dp) {
   job.model = model_spec_from(run.model());
   job.model.validate();
   const config::Training& t = run.training();
+  // AUTO is resolved once the backend exists (agree_on_setup).
   job.precision = PrecisionPolicy::of(t.precision() == config::Training::BF16 ? Precision::BF16 : Precision::FP32);
   job.recompute = t.recompute() == config::Training::FULL        ? Recompute::FULL
                   : t.recompute() == config::Training::SELECTIVE ? Recompute::SELECTIVE
@@ -273,6 +274,15 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
     setup.dims = check_parallel(run, mpi.world_size());
     setup.job = check_job(run, setup.dims.dp);
     setup.backend = make_backend(run, mpi);
+    if (run.training().precision() == config::Training::AUTO) {
+      // Every rank decides alike on a homogeneous cluster; the config hash agreed on above
+      // does not cover this choice, so ranks on different CPU kinds could differ (the
+      // layout tests show BF16 and FP32 ranks would still compute compatible gradients,
+      // but a run should be one precision): the agreement below compares it.
+      const bool fast_bf16 =
+          setup.backend->device() == Device::CPU && cpu_bf16_gemm_path() != Bf16GemmPath::WIDEN;
+      setup.job.precision = PrecisionPolicy::of(fast_bf16 ? Precision::BF16 : Precision::FP32);
+    }
     if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CUDA)
       fail("training.precision BF16 is not available on the CUDA backend yet (its elementwise kernels are fp32 "
            "only); use FP32 on GPUs, or device: CPU");
@@ -299,6 +309,11 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
   if (!failed && !mpi.same_on_every_rank(setup.job.resume_from))
     error = fmt::format("the ranks disagree on the checkpoint to resume from (this rank: '{}'); is checkpoint.dir on a "
                         "file system every node sees?", setup.job.resume_from);
+  if (!failed && error.empty() &&
+      !mpi.same_on_every_rank(std::string(precision_name(setup.job.precision.mode))))
+    error = fmt::format("training.precision AUTO resolved differently on the ranks (this rank: {}); the nodes' CPUs "
+                        "differ: set FP32 or BF16 explicitly",
+                        precision_name(setup.job.precision.mode));
   if (failed || !error.empty()) {
     if (error.empty()) error = "another rank's setup failed (its message says why)";
     std::fprintf(stderr, "%s: error: %s\n", tool, error.c_str());
@@ -310,11 +325,17 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
 }
 
 // One line on what the precision policy does on this backend.
-std::string precision_summary(const PrecisionPolicy& policy, Backend& be) {
-  if (policy.mode == Precision::FP32) return "FP32 (every tensor fp32)";
+std::string precision_summary(const PrecisionPolicy& policy, Backend& be, bool automatic) {
+  const std::string chosen = automatic ? ", chosen by AUTO" : "";
+  if (policy.mode == Precision::FP32)
+    return "FP32 (every tensor fp32" + chosen +
+           (automatic ? (be.device() == Device::CPU ? ": " + cpu_bf16_gemm_reason() : std::string(": CUDA"))
+                      : std::string()) +
+           ")";
   std::string gemm = "bf16 GEMM operands, fp32 accumulation";
   if (be.device() == Device::CPU) gemm += ": " + cpu_bf16_gemm_reason();
-  return "BF16 (" + gemm + "; fp32 master weights, gradients, optimizer state, norms, softmax, router and losses)";
+  return "BF16 (" + gemm + "; fp32 master weights, gradients, optimizer state, norms, softmax, router and losses" +
+         chosen + ")";
 }
 
 // Mean cross-entropy of `batches` micro-batches from the start of `loader`, shared out over
@@ -404,7 +425,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                 zero1 ? (job.sdmoe.enabled ? " (ZeRO-1: dense state sharded over the data-parallel ranks; experts whole for SD-MoE)"
                                : " (ZeRO-1: sharded over the data-parallel ranks)")
                       : "");
-    std::printf("precision: %s\n", precision_summary(job.precision, be).c_str());
+    std::printf("precision: %s\n",
+                precision_summary(job.precision, be, run.training().precision() == config::Training::AUTO).c_str());
     std::printf("activations: %.1f MB per rank, recompute %s (kept for the backward, its scratch and the output "
                 "head's chunk)\n",
                 double(model.activation_bytes()) / 1e6,

@@ -195,6 +195,10 @@ bad_input)
   # SDMOE_CPU_BF16_GEMM case below) rather than train until the time limit.
   check "unknown precision" "invalid value 'FP16' for enum field training.precision" --config configs/tiny.textproto \
     --set training.steps=2 --set training.eval_interval=0 --set training.precision=FP16
+  check "unknown recompute mode" "invalid value 'PARTIAL' for enum field training.recompute" \
+    --config configs/tiny.textproto --set training.steps=2 --set training.eval_interval=0 --set training.recompute=PARTIAL
+  check "unknown attention kernel" "invalid value 'FLASH' for enum field training.attention" \
+    --config configs/tiny.textproto --set training.steps=2 --set training.eval_interval=0 --set training.attention=FLASH
   : > "$tmp/a_file"
   check "checkpoint.dir is a file" "cannot create it as a directory" --config configs/tiny.textproto --set checkpoint.dir="$tmp/a_file"
   check_split "config missing on one node" "cannot open config file" --config configs/tiny.textproto : --config "$tmp/nope.textproto"

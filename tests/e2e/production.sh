@@ -139,6 +139,20 @@ precision)
   losses "$tmp/f.log" | awk -v tol="$tol" '$1 == 9 {a = $2} $1 == 16 {b = $2}
     END {printf "the loss falls by %.3f over steps 9-16\n", a - b; exit !(a - b > 100 * tol)}' \
     || die "the loss did not fall by more than 100 x $tol over steps 9-16; the tolerance tests nothing"
+  # (4) precision AUTO: FP32 where the bf16 GEMMs would widen to fp32, BF16 where a bf16
+  # instruction path runs them (forced here, so the check does not depend on the CPU).
+  auto=(--set training.precision=AUTO --set training.steps=2)
+  mpirun -np 1 -x SDMOE_CPU_BF16_GEMM=widen "$bin/sdmoe_pretrain" "${common[@]}" "${auto[@]}" > "$tmp/auto_widen.log" 2>&1 \
+    || { cat "$tmp/auto_widen.log"; die "the AUTO run with widened GEMMs failed"; }
+  grep -q '^precision: FP32 (every tensor fp32, chosen by AUTO' "$tmp/auto_widen.log" \
+    || { grep '^precision' "$tmp/auto_widen.log"; die "AUTO did not choose FP32 where bf16 GEMMs widen"; }
+  if grep -qw avx512_bf16 /proc/cpuinfo; then
+    mpirun -np 1 -x SDMOE_CPU_BF16_GEMM=avx512_bf16 "$bin/sdmoe_pretrain" "${common[@]}" "${auto[@]}" \
+      > "$tmp/auto_dot.log" 2>&1 || { cat "$tmp/auto_dot.log"; die "the AUTO run on AVX512_BF16 failed"; }
+    grep -q '^precision: BF16 (.*chosen by AUTO)' "$tmp/auto_dot.log" \
+      || { grep '^precision' "$tmp/auto_dot.log"; die "AUTO did not choose BF16 on a bf16 GEMM path"; }
+  fi
+  echo "AUTO chose FP32 and BF16 as the GEMM path decides"
   ;;
 kill_during_write)
   # SIGKILL while a checkpoint is being written (its .partial directory exists): the
