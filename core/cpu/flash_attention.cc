@@ -28,6 +28,7 @@
 //
 // Masked (non-causal) entries of a computed tile are set to zero explicitly before they
 // enter any sum: exp is never asked for exp(-inf), which fast_expf clamps to 1.6e-38.
+#include "core/cpu/avx512_transpose.h"
 #include "core/cpu/flash_attention.h"
 
 #include <immintrin.h>
@@ -273,35 +274,6 @@ __attribute__((target("avx512f"))) void add_rows_avx512(float* dst, const float*
   }
 }
 
-// 16 x 16 transpose in registers: unpack pairs, then quads, then 128-bit lanes twice
-// (gemm_avx512.cc's, file-local there).
-__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512 a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88),
-                 b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // dst[d, r] (ld T) = src[r, d] (ld Dh) for r < rows <= T, d < Dh, by 16 x 16 blocks.
 __attribute__((target("avx512f"))) void transpose_tile_avx512(const float* src, int64_t rows, int64_t dh, float* dst) {

@@ -13,6 +13,7 @@
 //          = B^T A instead: 64 columns of A are copied into a contiguous panel,
 //          each 6-column strip of B runs over it for the whole inner dimension,
 //          and the C^T tile is written transposed once.
+#include "core/cpu/avx512_transpose.h"
 #include "core/cpu/gemm_avx512.h"
 
 #include <immintrin.h>
@@ -38,37 +39,6 @@ bool cpu_has_avx512() {
   return has;
 }
 
-// 16x16 transpose in registers: unpack pairs, then quads, then 128-bit lanes
-// twice.
-__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-  // r[4q + c] now holds, in each 128-bit lane l, column 4l + c of rows
-  // 4q..4q+3.
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512 a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88),
-                 b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // pack[d * kPanel + c] = b[(j0 + c) * ldb + d] for c < width, d < k; other
 // columns zero.

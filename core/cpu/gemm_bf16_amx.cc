@@ -33,6 +33,7 @@
 // measured), and C's misses compete with the B tiles streaming from L2. Packing costs
 // 50-80 cycles per 1 KiB tile against (the other dimension / 16) TDPBF16PS of 16 cycles
 // that use it: 5-8% here, 10-30% for A^T B.
+#include "core/cpu/avx512_transpose.h"
 #include "core/cpu/gemm_bf16_amx.h"
 
 #include <cpuid.h>
@@ -163,37 +164,6 @@ class PackBuffer {
 
 // ---- packing ----------------------------------------------------------------------------
 
-// 16x16 transpose of 32-bit words in registers: unpack pairs, then quads, then 128-bit
-// lanes twice (the network of gemm_bf16_avx512.cc).
-SDMOE_AMX_TARGET inline void transpose16(__m512i v[16]) {
-  __m512 r[16], t[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(v[i]);
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512 a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88),
-                 b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) v[i] = _mm512_castps_si512(t[i]);
-}
 
 // v[i] = the 32 bf16 x[i * ld + 0..31], for i < rows and elements < width; zero elsewhere.
 SDMOE_AMX_TARGET inline void load_rows(const bf16* x, int64_t ld, int64_t rows, int64_t width, __m512i v[16]) {

@@ -15,6 +15,7 @@
 // and writes it once; k is blocked so that the packed B panel stays in L2. 6 x 64 was the
 // fastest tile tried (8 x 48, 12 x 32 and 4 x 64 ran 1 to 10% slower; 8 x 48 and 12 x 32
 // also lose a partial panel on the attention shapes).
+#include "core/cpu/avx512_transpose.h"
 #include "core/cpu/gemm_bf16_avx512.h"
 
 #include <immintrin.h>
@@ -57,35 +58,6 @@ inline uint32_t pair_or_pad(const bf16* row, int64_t d, int64_t kb) {
   return uint32_t(row[d].bits) | (d + 1 < kb ? uint32_t(row[d + 1].bits) << 16 : 0u);
 }
 
-// 16x16 transpose of 32-bit words in registers: unpack pairs, then quads, then 128-bit
-// lanes twice (the same network as the fp32 kernel's, gemm_avx512.cc).
-SDMOE_BF16_TARGET inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512 a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88),
-                 b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-    t[8 + c] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-    t[4 + c] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-    t[12 + c] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // A B^T: b = B's rows j0.. at inner offset p0, b(c, d) = b[c * ldb + d].
 // panel[p * kPanel + c] = (b(c, 2p), b(c, 2p+1)) for c < width, p < ceil(kb / 2), the

@@ -2,6 +2,7 @@
 // parameter and gradient buffers it lays out, and host copies of the values that the
 // finite-difference probes edit.
 #pragma once
+#include <random>
 #include "model/layers.h"
 #include "tests/model/grad_support.h"
 
@@ -32,6 +33,34 @@ inline ModelSpec tiny_spec(RouterScore score = RouterScore::SOFTMAX, bool normal
   s.moe.layer_freq = 1;
   return s;
 }
+
+// A small model at the usual initialisation scale with every layer kind (a dense layer, an
+// MoE layer with a shared expert, an untied output head): the mixed-precision and
+// execution-mode tests' model.
+inline ModelSpec small_model_spec(int64_t seq_len) {
+  ModelSpec s = tiny_spec(RouterScore::SOFTMAX, true, false);
+  s.dim = 64;
+  s.heads = 4;
+  s.ffn_dim = 96;
+  s.seq_len = seq_len;
+  s.vocab_size = 257;
+  s.moe.expert_ffn_dim = 48;
+  s.moe.shared_expert_ffn_dim = 32;
+  s.init_std = 0.05;
+  return s;
+}
+
+// [batch, seq_len + 1] uniformly random tokens.
+inline std::vector<int32_t> random_tokens(const ModelSpec& spec, int batch, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int32_t> dist(0, spec.vocab_size - 1);
+  std::vector<int32_t> tokens(batch * (spec.seq_len + 1));
+  for (int32_t& x : tokens) x = dist(gen);
+  return tokens;
+}
+
+// Any float tensor (F64, F32, BF16) to host doubles.
+inline std::vector<double> host(const Tensor& t) { return test_support::download(be(), t); }
 
 struct LayerParams {
   ParamRegistry reg;

@@ -13,30 +13,8 @@
 namespace sdmoe::gradtest {
 namespace {
 
-std::vector<int32_t> tokens_for(const ModelSpec& spec, int batch, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_int_distribution<int32_t> dist(0, spec.vocab_size - 1);
-  std::vector<int32_t> tokens(batch * (spec.seq_len + 1));
-  for (int32_t& x : tokens) x = dist(gen);
-  return tokens;
-}
-
-// Every layer kind: a dense layer, an MoE layer with a shared expert, an untied head. The
-// sequence (70) is not a multiple of the fused kernel's 64-row tiles.
-ModelSpec execution_spec() {
-  ModelSpec s = tiny_spec(RouterScore::SOFTMAX, true, false);
-  s.dim = 64;
-  s.heads = 4;
-  s.ffn_dim = 96;
-  s.seq_len = 70;
-  s.vocab_size = 257;
-  s.moe.expert_ffn_dim = 48;
-  s.moe.shared_expert_ffn_dim = 32;
-  s.init_std = 0.05;
-  return s;
-}
-
-std::vector<double> host(const Tensor& t) { return test_support::download(be(), t); }
+// The sequence (70) is not a multiple of the fused kernel's 64-row tiles.
+ModelSpec execution_spec() { return small_model_spec(70); }
 
 struct Result {
   double loss = 0.0;
@@ -48,7 +26,7 @@ struct Result {
 Result train_step(const ModelSpec& spec, const PrecisionPolicy& policy, const ModelExecution& execution) {
   GptModel model(spec, be(), policy, 2, {}, execution);
   model.init_parameters(53);
-  const auto t1 = tokens_for(spec, 2, 51), t2 = tokens_for(spec, 2, 52);
+  const auto t1 = random_tokens(spec, 2, 51), t2 = random_tokens(spec, 2, 52);
   Result r;
   r.loss = model.forward_backward(t1.data(), 0.5).loss_sum + model.forward_backward(t2.data(), 0.5).loss_sum;
   for (size_t id = 0; id < model.registry().specs().size(); ++id) r.grads.push_back(host(model.grad(int(id))));

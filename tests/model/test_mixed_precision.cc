@@ -23,31 +23,9 @@
 namespace sdmoe::gradtest {
 namespace {
 
-std::vector<int32_t> tokens_for(const ModelSpec& spec, int batch, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_int_distribution<int32_t> dist(0, spec.vocab_size - 1);
-  std::vector<int32_t> tokens(batch * (spec.seq_len + 1));
-  for (int32_t& x : tokens) x = dist(gen);
-  return tokens;
-}
+// 32 tokens per sequence.
+ModelSpec mixed_spec() { return small_model_spec(32); }
 
-// A small model at the usual initialisation scale, with every layer kind: a dense layer,
-// an MoE layer with a shared expert, untied output head.
-ModelSpec mixed_spec() {
-  ModelSpec s = tiny_spec(RouterScore::SOFTMAX, true, false);
-  s.dim = 64;
-  s.heads = 4;
-  s.ffn_dim = 96;
-  s.seq_len = 32;
-  s.vocab_size = 257;
-  s.moe.expert_ffn_dim = 48;
-  s.moe.shared_expert_ffn_dim = 32;
-  s.init_std = 0.05;
-  return s;
-}
-
-// Any float tensor to host doubles (the gradient tests' get() reads F64 only).
-std::vector<double> host(const Tensor& t) { return test_support::download(be(), t); }
 void upload(const Tensor& t, const std::vector<double>& v) { test_support::upload(be(), t, v); }
 
 double relative_l2(const std::vector<double>& want, const std::vector<double>& got) {
@@ -70,7 +48,7 @@ Comparison compare_with_f64(const PrecisionPolicy& policy) {
   GptModel reference(spec, be(), DType::F64, batch), model(spec, be(), policy, batch);
   reference.init_parameters(21);
   model.init_parameters(21);
-  const auto tokens = tokens_for(spec, batch, 22);
+  const auto tokens = random_tokens(spec, batch, 22);
   const MicroBatchStats want = reference.forward_backward(tokens.data(), 1.0);
   const MicroBatchStats got = model.forward_backward(tokens.data(), 1.0);
   Comparison c;
@@ -113,7 +91,7 @@ TEST(MixedPrecision, WeightCopyFollowsTheMasterOnlyWhenToldTheyChanged) {
   const ModelSpec spec = mixed_spec();
   GptModel model(spec, be(), PrecisionPolicy::of(Precision::BF16), 2);
   model.init_parameters(31);
-  const auto tokens = tokens_for(spec, 2, 32);
+  const auto tokens = random_tokens(spec, 2, 32);
   const double before = model.forward_only(tokens.data()).loss_sum;
   // Scale every master weight of the output head: without weights_changed() the forward
   // still uses the old copy; after it, the new weights.
@@ -143,7 +121,7 @@ TEST(MixedPrecision, GradientsAccumulateInFp32OverMicroBatches) {
   const ModelSpec spec = mixed_spec();
   GptModel model(spec, be(), PrecisionPolicy::of(Precision::BF16), 2);
   model.init_parameters(41);
-  const auto t1 = tokens_for(spec, 2, 42), t2 = tokens_for(spec, 2, 43);
+  const auto t1 = random_tokens(spec, 2, 42), t2 = random_tokens(spec, 2, 43);
   int probe = -1;  // the first dense matrix: its gradient is a GEMM's += output
   for (size_t id = 0; id < model.registry().specs().size() && probe < 0; ++id)
     if (model.registry().spec(int(id)).role == ParamRole::DENSE) probe = int(id);
