@@ -22,7 +22,12 @@ constexpr const char* kUsage =
     "With checkpoint.dir set, checkpoints are written every checkpoint.interval steps, at\n"
     "the end, and on SIGTERM or SIGUSR1 (then the run exits 0); a run whose checkpoint.dir\n"
     "holds one resumes from it. --resume (= --set checkpoint.resume=REQUIRED) fails instead\n"
-    "of starting fresh when there is none.\n\nconfig fields:\n";
+    "of starting fresh when there is none.\n"
+    "\n"
+    "training.precision BF16 (or AUTO where the CPU has a fast bf16 path) trains with bf16 GEMM\n"
+    "operands and fp32 master state; checkpoints hold the fp32 state either way. On CPUs the\n"
+    "bf16 GEMMs run on AMX, on AVX512_BF16, or widened to fp32, whichever is fastest; the\n"
+    "environment variable SDMOE_CPU_BF16_GEMM=amx|avx512_bf16|widen forces one.\n\nconfig fields:\n";
 }
 
 int main(int argc, char** argv) {
