@@ -92,6 +92,10 @@ class CpuBackend final : public Backend {
 // Measured fp32 FMA peak of this process's cores (FLOP/s), with the widest vector unit
 // the CPU supports. threads <= 0: one per available core.
 double measure_cpu_fma_peak(int threads);
+// The method of every measured peak: `threads` threads (<= 0: OpenMP's default) each run
+// loop(iters), independent instruction chains whose result stays observable; the best of
+// three repetitions, as FLOP/s given the loop's FLOP per iteration.
+double measure_loop_peak(int threads, int64_t iters, double flops_per_iteration, float (*loop)(int64_t));
 // How GEMMs on bf16 operands run in this process (core/cpu/bf16_gemm_path.cc), chosen once:
 // AMX tiles where the CPU and OS offer them; else AVX512_BF16 vdpbf16ps where it beats the
 // fp32 FMA rate; else the operands widened to fp32 for the fp32 kernel. The environment

@@ -40,28 +40,31 @@ double flops_per_iteration(bool avx512) { return double(kChains) * (avx512 ? 16 
 
 }  // namespace
 
-double measure_cpu_fma_peak(int threads) {
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!avx512 && !avx2) return 0.0;
-  const int64_t iters = 20'000'000;
+double measure_loop_peak(int threads, int64_t iters, double flops_per_iteration, float (*loop)(int64_t)) {
+  const int used = threads > 0 ? threads : omp_get_max_threads();
   double best = 0.0;
   for (int rep = 0; rep < 3; ++rep) {
     float sink = 0.0f;
     auto start = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
+#pragma omp parallel num_threads(used)
     {
-      float r = avx512 ? fma_loop_avx512(iters) : fma_loop_avx2(iters);
+      float r = loop(iters);
 #pragma omp atomic
       sink += r;
     }
     // Keeps the loops' results observable, so the compiler cannot drop them.
     asm volatile("" : : "r"(&sink) : "memory");
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    int used = threads > 0 ? threads : omp_get_max_threads();
-    best = std::max(best, used * iters * flops_per_iteration(avx512) / seconds);
+    best = std::max(best, used * iters * flops_per_iteration / seconds);
   }
   return best;
+}
+
+double measure_cpu_fma_peak(int threads) {
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!avx512 && !avx2) return 0.0;
+  return measure_loop_peak(threads, 20'000'000, flops_per_iteration(avx512), avx512 ? fma_loop_avx512 : fma_loop_avx2);
 }
 
 }  // namespace sdmoe

@@ -29,6 +29,7 @@
 // Masked (non-causal) entries of a computed tile are set to zero explicitly before they
 // enter any sum: exp is never asked for exp(-inf), which fast_expf clamps to 1.6e-38.
 #include "core/cpu/avx512_transpose.h"
+#include "core/cpu/avx512_exp.h"
 #include "core/cpu/flash_attention.h"
 
 #include <immintrin.h>
@@ -162,25 +163,6 @@ void product_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a
 // ---------------------------------------------------------------------------------------
 // AVX-512 row kernels (fp32).
 
-// fast_expf on 16 lanes, the same range reduction and polynomial with FMAs (relative error
-// below 2e-7 on [-87, 88]), after softmax_rows_avx512.cc's (file-local there). The power
-// of two is applied with scalef, exact like the exponent-bits product but one instruction
-// instead of four: exp is most of the forward's non-product work.
-__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Forward online softmax down the columns of a transposed score tile st[keys, queries]
 // (ld T): column c (query i0 + c) sees row r (key j0 + r) when r + shift <= c, shift =

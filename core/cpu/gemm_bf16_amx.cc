@@ -33,6 +33,7 @@
 // measured), and C's misses compete with the B tiles streaming from L2. Packing costs
 // 50-80 cycles per 1 KiB tile against (the other dimension / 16) TDPBF16PS of 16 cycles
 // that use it: 5-8% here, 10-30% for A^T B.
+#include "core/cpu/cpu_backend.h"
 #include "core/cpu/avx512_transpose.h"
 #include "core/cpu/gemm_bf16_amx.h"
 
@@ -508,25 +509,7 @@ void gemm_bf16_amx(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alph
 double measure_cpu_amx_bf16_peak(int threads) {
   if (!cpu_supports_amx_bf16()) return 0.0;
   // 4 TDPBF16PS of 16 cycles per iteration: ~0.1 s per repetition at 2 GHz.
-  const int64_t iters = 3'000'000;
-  const int used = threads > 0 ? threads : omp_get_max_threads();
-  const double flops_per_iteration = 4.0 * 16 * 16 * 32 * 2;
-  double best = 0.0;
-  for (int rep = 0; rep < 3; ++rep) {
-    float sink = 0.0f;
-    auto start = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(used)
-    {
-      float r = amx_loop(iters);
-#pragma omp atomic
-      sink += r;
-    }
-    // Keeps the loops' results observable, so the compiler cannot drop them.
-    asm volatile("" : : "r"(&sink) : "memory");
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, used * iters * flops_per_iteration / seconds);
-  }
-  return best;
+  return measure_loop_peak(threads, 3'000'000, 4.0 * 16 * 16 * 32 * 2, amx_loop);
 }
 
 }  // namespace sdmoe::cpu

@@ -15,6 +15,7 @@
 // and writes it once; k is blocked so that the packed B panel stays in L2. 6 x 64 was the
 // fastest tile tried (8 x 48, 12 x 32 and 4 x 64 ran 1 to 10% slower; 8 x 48 and 12 x 32
 // also lose a partial panel on the attention shapes).
+#include "core/cpu/cpu_backend.h"
 #include "core/cpu/avx512_transpose.h"
 #include "core/cpu/gemm_bf16_avx512.h"
 
@@ -278,25 +279,7 @@ void gemm_bf16_portable(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float
 double measure_cpu_bf16_dot_peak(int threads) {
   if (!cpu_has_avx512_bf16()) return 0.0;
   // Half the iterations of the fp32 FMA measurement: each instruction does twice the work.
-  const int64_t iters = 10'000'000;
-  const int used = threads > 0 ? threads : omp_get_max_threads();
-  const double flops_per_iteration = double(kChains) * 16 * 2 * 2;  // 16 lanes x 2 pairs x 2 FLOP
-  double best = 0.0;
-  for (int rep = 0; rep < 3; ++rep) {
-    float sink = 0.0f;
-    auto start = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(used)
-    {
-      float r = dot_loop(iters);
-#pragma omp atomic
-      sink += r;
-    }
-    // Keeps the loops' results observable, so the compiler cannot drop them.
-    asm volatile("" : : "r"(&sink) : "memory");
-    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, used * iters * flops_per_iteration / seconds);
-  }
-  return best;
+  return measure_loop_peak(threads, 10'000'000, double(kChains) * 16 * 2 * 2, dot_loop);
 }
 
 }  // namespace sdmoe::cpu

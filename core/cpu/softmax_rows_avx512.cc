@@ -2,6 +2,7 @@
 // reduction and polynomial, with fused multiply-adds, so the same accuracy (relative
 // error below 2e-7 for arguments in [-87, 88]).
 #include "core/cpu/softmax_rows_avx512.h"
+#include "core/cpu/avx512_exp.h"
 
 #include <immintrin.h>
 
@@ -14,23 +15,6 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kAccumulators = 4;  // independent chains, to cover the FMA latency
 
-__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
-  // max/min return their second operand when either is NaN: a NaN stays NaN.
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(exponent));
-}
 
 __attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t left) {
   return static_cast<__mmask16>((1u << left) - 1u);
