@@ -1,6 +1,7 @@
-// sdmoe_bench --config FILE.textproto [--device CPU|CUDA|AUTO] [--steps N]: prints the
-// measured fp32 FMA peak of the device the config (or --device) selects and, on a CPU,
-// its measured bf16 dot-product (vdpbf16ps) peak; GEMM throughput on the model's shapes
+// sdmoe_bench --config FILE.textproto [--device CPU|CUDA|AUTO] [--steps N] [--set KEY=VALUE]:
+// prints the measured fp32 FMA peak of the device the config (or --device) selects and its
+// measured bf16 peak (CPU: the AMX or vdpbf16ps GEMM path; CUDA: a large cuBLASLt bf16
+// GEMM on the tensor cores); GEMM throughput on the model's shapes
 // with fp32 and with bf16 operands; and the throughput of full training steps in FP32
 // and BF16, each as a percentage of the peak of its own precision. Figures only; nothing
 // is asserted.
@@ -63,23 +64,29 @@ double time_gemm(sdmoe::Backend& be, sdmoe::DType operand, bool ta, bool tb, int
   return best;
 }
 // The fused attention kernel's forward plus backward at head dimension 64 and sequence
-// 1024 (8 heads, fp32), in causal FLOP/s (forward 2 N S^2 Dh, backward 2.5x that), and the
-// activation bytes of the model with one sequence per micro-batch at sequence lengths 128,
-// 1024 and 4096, fused against unfused.
-void fused_attention_figures(sdmoe::Backend& be, const sdmoe::ModelSpec& spec) {
-  const int64_t n = 8, s = 1024, dh = 64;
-  auto take = [&](sdmoe::Buffer& b, std::initializer_list<int64_t> dims) {
-    sdmoe::Tensor t(nullptr, sdmoe::DType::F32, be.device(), dims);
+// 1024 (8 heads on a CPU, 96 on a GPU: the GPU config's 8 sequences x 12 heads), with fp32
+// and with bf16 operands, in causal FLOP/s (forward 2 N S^2 Dh, backward 2.5x that), each
+// against the peak of its precision.
+void fused_attention_kernel_figure(sdmoe::Backend& be, sdmoe::DType operand, double peak) {
+  const int64_t n = be.device() == sdmoe::Device::CUDA ? 96 : 8, s = 1024, dh = 64;
+  auto take = [&](sdmoe::Buffer& b, std::initializer_list<int64_t> dims, sdmoe::DType dtype) {
+    sdmoe::Tensor t(nullptr, dtype, be.device(), dims);
     b = sdmoe::Buffer(be, t.bytes());
     t.data = b.data();
     return t;
   };
-  sdmoe::Buffer bq, bk, bv, bo, bl, bdo, bdq, bdk, bdv;
-  const sdmoe::Tensor q = take(bq, {n, s, dh}), k = take(bk, {n, s, dh}), v = take(bv, {n, s, dh}),
-                      o = take(bo, {n, s, dh}), lse = take(bl, {n, s}), dout = take(bdo, {n, s, dh}),
-                      dq = take(bdq, {n, s, dh}), dk = take(bdk, {n, s, dh}), dv = take(bdv, {n, s, dh});
+  using sdmoe::DType;
+  sdmoe::Buffer bq, bk, bv, bo, bl, bdo, bdq, bdk, bdv, bwide;
+  const sdmoe::Tensor q = take(bq, {n, s, dh}, operand), k = take(bk, {n, s, dh}, operand),
+                      v = take(bv, {n, s, dh}, operand), o = take(bo, {n, s, dh}, operand),
+                      lse = take(bl, {n, s}, DType::F32), dout = take(bdo, {n, s, dh}, operand),
+                      dq = take(bdq, {n, s, dh}, DType::F32), dk = take(bdk, {n, s, dh}, DType::F32),
+                      dv = take(bdv, {n, s, dh}, DType::F32), wide = take(bwide, {n, s, dh}, DType::F32);
   int stream = 0;
-  for (const sdmoe::Tensor* t : {&q, &k, &v, &dout}) be.init_normal(*t, 3, ++stream, 1.0, 0);
+  for (const sdmoe::Tensor* t : {&q, &k, &v, &dout}) {  // drawn in fp32, rounded to the operand type
+    be.init_normal(wide, 3, ++stream, 1.0, 0);
+    be.cast(wide, *t);
+  }
   const double scale = 1.0 / std::sqrt(double(dh));
   double best = 1e30;
   for (int trial = 0; trial < 5; ++trial) {
@@ -90,9 +97,16 @@ void fused_attention_figures(sdmoe::Backend& be, const sdmoe::ModelSpec& spec) {
     best = std::min(best, seconds_since(start));
   }
   const double flops = 3.5 * 2.0 * double(n) * double(s) * double(s) * double(dh);
-  std::printf("\nfused attention, fp32, %ld heads x sequence %ld x head dim %ld: forward+backward %.2f ms, %.1f GFLOP/s "
-              "(causal FLOPs), %.1f%% of the measured fp32 peak\n",
-              (long)n, (long)s, (long)dh, best * 1e3, flops / best / 1e9, 100.0 * flops / best / be.peak_flops());
+  const char* precision = operand == DType::BF16 ? "bf16" : "fp32";
+  std::printf("fused attention, %s operands, %ld heads x sequence %ld x head dim %ld: forward+backward %.2f ms, %.1f "
+              "GFLOP/s (causal FLOPs), %.1f%% of the measured %s peak\n",
+              precision, (long)n, (long)s, (long)dh, best * 1e3, flops / best / 1e9, 100.0 * flops / best / peak,
+              precision);
+}
+
+// The activation bytes of the model with one sequence per micro-batch at sequence lengths
+// 128, 1024 and 4096, fused attention against unfused.
+void fused_attention_memory_figures(sdmoe::Backend& be, const sdmoe::ModelSpec& spec) {
   std::printf("activations of the model with 1 sequence per micro-batch (FP32):\n");
   for (int64_t seq : {128, 1024, 4096}) {
     sdmoe::ModelSpec at = spec;
@@ -111,23 +125,27 @@ int main(int argc, char** argv) {
   std::string path = "configs/small-cpu.textproto";
   int steps = 9;
   std::string device;
+  std::vector<std::string> overrides;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
-      std::printf("usage: sdmoe_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--steps N]\n"
-                  "Prints the measured fp32 FMA peak and (CPU) the measured bf16 dot-product peak, GEMM\n"
+      std::printf("usage: sdmoe_bench [--config FILE.textproto] [--device CPU|CUDA|AUTO] [--steps N] [--set KEY=VALUE]\n"
+                  "Prints the measured fp32 FMA peak and the measured bf16 GEMM peak (CPU: AMX or\n"
+                  "vdpbf16ps; CUDA: the tensor cores through cuBLASLt), GEMM\n"
                   "throughput on the model's shapes with fp32 and bf16 operands (best of 6 trials in 3\n"
                   "rounds over all shapes), and the median of N training steps in FP32 and BF16 (steps\n"
-                  "of the two alternate), each as a percentage of the peak of its own precision.\n");
+                  "of the two alternate), each as a percentage of the peak of its own precision.\n"
+                  "--set overrides a config field as sdmoe_pretrain's does (e.g. model.moe.num_experts=0).\n");
       return 0;
     }
-    if (i + 1 >= argc || (arg != "--config" && arg != "--steps" && arg != "--device")) {
+    if (i + 1 >= argc || (arg != "--config" && arg != "--steps" && arg != "--device" && arg != "--set")) {
       std::fprintf(stderr, "sdmoe_bench: error: unknown or incomplete argument '%s' (see --help)\n", arg.c_str());
       return 2;
     }
     const std::string value = argv[++i];
     if (arg == "--config") path = value;
     else if (arg == "--device") device = value;
+    else if (arg == "--set") overrides.push_back(value);
     else if (arg == "--steps") {
       char* end = nullptr;
       steps = int(std::strtol(value.c_str(), &end, 10));
@@ -139,7 +157,6 @@ int main(int argc, char** argv) {
   }
   sdmoe::MpiRuntime mpi(&argc, &argv);
   try {
-    std::vector<std::string> overrides;
     if (!device.empty()) overrides.push_back("device=" + device);
     sdmoe::config::Run run = sdmoe::load_config(path, overrides);
     sdmoe::ModelSpec spec = sdmoe::model_spec_from(run.model());
@@ -175,23 +192,22 @@ int main(int argc, char** argv) {
     // Rounds over all shapes, each shape's best trial kept, and the peak re-measured after
     // every round: a neighbour's burst then spoils one trial of a shape rather than all of
     // them, and cannot lower the denominator (a lowered peak once put a GEMM above 100%).
-    // BF16 figures where BF16 trains: the CPU backend. Its peak is that of the bf16 GEMM
-    // path this CPU uses (AMX or vdpbf16ps), or the fp32 FMA rate where the GEMMs widen
-    // their operands to fp32.
+    // BF16 figures on both backends. On a CPU the peak is that of the bf16 GEMM path it
+    // uses (AMX or vdpbf16ps), or the fp32 FMA rate where the GEMMs widen their operands to
+    // fp32; on CUDA that of a large cuBLASLt bf16 GEMM.
     auto* cpu = dynamic_cast<sdmoe::CpuBackend*>(be.get());
-    const bool bf16 = cpu != nullptr;
-    const sdmoe::Bf16GemmPath gemm_path = bf16 ? sdmoe::cpu_bf16_gemm_path() : sdmoe::Bf16GemmPath::WIDEN;
-    const bool bf16_kernel = bf16 && gemm_path != sdmoe::Bf16GemmPath::WIDEN;
-    double peak_bf16 = 0.0;
+    const bool cuda = be->device() == sdmoe::Device::CUDA;
+    const sdmoe::Bf16GemmPath gemm_path = cpu ? sdmoe::cpu_bf16_gemm_path() : sdmoe::Bf16GemmPath::WIDEN;
+    const bool bf16_kernel = cuda || gemm_path != sdmoe::Bf16GemmPath::WIDEN;
+    double peak_bf16 = cuda ? be->peak_bf16_flops() : 0.0;
     std::vector<double> gemm_flops(std::size(shapes), 0.0), gemm_flops_bf16(std::size(shapes), 0.0);
     for (int round = 0; round < kGemmRounds; ++round) {
       for (size_t i = 0; i < std::size(shapes); ++i) {
         const Shape& s = shapes[i];
         gemm_flops[i] = std::max(gemm_flops[i], time_gemm(*be, sdmoe::DType::F32, s.ta, s.tb, s.m, s.n, s.k, s.count,
                                                           kTrialsPerRound));
-        if (bf16)
-          gemm_flops_bf16[i] = std::max(gemm_flops_bf16[i], time_gemm(*be, sdmoe::DType::BF16, s.ta, s.tb, s.m, s.n,
-                                                                      s.k, s.count, kTrialsPerRound));
+        gemm_flops_bf16[i] = std::max(gemm_flops_bf16[i], time_gemm(*be, sdmoe::DType::BF16, s.ta, s.tb, s.m, s.n, s.k,
+                                                                    s.count, kTrialsPerRound));
       }
       if (cpu) {
         peak = std::max(peak, sdmoe::measure_cpu_fma_peak(cpu->threads()));
@@ -200,31 +216,31 @@ int main(int argc, char** argv) {
     }
     std::printf("measured fp32 FMA peak: %.1f GFLOP/s (best of %d measurements)\n", peak / 1e9,
                 be->device() == sdmoe::Device::CPU ? kGemmRounds + 1 : 1);
-    if (bf16) std::printf("bf16 GEMMs: %s\n", sdmoe::cpu_bf16_gemm_reason().c_str());
-    if (bf16_kernel)
+    if (cpu) std::printf("bf16 GEMMs: %s\n", sdmoe::cpu_bf16_gemm_reason().c_str());
+    if (cuda)
+      std::printf("measured bf16 peak (cuBLASLt 8192^3 GEMM on the tensor cores): %.1f GFLOP/s, %.2fx the fp32 peak\n",
+                  peak_bf16 / 1e9, peak_bf16 / peak);
+    else if (bf16_kernel)
       std::printf("measured bf16 peak (%s): %.1f GFLOP/s (best of %d), %.2fx the fp32 peak\n",
                   sdmoe::bf16_gemm_path_name(gemm_path), peak_bf16 / 1e9, kGemmRounds, peak_bf16 / peak);
-    else if (bf16)
+    else
       std::printf("bf16 GEMMs widen to fp32 here: measured against the fp32 peak\n");
     if (cpu && sdmoe::cpu::cpu_supports_avx512_bf16())
       std::printf("measured vdpbf16ps (AVX512_BF16) peak: %.1f GFLOP/s, %.2fx the fp32 FMA peak\n",
                   sdmoe::cpu::measure_cpu_bf16_dot_peak(cpu->threads()) / 1e9,
                   sdmoe::cpu::measure_cpu_bf16_dot_peak(cpu->threads()) / peak);
     std::printf("\n%-28s %24s %10s %7s", "GEMM (model shapes)", "[batch x] m x n x k", "fp32 GF/s", "% peak");
-    if (bf16) std::printf(" %10s %7s %7s", "bf16 GF/s", "% peak", "bf16/32");
-    std::printf("\n");
+    std::printf(" %10s %7s %7s\n", "bf16 GF/s", "% peak", "bf16/32");
     for (size_t i = 0; i < std::size(shapes); ++i) {
       const Shape& s = shapes[i];
       const std::string dims = (s.count > 1 ? fmt::format("{} x ", s.count) : std::string()) +
                                fmt::format("{}x{}x{}", s.m, s.n, s.k);
       std::printf("%-28s %24s %10.1f %6.1f%%", s.name, dims.c_str(), gemm_flops[i] / 1e9, 100.0 * gemm_flops[i] / peak);
-      if (bf16)
-        std::printf(" %10.1f %6.1f%% %6.2fx", gemm_flops_bf16[i] / 1e9, 100.0 * gemm_flops_bf16[i] / peak_bf16,
-                    gemm_flops_bf16[i] / gemm_flops[i]);
-      std::printf("\n");
+      std::printf(" %10.1f %6.1f%% %6.2fx\n", gemm_flops_bf16[i] / 1e9, 100.0 * gemm_flops_bf16[i] / peak_bf16,
+                  gemm_flops_bf16[i] / gemm_flops[i]);
     }
 
-    // Training steps of the FP32 and (on CPU) the BF16 model, alternating, so that a
+    // Training steps of the FP32 and the BF16 model, alternating, so that a
     // neighbour's load falls on both alike; the median step of each.
     struct Arm {
       sdmoe::Precision precision;
@@ -237,7 +253,6 @@ int main(int argc, char** argv) {
     // FP32, BF16, and (where the backend has it) BF16 with the fused attention kernel.
     for (auto [p, fused] : {std::pair{sdmoe::Precision::FP32, false}, std::pair{sdmoe::Precision::BF16, false},
                             std::pair{sdmoe::Precision::BF16, true}}) {
-      if (p == sdmoe::Precision::BF16 && !bf16) continue;
       if (fused && !be->has_fused_attention()) continue;
       Arm arm{p, fused,
               std::make_unique<sdmoe::GptModel>(spec, *be, sdmoe::PrecisionPolicy::of(p),
@@ -278,11 +293,17 @@ int main(int argc, char** argv) {
                   "activations %.1f MB%s\n",
                   std::string(sdmoe::precision_name(arm.precision)).c_str(),
                   arm.fused_attention ? " + fused attention" : "", sec, tps, flops / 1e9,
-                  100.0 * flops / (is_bf16 ? peak_bf16 : peak), is_bf16 && bf16_kernel ? sdmoe::bf16_gemm_path_name(gemm_path) : "fp32",
+                  100.0 * flops / (is_bf16 ? peak_bf16 : peak),
+                  !is_bf16 || !bf16_kernel ? "fp32" : cuda ? "bf16 tensor-core" : sdmoe::bf16_gemm_path_name(gemm_path),
                   double(arm.model->activation_bytes()) / 1e6,
                   is_bf16 ? fmt::format(" ({:.2f}x the FP32 tokens/s)", tps / fp32_tokens_per_second).c_str() : "");
     }
-    if (be->has_fused_attention()) fused_attention_figures(*be, spec);
+    if (be->has_fused_attention()) {
+      std::printf("\n");
+      fused_attention_kernel_figure(*be, sdmoe::DType::F32, peak);
+      fused_attention_kernel_figure(*be, sdmoe::DType::BF16, peak_bf16);
+      fused_attention_memory_figures(*be, spec);
+    }
   } catch (const sdmoe::Error& e) {
     std::fprintf(stderr, "sdmoe_bench: error: %s\n", e.what());
     return 2;

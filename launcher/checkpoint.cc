@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "data/hdf5_handle.h"
+#include "parallel/watchdog.h"
 
 namespace sdmoe {
 namespace fs = std::filesystem;
@@ -325,6 +326,7 @@ class CheckpointFile {
       fail("{}: cannot read {} (checksum mismatch or truncated file: the checkpoint is corrupt)", path_, name);
     for (const Piece& p : pieces)
       if (p.count > 0) std::copy_n(rows.data() + (p.logical - first * row), p.count, dest + p.source);
+    Watchdog::note_progress();
   }
 
  private:
@@ -478,6 +480,7 @@ void Checkpointer::save(const TrainingPosition& position) {
       auto [file_space, memory_space] = row_selection(ds.get(), first, rows);
       if (H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, memory_space.get(), file_space.get(), H5P_DEFAULT, slab.data()) < 0)
         error = fmt::format("cannot write dataset {}", path);
+      Watchdog::note_progress();  // a large checkpoint is many slabs, none of them a stall
     }
   };
 

@@ -1,6 +1,7 @@
 #include "launcher/trainer.h"
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -24,14 +25,27 @@
 #include "model/sdmoe.h"
 #include "model/spectral_service.h"
 #include "parallel/gradient_sync.h"
+#include "parallel/watchdog.h"
 
 namespace sdmoe {
 namespace {
 
-// SIGTERM or SIGUSR1 (Slurm's notice before preemption or the time limit): the step in
-// progress finishes, a checkpoint is written and the run exits 0.
+// SIGTERM, SIGINT or SIGUSR1 (Slurm's notice before preemption or the time limit, a
+// Ctrl-C): the step in progress finishes, a checkpoint is written and the run exits 0. A
+// second SIGTERM or SIGINT while that is under way (a save or a step that does not end)
+// exits at once: the user means it.
 volatile std::sig_atomic_t stop_signal = 0;
-extern "C" void on_stop_signal(int signal) { stop_signal = signal; }
+extern "C" void on_stop_signal(int signal) {
+  if (stop_signal != 0 && signal != SIGUSR1) {
+    // Only async-signal-safe calls here: write(2) and _exit.
+    static const char message[] =
+        "sdmoe_pretrain: second stop signal while the first was being handled: exiting now; the last complete "
+        "checkpoint is kept\n";
+    [[maybe_unused]] const ssize_t written = write(STDERR_FILENO, message, sizeof(message) - 1);
+    _exit(128 + signal);
+  }
+  stop_signal = signal;
+}
 
 void install_stop_handlers() {
   struct sigaction action = {};
@@ -39,6 +53,7 @@ void install_stop_handlers() {
   sigemptyset(&action.sa_mask);
   action.sa_flags = SA_RESTART;
   sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
   sigaction(SIGUSR1, &action, nullptr);
 }
 
@@ -76,6 +91,10 @@ Job check_job(const config::Run& run, int dp) {
   if (t.global_batch_size() <= 0) fail("training.global_batch_size must be positive");
   if (t.log_interval() <= 0) fail("training.log_interval must be positive");
   if (t.eval_interval() < 0) fail("training.eval_interval must be >= 0 (0 turns validation off)");
+  if (!(run.parallel().timeout_s() > 0))
+    fail("parallel.timeout_s must be a positive number of seconds, got {}", run.parallel().timeout_s());
+  if (!(run.parallel().straggler_factor() > 1))
+    fail("parallel.straggler_factor must be above 1, got {}", run.parallel().straggler_factor());
   if (!(run.parallel().gradient_bucket_mb() >= 0))
     fail("parallel.gradient_bucket_mb must be >= 0 (0: one bucket per region), got {}",
          run.parallel().gradient_bucket_mb());
@@ -283,9 +302,6 @@ bool agree_on_setup(const config::Run& run, const MpiRuntime& mpi, const char* t
           setup.backend->device() == Device::CPU && cpu_bf16_gemm_path() != Bf16GemmPath::WIDEN;
       setup.job.precision = PrecisionPolicy::of(fast_bf16 ? Precision::BF16 : Precision::FP32);
     }
-    if (setup.job.precision.mode == Precision::BF16 && setup.backend->device() == Device::CUDA)
-      fail("training.precision BF16 is not available on the CUDA backend yet (its elementwise kernels are fp32 "
-           "only); use FP32 on GPUs, or device: CPU");
     if (setup.job.fused_attention && !setup.backend->has_fused_attention())
       fail("training.attention FUSED is not available on the {} backend yet; use UNFUSED there",
            setup.backend->name());
@@ -329,11 +345,15 @@ std::string precision_summary(const PrecisionPolicy& policy, Backend& be, bool a
   const std::string chosen = automatic ? ", chosen by AUTO" : "";
   if (policy.mode == Precision::FP32)
     return "FP32 (every tensor fp32" + chosen +
-           (automatic ? (be.device() == Device::CPU ? ": " + cpu_bf16_gemm_reason() : std::string(": CUDA"))
+           (automatic ? (be.device() == Device::CPU
+                             ? ": " + cpu_bf16_gemm_reason()
+                             : std::string(": on CUDA AUTO stays FP32 until the BF16 path has been measured on a "
+                                           "GPU; set BF16 to use it"))
                       : std::string()) +
            ")";
   std::string gemm = "bf16 GEMM operands, fp32 accumulation";
   if (be.device() == Device::CPU) gemm += ": " + cpu_bf16_gemm_reason();
+  else gemm += " on the tensor cores (cuBLASLt)";
   return "BF16 (" + gemm + "; fp32 master weights, gradients, optimizer state, norms, softmax, router and losses" +
          chosen + ")";
 }
@@ -349,6 +369,7 @@ double evaluate(GptModel& model, data::SequenceLoader& loader, int micro_batch, 
     MicroBatchStats s = model.forward_only(tokens.data());
     sums[0] += s.loss_sum;
     sums[1] += double(s.tokens);
+    Watchdog::note_progress();
   }
   dp.all_reduce_host(sums, ReduceOp::SUM);
   return sums[0] / sums[1];
@@ -365,6 +386,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 
   Backend& be = *backend;
   ProcessGroups groups = make_process_groups(dims, be, comm_kind);
+  // Declared after the groups, so that it stops before they are destroyed.
+  Watchdog watchdog(run.parallel().timeout_s(), mpi.world_rank(), host_name(), "sdmoe_pretrain");
+  watch_groups(groups, watchdog);
+  const std::vector<std::string> hosts = all_host_names();
+  StragglerWatch stragglers(run.parallel().straggler_factor(), dims.world);
   GptModel model(job.model, be, job.precision, job.micro_batch,
                  placement_for(groups, run.parallel().zero1(), run.parallel().sequence_parallel()),
                  ModelExecution{job.recompute, job.fused_attention});
@@ -503,6 +529,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   const auto loop_start = std::chrono::steady_clock::now();
   for (int64_t step = first_step; step < run.training().steps(); ++step) {
     const auto start = std::chrono::steady_clock::now();
+    const double collective_seconds_before = watchdog.collective_seconds();
+    watchdog.set_step(step + 1);
+    watchdog.set_phase("forward/backward");
     for (const auto& [name, comm] : traffic) comm->reset_bytes_sent();
     model.zero_grads();
     // [loss_sum, tokens, aux, z, then min/max load per MoE layer, then each expert's load
@@ -529,12 +558,14 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     // count in its phase, the rest of them in the optimizer's.
     be.synchronize();
     const auto backward_done = std::chrono::steady_clock::now();
+    watchdog.set_phase("optimizer step");
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
     sync.after_update();
     model.weights_changed();
     be.synchronize();
     const auto update_done = std::chrono::steady_clock::now();
+    watchdog.set_phase("SD-MoE refresh");
     RefreshReport refresh;
     bool refreshed = false;
     if (spectral) {
@@ -552,6 +583,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     be.synchronize();
     const auto step_done = std::chrono::steady_clock::now();
     const double seconds = std::chrono::duration<double>(step_done - start).count();
+    watchdog.set_phase("metrics and evaluation");
+    const StragglerWatch::Spread spread =
+        stragglers.record(seconds - (watchdog.collective_seconds() - collective_seconds_before), *groups.world);
 
     StepRecord r;
     r.step = step + 1;
@@ -582,6 +616,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;
+    r.compute_seconds_min = spread.min;
+    r.compute_seconds_median = spread.median;
+    r.compute_seconds_max = spread.max;
+    r.slowest_rank = spread.slowest;
     const int eval_interval = run.training().eval_interval();
     // eval_interval 0 turns validation off entirely (its batch count is then unchecked).
     if (eval_interval > 0 && (r.step % eval_interval == 0 || r.step == run.training().steps())) r.val_loss = validate();
@@ -602,6 +640,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                   load_summary(r).c_str());
       if (r.val_loss >= 0) std::printf(" | val_loss %.6f", r.val_loss);
       std::printf("%s", bytes_summary(r).c_str());
+      if (dims.world > 1)
+        std::printf(" | compute %.3f-%.3f s (slowest rank %d)", r.compute_seconds_min, r.compute_seconds_max,
+                    r.slowest_rank);
       // Remaining steps at the mean pace since this process started training.
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
       std::printf(" | ETA %s", duration_text(elapsed / double(r.step - first_step) *
@@ -610,6 +651,12 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       std::fflush(stdout);
     }
     if (refreshed) print_spectral(r.step, refresh);
+    if (root && spread.straggler >= 0)
+      std::fprintf(stderr,
+                   "sdmoe_pretrain: warning: rank %d (%s) is a straggler: its compute time exceeded %.2gx the median "
+                   "of the ranks for %d consecutive steps (%.3f s against %.3f s at step %ld)\n",
+                   spread.straggler, hosts[size_t(spread.straggler)].c_str(), run.parallel().straggler_factor(),
+                   StragglerWatch::kConsecutiveSteps, spread.straggler_seconds, spread.median, (long)r.step);
     // A metrics file that cannot be written (disk full, a network file system hiccup) is
     // dropped with a warning: it must not end a long run before its next checkpoint.
     try {
@@ -628,8 +675,9 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     if (on_step) on_step(r);
 
     // Every rank learns of a signal at the same step boundary.
-    int stop = stop_signal;
-    MPI_Allreduce(MPI_IN_PLACE, &stop, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    std::vector<double> stop_any{double(stop_signal)};
+    groups.world->all_reduce_host(stop_any, ReduceOp::MAX);
+    const int stop = int(stop_any[0]);
     const bool last = r.step == run.training().steps();
     if (!ck.dir().empty() && (stop != 0 || last || (ck.interval() > 0 && r.step % ck.interval() == 0))) {
       // A checkpoint of parameters that are no longer finite would become `latest` and
@@ -640,6 +688,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
         return 3;
       }
       const auto save_start = std::chrono::steady_clock::now();
+      watchdog.set_phase("checkpoint save");
       checkpointer.save({r.step, train_loader.position()});
       if (root) {
         std::printf("checkpoint %s written (%.2f s)\n", Checkpointer::step_directory(ck.dir(), r.step).c_str(),

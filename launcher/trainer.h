@@ -39,6 +39,10 @@ struct StepRecord {
   // At an SD-MoE refresh: its metrics per MoE layer and matrix, and its time.
   std::vector<SpectralMetrics> spectral;
   double spectral_compute_seconds = 0.0, spectral_comm_seconds = 0.0;
+  // Each rank's compute time of the step (its wall time less the time it spent inside
+  // collectives, where it waits for the others): the spread over the ranks and the slowest.
+  double compute_seconds_min = 0.0, compute_seconds_median = 0.0, compute_seconds_max = 0.0;
+  int slowest_rank = 0;
 };
 
 // The backend the config asks for: CUDA (this rank's local GPU), CPU, or AUTO (CUDA when a

@@ -80,6 +80,12 @@ class Communicator {
   uint64_t bytes_sent() const { return bytes_sent_; }
   void reset_bytes_sent() { bytes_sent_ = 0; }
 
+  // Ends the communicator's outstanding device work without waiting for the peers, so
+  // that a job can end while a peer is dead (NCCL: ncclCommAbort). Callable from another
+  // thread while a collective blocks; the communicator is unusable afterwards. MPI's
+  // collectives end with the job (MPI_Abort), so for them it does nothing.
+  virtual void abort() {}
+
  protected:
   uint64_t bytes_sent_ = 0;
 };

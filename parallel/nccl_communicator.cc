@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <atomic>
+
 #include "core/check.h"
 #include "core/cuda/cuda_check.h"
 #include "parallel/communicator.h"
@@ -68,13 +70,16 @@ class NcclCommunicator final : public Communicator {
 
   ~NcclCommunicator() override {
     // Teardown: errors ignored.
-    if (comm_) ncclCommDestroy(comm_);
+    if (comm_ && !aborted_) ncclCommDestroy(comm_);
     if (comm_stream_) cudaStreamDestroy(comm_stream_);
   }
 
   int rank() const override { return host_.rank(); }
   int size() const override { return host_.size(); }
   std::string kind() const override { return "nccl"; }
+  void abort() override {
+    if (!aborted_.exchange(true) && comm_) ncclCommAbort(comm_);  // the job is ending: its status is of no use
+  }
 
   void all_reduce(const Tensor& x, ReduceOp op) override { all_reduce_on(x, op, stream_); }
 
@@ -185,6 +190,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_;
   cudaStream_t comm_stream_ = nullptr;
   ncclComm_t comm_ = nullptr;
+  std::atomic<bool> aborted_{false};
 };
 
 }  // namespace

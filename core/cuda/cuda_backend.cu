@@ -3,15 +3,21 @@
 // owned by the backend; cuBLAS and cuSOLVER are bound to it. Only functions that return
 // host values (sum_squares, column_sums, copy_to_host, svd/eigen status) synchronise.
 //
-// Dtypes: F32 everywhere; BF16 as GEMM inputs (F32 output, F32 accumulation), in cast,
-// fill, init_normal and sum_squares; I32 for indices and fill. F64 exists only for the CPU
-// oracle and is rejected with a fatal error.
+// Dtypes: F32 everywhere; BF16 wherever the CPU backend takes a storage dtype, which is
+// what the BF16 precision policy (model/precision.h) needs: GEMM inputs (F32 output, F32
+// accumulation), the outputs of rmsnorm, SwiGLU and its backward, both sides of the head
+// layout copies, RoPE, the kept probabilities of the softmax backward, gathered rows, the
+// fused attention's operands, and cast, fill, init_normal and sum_squares; I32 for indices
+// and fill. F64 exists only for the CPU oracle and is rejected with a fatal error.
+#include <algorithm>
 #include <climits>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "core/backend.h"
 #include "core/cuda/cuda_kernels.cuh"
+#include "core/cuda/lt_gemm.cuh"
 
 namespace sdmoe {
 namespace {
@@ -27,6 +33,12 @@ using namespace sdmoe::cuda;
 float* f32(const Tensor& t, const char* op) {
   if (t.dtype != DType::F32) unsupported(op, t);
   return t.ptr<float>();
+}
+
+// A tensor in a storage dtype (F32 or BF16): an operand-kernel argument.
+void* storage(const Tensor& t, const char* op) {
+  if (t.dtype != DType::F32 && t.dtype != DType::BF16) unsupported(op, t);
+  return t.data;
 }
 
 int32_t* i32(const Tensor& t, const char* op) {
@@ -54,6 +66,14 @@ int fp32_lanes_per_sm(int major, int minor) {
   return 64;
 }
 
+// Dense bf16 tensor-core FLOPs per SM per clock (data sheets: H100 SXM 989 TFLOP/s = 132
+// SMs x 1.83 GHz x 4096; A100 312 = 108 x 1.41 GHz x 2048); 0 where unknown.
+int bf16_flops_per_sm_clock(int major, int minor) {
+  if (major == 9) return 4096;
+  if (major == 8) return minor == 0 ? 2048 : 1024;
+  return 0;
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -65,7 +85,10 @@ class CudaBackend final : public Backend {
     // FLOPs). The "% of peak" figures use the measured one.
     nominal_peak_flops_ = double(props_.multiProcessorCount) * double(clock_khz) * 1e3 *
                           double(fp32_lanes_per_sm(props_.major, props_.minor)) * 2.0;
+    nominal_bf16_flops_ = double(props_.multiProcessorCount) * double(clock_khz) * 1e3 *
+                          double(bf16_flops_per_sm_clock(props_.major, props_.minor));
     stream_ = make_stream();
+    lt_ = std::make_unique<LtGemm>(stream_.get());
     peak_flops_ = measure_fma_peak(device_, stream_.get());
     cublas_ = make_cublas(stream_.get());
     SDMOE_CHECK_CUBLAS(cublasSetMathMode(cublas_.get(), CUBLAS_DEFAULT_MATH));  // exact fp32, no TF32
@@ -80,12 +103,20 @@ class CudaBackend final : public Backend {
 
   Device device() const override { return Device::CUDA; }
   std::string name() const override {
-    return fmt::format("cuda:{} ({}, sm_{}{}, {:.0f} GiB, fp32 FMA peak {:.1f} TFLOP/s measured, {:.1f} nominal)",
-                       device_, props_.name, props_.major, props_.minor,
-                       double(props_.totalGlobalMem) / double(1ull << 30), peak_flops_ / 1e12,
-                       nominal_peak_flops_ / 1e12);
+    return fmt::format(
+        "cuda:{} ({}, sm_{}{}, {:.0f} GiB, fp32 FMA peak {:.1f} TFLOP/s measured, {:.1f} nominal; bf16 tensor-core "
+        "{:.0f} TFLOP/s nominal dense)",
+        device_, props_.name, props_.major, props_.minor, double(props_.totalGlobalMem) / double(1ull << 30),
+        peak_flops_ / 1e12, nominal_peak_flops_ / 1e12, nominal_bf16_flops_ / 1e12);
   }
   double peak_flops() override { return peak_flops_; }
+  // The bf16 GEMM path's peak, measured once on first use: the best of a few large square
+  // cuBLASLt products (what the tensor cores sustain on this device and clock, below the
+  // data-sheet figure that name() prints).
+  double peak_bf16_flops() override {
+    if (peak_bf16_flops_ == 0.0) peak_bf16_flops_ = measure_bf16_gemm_peak();
+    return peak_bf16_flops_;
+  }
   void* native_stream() override { return stream_.get(); }
   int device_ordinal() const override { return device_; }
   void bind_to_current_thread() override { SDMOE_CHECK_CUDA(cudaSetDevice(device_)); }
@@ -284,7 +315,7 @@ class CudaBackend final : public Backend {
                        const Tensor& rstd) override {
     const int64_t rows = x.rows(), dim = x.cols();
     SDMOE_ASSERT(weight.numel() == dim && y.numel() == x.numel() && rstd.numel() == rows, "rmsnorm_forward shapes");
-    launch_rmsnorm_forward(f32(x, "rmsnorm"), f32(weight, "rmsnorm"), float(eps), f32(y, "rmsnorm"),
+    launch_rmsnorm_forward(f32(x, "rmsnorm"), f32(weight, "rmsnorm"), float(eps), storage(y, "rmsnorm"), y.dtype,
                            f32(rstd, "rmsnorm"), rows, dim, s());
   }
   void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy,
@@ -301,12 +332,13 @@ class CudaBackend final : public Backend {
   void swiglu_forward(const Tensor& gate_up, const Tensor& out) override {
     const int64_t rows = out.rows(), f = out.cols();
     SDMOE_ASSERT(gate_up.numel() == rows * 2 * f, "swiglu: gate_up must be [T,2F]");
-    launch_swiglu_forward(f32(gate_up, "swiglu"), f32(out, "swiglu"), rows, f, s());
+    launch_swiglu_forward(f32(gate_up, "swiglu"), storage(out, "swiglu"), out.dtype, rows, f, s());
   }
   void swiglu_backward(const Tensor& gate_up, const Tensor& dout, const Tensor& dgate_up) override {
     const int64_t rows = dout.rows(), f = dout.cols();
     SDMOE_ASSERT(gate_up.numel() == rows * 2 * f && dgate_up.numel() == rows * 2 * f, "swiglu_backward shapes");
-    launch_swiglu_backward(f32(gate_up, "swiglu"), f32(dout, "swiglu"), f32(dgate_up, "swiglu"), rows, f, s());
+    launch_swiglu_backward(f32(gate_up, "swiglu"), f32(dout, "swiglu"), storage(dgate_up, "swiglu"), dgate_up.dtype,
+                           rows, f, s());
   }
 
   // ---- attention ----------------------------------------------------------------------
@@ -318,19 +350,19 @@ class CudaBackend final : public Backend {
   }
   void merge_heads(const Tensor& x_bhsd, const Tensor& y_bshd) override {
     SDMOE_ASSERT(x_bhsd.ndim == 4 && y_bshd.numel() == x_bhsd.numel(), "merge_heads shapes");
-    float* heads[1] = {f32(x_bhsd, "merge_heads")};
-    launch_heads_copy(f32(y_bshd, "merge_heads"), heads, 1, x_bhsd.dim(0), x_bhsd.dim(2), x_bhsd.dim(1),
-                      x_bhsd.dim(3), false, s());
+    void* heads[1] = {storage(x_bhsd, "merge_heads")};
+    launch_heads_copy(storage(y_bshd, "merge_heads"), y_bshd.dtype, heads, x_bhsd.dtype, 1, x_bhsd.dim(0),
+                      x_bhsd.dim(2), x_bhsd.dim(1), x_bhsd.dim(3), false, s());
   }
   void split_heads(const Tensor& y_bshd, const Tensor& x_bhsd) override {
     SDMOE_ASSERT(x_bhsd.ndim == 4 && y_bshd.numel() == x_bhsd.numel(), "split_heads shapes");
-    float* heads[1] = {f32(x_bhsd, "split_heads")};
-    launch_heads_copy(f32(y_bshd, "split_heads"), heads, 1, x_bhsd.dim(0), x_bhsd.dim(2), x_bhsd.dim(1),
-                      x_bhsd.dim(3), true, s());
+    void* heads[1] = {storage(x_bhsd, "split_heads")};
+    launch_heads_copy(storage(y_bshd, "split_heads"), y_bshd.dtype, heads, x_bhsd.dtype, 1, x_bhsd.dim(0),
+                      x_bhsd.dim(2), x_bhsd.dim(1), x_bhsd.dim(3), true, s());
   }
   void rope(const Tensor& x, double theta, int direction) override {
     SDMOE_ASSERT(x.ndim == 4, "rope: x must be [B,H,S,Dh], got {}", x.shape_string());
-    launch_rope(f32(x, "rope"), x.dim(0) * x.dim(1), x.dim(2), x.dim(3), theta, direction, s());
+    launch_rope(storage(x, "rope"), x.dtype, x.dim(0) * x.dim(1), x.dim(2), x.dim(3), theta, direction, s());
   }
   void causal_softmax_forward(const Tensor& scores, double scale) override {
     SDMOE_ASSERT(scores.ndim == 3 && scores.dim(1) == scores.dim(2), "causal_softmax: scores must be [N,S,S]");
@@ -339,8 +371,8 @@ class CudaBackend final : public Backend {
   void causal_softmax_backward(const Tensor& probs, const Tensor& grad, double scale) override {
     SDMOE_ASSERT(probs.ndim == 3 && probs.dim(1) == probs.dim(2) && grad.numel() == probs.numel(),
                  "causal_softmax_backward: tensors must be [N,S,S]");
-    launch_causal_softmax_backward(f32(probs, "causal_softmax"), f32(grad, "causal_softmax"), probs.dim(0),
-                                   probs.dim(1), float(scale), s());
+    launch_causal_softmax_backward(storage(probs, "causal_softmax"), probs.dtype, f32(grad, "causal_softmax"),
+                                   probs.dim(0), probs.dim(1), float(scale), s());
   }
 
   // ---- loss ---------------------------------------------------------------------------
@@ -386,8 +418,10 @@ class CudaBackend final : public Backend {
   void gather_rows(const Tensor& src, const Tensor& index, const Tensor& dst) override {
     const int64_t n = index.numel(), dim = src.cols();
     SDMOE_ASSERT(dst.numel() == n * dim, "gather_rows: dst {} for {} rows of {}", dst.shape_string(), n, dim);
-    launch_gather_rows(f32(src, "gather_rows"), i32(index, "gather_rows"), f32(dst, "gather_rows"), n, src.rows(),
-                       dim, s());
+    SDMOE_ASSERT(src.dtype == dst.dtype, "gather_rows: dtype mismatch {} vs {}", dtype_name(src.dtype),
+                 dtype_name(dst.dtype));
+    launch_gather_rows(storage(src, "gather_rows"), i32(index, "gather_rows"), storage(dst, "gather_rows"), src.dtype,
+                       n, src.rows(), dim, s());
   }
   void combine_rows(const Tensor& rows, const Tensor& slot_row, const Tensor* slot_weight, double beta,
                     const Tensor& out) override {
@@ -468,6 +502,9 @@ class CudaBackend final : public Backend {
                 cudaDataType in_type, float beta, void* c, int64_t count, int64_t stride_a, int64_t stride_b,
                 int64_t stride_c) {
     const int im = as_int(m, "gemm m"), in = as_int(n, "gemm n"), ik = as_int(k, "gemm k");
+    if (in_type == CUDA_R_16BF &&
+        lt_->run(LtProblem{ta, tb, m, n, k, count, stride_a, stride_b, stride_c}, alpha, a, b, beta, c))
+      return;
     const int lda = ta ? im : ik, ldb = tb ? ik : in, ldc = in;
     const cublasOperation_t op_a = ta ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (count == 1) {
@@ -486,8 +523,10 @@ class CudaBackend final : public Backend {
     SDMOE_ASSERT(q.ndim == 4, "{}: q must be [B,H,S,Dh], got {}", op, q.shape_string());
     SDMOE_ASSERT(k.numel() == q.numel() && v.numel() == q.numel() && packed.numel() == 3 * q.numel(),
                  "{}: shape mismatch", op);
-    float* heads[3] = {f32(q, op), f32(k, op), f32(v, op)};
-    launch_heads_copy(f32(packed, op), heads, 3, q.dim(0), q.dim(2), q.dim(1), q.dim(3), to_heads, s());
+    SDMOE_ASSERT(k.dtype == q.dtype && v.dtype == q.dtype, "{}: q, k and v differ in dtype", op);
+    void* heads[3] = {storage(q, op), storage(k, op), storage(v, op)};
+    launch_heads_copy(storage(packed, op), packed.dtype, heads, q.dtype, 3, q.dim(0), q.dim(2), q.dim(1), q.dim(3),
+                      to_heads, s());
   }
 
   void check_info(const int* dev_info, const char* routine) {
@@ -497,19 +536,44 @@ class CudaBackend final : public Backend {
     if (info != 0) SDMOE_FATAL("cuSOLVER", fmt::format("{} returned info={}", routine, info));
   }
 
+  double measure_bf16_gemm_peak();
+
   int device_;
   cudaDeviceProp props_{};
-  double peak_flops_ = 0.0, nominal_peak_flops_ = 0.0;
+  double peak_flops_ = 0.0, nominal_peak_flops_ = 0.0, nominal_bf16_flops_ = 0.0, peak_bf16_flops_ = 0.0;
   // Declaration order is teardown order in reverse: the stream outlives the handles.
   StreamHandle stream_;
   CublasHandle cublas_;
   CusolverHandle cusolver_;
   CusolverParamsHandle cusolver_params_;
   Workspace workspace_;
+  std::unique_ptr<LtGemm> lt_;  // bf16 GEMMs; declared after the stream it enqueues on
   // Per input dtype (F32, BF16): false once cuBLAS answered NOT_SUPPORTED for the grouped
   // GEMM, which then runs as one GEMM per expert.
   bool grouped_gemm_supported_[2] = {true, true};
 };
+
+double CudaBackend::measure_bf16_gemm_peak() {
+  constexpr int64_t n = 8192;  // 1.1 TFLOP a product: about 1.5 ms at the H100's rate
+  DeviceMemory a = make_device_memory(size_t(n) * n * 2), b = make_device_memory(size_t(n) * n * 2),
+               c = make_device_memory(size_t(n) * n * 4);
+  launch_fill(a.get(), DType::BF16, n * n, 0.01, s());
+  launch_fill(b.get(), DType::BF16, n * n, 0.01, s());
+  EventHandle start = make_event(true), stop = make_event(true);
+  const LtProblem problem{false, true, n, n, n};
+  double best = 0.0;
+  for (int rep = 0; rep < 4; ++rep) {  // the first warms up clocks and the plan cache
+    SDMOE_CHECK_CUDA(cudaEventRecord(start.get(), s()));
+    SDMOE_ASSERT(lt_->run(problem, 1.0f, a.get(), b.get(), 0.0f, c.get()), "cuBLASLt has no bf16 {}^3 GEMM", n);
+    SDMOE_CHECK_CUDA(cudaEventRecord(stop.get(), s()));
+    SDMOE_CHECK_CUDA(cudaEventSynchronize(stop.get()));
+    float ms = 0.f;
+    SDMOE_CHECK_CUDA(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+    if (rep > 0) best = std::max(best, 2.0 * double(n) * n * n / (double(ms) * 1e-3));
+  }
+  synchronize();
+  return best;
+}
 
 // Thin SVD of row-major a [M,N]. cusolverDnSgesvd is column-major and needs rows >= cols.
 //   M <= N: the row-major bytes of A are the column-major X = A^T [N,M], which has

@@ -111,7 +111,28 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+
+// Storage element <-> float: kernels that read or write GEMM operands are templates over
+// the storage type, float or uint16_t (bf16 bits), and compute in float or double.
+__device__ __forceinline__ float load_as_float(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_as_float(const uint16_t* p, int64_t i) { return bf16_bits_to_f32(p[i]); }
+__device__ __forceinline__ void store_float(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_float(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16_bits(v); }
 #endif
+
+// Host side: calls fn(float{}) for F32 and fn(uint16_t{}) for BF16, the storage types of
+// the operand kernels; any other dtype is a fatal error naming the op.
+template <typename Fn>
+void dispatch_storage(DType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32: fn(float{}); return;
+    case DType::BF16: fn(uint16_t{}); return;
+    default:
+      SDMOE_FATAL("cuda", fmt::format("{}: dtype {} is not supported by the CUDA backend (f32 or bf16 here; f64 is "
+                                      "CPU-only)",
+                                      op, dtype_name(dtype)));
+  }
+}
 
 // ---- launchers: elementwise, reductions, norms, optimizer (kernels_elementwise.cu) -------
 void launch_fill(void* x, DType dtype, int64_t n, double value, cudaStream_t s);
@@ -143,13 +164,16 @@ void launch_embedding_forward(const int32_t* ids, const float* table, float* out
 size_t embedding_backward_workspace(int64_t tokens);
 void launch_embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t tokens, int64_t vocab,
                                int64_t dim, void* workspace, size_t workspace_bytes, cudaStream_t s);
-void launch_rmsnorm_forward(const float* x, const float* w, float eps, float* y, float* rstd, int64_t rows,
-                            int64_t dim, cudaStream_t s);
+// y in y_dtype (F32, or BF16 as a GEMM operand); the statistics in fp32.
+void launch_rmsnorm_forward(const float* x, const float* w, float eps, void* y, DType y_dtype, float* rstd,
+                            int64_t rows, int64_t dim, cudaStream_t s);
 void launch_rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
                              float* dw, int64_t rows, int64_t dim, double* partials, cudaStream_t s);
-void launch_swiglu_forward(const float* gate_up, float* out, int64_t rows, int64_t f, cudaStream_t s);
-void launch_swiglu_backward(const float* gate_up, const float* dout, float* dgate_up, int64_t rows, int64_t f,
-                            cudaStream_t s);
+// out and dgate_up in F32 or BF16 (GEMM operands); gate_up and dout fp32.
+void launch_swiglu_forward(const float* gate_up, void* out, DType out_dtype, int64_t rows, int64_t f,
+                           cudaStream_t s);
+void launch_swiglu_backward(const float* gate_up, const float* dout, void* dgate_up, DType dgate_up_dtype,
+                            int64_t rows, int64_t f, cudaStream_t s);
 struct AdamWArgs {
   double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale;
 };
@@ -166,13 +190,17 @@ void launch_sdmoe_part_step(float* w, const float* g, float* m_c, float* v_c, co
 
 // ---- attention (kernels_attention.cu) ----------------------------------------------------
 // packed [B,S,parts,H,Dh] <-> heads[p] [B,H,S,Dh] for p < parts (heads[1..] may be null
-// when parts == 1). to_heads: packed -> heads, else heads -> packed.
-void launch_heads_copy(float* packed, float* const* heads, int parts, int64_t b, int64_t s, int64_t h, int64_t dh,
-                       bool to_heads, cudaStream_t stream);
-void launch_rope(float* x, int64_t bh, int64_t s, int64_t dh, double theta, int direction, cudaStream_t stream);
+// when parts == 1). to_heads: packed -> heads, else heads -> packed. Each side F32 or
+// BF16; a float value written to a bf16 side is rounded to nearest even.
+void launch_heads_copy(void* packed, DType packed_dtype, void* const* heads, DType heads_dtype, int parts, int64_t b,
+                       int64_t s, int64_t h, int64_t dh, bool to_heads, cudaStream_t stream);
+// x F32 or BF16 (q and k kept as bf16 operands), rotated in double.
+void launch_rope(void* x, DType dtype, int64_t bh, int64_t s, int64_t dh, double theta, int direction,
+                 cudaStream_t stream);
 void launch_causal_softmax_forward(float* scores, int64_t n, int64_t s, float scale, cudaStream_t stream);
-void launch_causal_softmax_backward(const float* probs, float* grad, int64_t n, int64_t s, float scale,
-                                    cudaStream_t stream);
+// probs F32 or BF16 (the operand the forward kept); grad fp32.
+void launch_causal_softmax_backward(const void* probs, DType probs_dtype, float* grad, int64_t n, int64_t s,
+                                    float scale, cudaStream_t stream);
 
 // ---- loss (kernels_loss.cu) --------------------------------------------------------------
 void launch_cross_entropy_forward(const float* logits, const int32_t* targets, float* losses, float* lse,
@@ -188,7 +216,8 @@ void launch_router_backward(const float* logits, bool sigmoid, bool normalize_to
                             const float* topk_weight, const float* dtopk_weight, const float* aux_grad,
                             const float* lse, double z_grad_scale, float* dlogits, int64_t tokens, int64_t experts,
                             int64_t k, cudaStream_t s);
-void launch_gather_rows(const float* src, const int32_t* index, float* dst, int64_t n, int64_t src_rows,
+// A copy of rows of any 2- or 4-byte storage dtype (routed rows are bf16 operands under BF16).
+void launch_gather_rows(const void* src, const int32_t* index, void* dst, DType dtype, int64_t n, int64_t src_rows,
                         int64_t dim, cudaStream_t s);
 void launch_combine_rows(const float* rows, const int32_t* slot_row, const float* slot_weight, double beta,
                          float* out, int64_t tokens, int64_t k, int64_t dim, int64_t n_rows, cudaStream_t s);

@@ -32,11 +32,6 @@ __global__ void axpy_kernel(float alpha, const float* x, float* y, int64_t n) {
   SDMOE_GRID_STRIDE(i, n) y[i] += alpha * x[i];
 }
 
-__device__ __forceinline__ float load_as_float(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_as_float(const uint16_t* p, int64_t i) { return bf16_bits_to_f32(p[i]); }
-__device__ __forceinline__ void store_float(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_float(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16_bits(v); }
-
 template <typename Src, typename Dst>
 __global__ void cast_kernel(const Src* src, Dst* dst, int64_t n) {
   SDMOE_GRID_STRIDE(i, n) store_float(dst, i, load_as_float(src, i));
@@ -198,8 +193,8 @@ __global__ void embedding_accumulate_kernel(const int32_t* sorted_ids, const int
 }
 
 // ---- RMSNorm ------------------------------------------------------------------------------
-__global__ void rmsnorm_forward_kernel(const float* x, const float* w, double eps, float* y, float* rstd,
-                                       int64_t dim) {
+template <typename Y>
+__global__ void rmsnorm_forward_kernel(const float* x, const float* w, double eps, Y* y, float* rstd, int64_t dim) {
   __shared__ double shared[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * dim;
@@ -208,8 +203,9 @@ __global__ void rmsnorm_forward_kernel(const float* x, const float* w, double ep
   ss = block_sum(ss, shared);
   const double inv = 1.0 / sqrt(ss / double(dim) + eps);
   if (threadIdx.x == 0) rstd[r] = static_cast<float>(inv);
-  float* yr = y + r * dim;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) yr[d] = static_cast<float>(double(xr[d]) * inv * double(w[d]));
+  Y* yr = y + r * dim;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
+    store_float(yr, d, static_cast<float>(double(xr[d]) * inv * double(w[d])));
 }
 
 __global__ void rmsnorm_backward_dx_kernel(const float* x, const float* w, const float* rstd, const float* dy,
@@ -228,22 +224,24 @@ __global__ void rmsnorm_backward_dx_kernel(const float* x, const float* w, const
 }
 
 // ---- SwiGLU -------------------------------------------------------------------------------
-__global__ void swiglu_forward_kernel(const float* gate_up, float* out, int64_t rows, int64_t f) {
+template <typename O>
+__global__ void swiglu_forward_kernel(const float* gate_up, O* out, int64_t rows, int64_t f) {
   SDMOE_GRID_STRIDE(i, rows * f) {
     const int64_t r = i / f, c = i - r * f;
     const float a = gate_up[r * 2 * f + c], u = gate_up[r * 2 * f + f + c];
-    out[i] = a / (1.0f + expf(-a)) * u;
+    store_float(out, i, a / (1.0f + expf(-a)) * u);
   }
 }
 
-__global__ void swiglu_backward_kernel(const float* gate_up, const float* dout, float* dgate_up, int64_t rows,
+template <typename G>
+__global__ void swiglu_backward_kernel(const float* gate_up, const float* dout, G* dgate_up, int64_t rows,
                                        int64_t f) {
   SDMOE_GRID_STRIDE(i, rows * f) {
     const int64_t r = i / f, c = i - r * f;
     const float a = gate_up[r * 2 * f + c], u = gate_up[r * 2 * f + f + c], d = dout[i];
     const float sg = 1.0f / (1.0f + expf(-a));
-    dgate_up[r * 2 * f + c] = d * u * sg * (1.0f + a * (1.0f - sg));
-    dgate_up[r * 2 * f + f + c] = d * a * sg;
+    store_float(dgate_up, r * 2 * f + c, d * u * sg * (1.0f + a * (1.0f - sg)));
+    store_float(dgate_up, r * 2 * f + f + c, d * a * sg);
   }
 }
 
@@ -483,10 +481,14 @@ void launch_embedding_backward(const int32_t* ids, const float* dout, float* dta
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_rmsnorm_forward(const float* x, const float* w, float eps, float* y, float* rstd, int64_t rows,
-                            int64_t dim, cudaStream_t s) {
+void launch_rmsnorm_forward(const float* x, const float* w, float eps, void* y, DType y_dtype, float* rstd,
+                            int64_t rows, int64_t dim, cudaStream_t s) {
   if (rows == 0) return;
-  rmsnorm_forward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(x, w, double(eps), y, rstd, dim);
+  dispatch_storage(y_dtype, "rmsnorm_forward", [&](auto zy) {
+    using Y = decltype(zy);
+    rmsnorm_forward_kernel<Y><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(x, w, double(eps), static_cast<Y*>(y),
+                                                                                rstd, dim);
+  });
   SDMOE_CHECK_LAUNCH();
 }
 
@@ -498,16 +500,24 @@ void launch_rmsnorm_backward(const float* x, const float* w, const float* rstd, 
   column_reduce(RmsnormWeightGrad{dy, x, rstd, dim}, rows, dim, partials, nullptr, dw, s);
 }
 
-void launch_swiglu_forward(const float* gate_up, float* out, int64_t rows, int64_t f, cudaStream_t s) {
+void launch_swiglu_forward(const float* gate_up, void* out, DType out_dtype, int64_t rows, int64_t f,
+                           cudaStream_t s) {
   if (rows * f == 0) return;
-  swiglu_forward_kernel<<<elementwise_blocks(rows * f), kThreads, 0, s>>>(gate_up, out, rows, f);
+  dispatch_storage(out_dtype, "swiglu_forward", [&](auto zo) {
+    using O = decltype(zo);
+    swiglu_forward_kernel<O><<<elementwise_blocks(rows * f), kThreads, 0, s>>>(gate_up, static_cast<O*>(out), rows, f);
+  });
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_swiglu_backward(const float* gate_up, const float* dout, float* dgate_up, int64_t rows, int64_t f,
-                            cudaStream_t s) {
+void launch_swiglu_backward(const float* gate_up, const float* dout, void* dgate_up, DType dgate_up_dtype,
+                            int64_t rows, int64_t f, cudaStream_t s) {
   if (rows * f == 0) return;
-  swiglu_backward_kernel<<<elementwise_blocks(rows * f), kThreads, 0, s>>>(gate_up, dout, dgate_up, rows, f);
+  dispatch_storage(dgate_up_dtype, "swiglu_backward", [&](auto zg) {
+    using G = decltype(zg);
+    swiglu_backward_kernel<G><<<elementwise_blocks(rows * f), kThreads, 0, s>>>(gate_up, dout,
+                                                                                static_cast<G*>(dgate_up), rows, f);
+  });
   SDMOE_CHECK_LAUNCH();
 }
 

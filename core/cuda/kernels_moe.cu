@@ -155,12 +155,14 @@ __global__ void router_backward_kernel(const float* logits, bool sigmoid, bool n
 }
 
 // dst[i] = src[index[i]]; an index outside [0, src_rows) gives a zero row.
-__global__ void gather_rows_kernel(const float* src, const int32_t* index, float* dst, int64_t src_rows,
-                                   int64_t dim) {
+// A row copy, so any storage type of the same width: float, or uint16_t for bf16 (whose
+// zero is the bit pattern 0 too).
+template <typename T>
+__global__ void gather_rows_kernel(const T* src, const int32_t* index, T* dst, int64_t src_rows, int64_t dim) {
   const int64_t i = blockIdx.x;
   const int32_t r = index[i];
   const bool ok = r >= 0 && r < src_rows;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dst[i * dim + d] = ok ? src[int64_t(r) * dim + d] : 0.0f;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dst[i * dim + d] = ok ? src[int64_t(r) * dim + d] : T(0);
 }
 
 // One block per token: out[t] = beta * out[t] + sum_j w_j rows[slot_row[t,j]], in double,
@@ -244,10 +246,14 @@ void launch_router_backward(const float* logits, bool sigmoid, bool normalize_to
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_gather_rows(const float* src, const int32_t* index, float* dst, int64_t n, int64_t src_rows,
+void launch_gather_rows(const void* src, const int32_t* index, void* dst, DType dtype, int64_t n, int64_t src_rows,
                         int64_t dim, cudaStream_t s) {
   if (n == 0 || dim == 0) return;
-  gather_rows_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(src, index, dst, src_rows, dim);
+  dispatch_storage(dtype, "gather_rows", [&](auto z) {
+    using T = decltype(z);
+    gather_rows_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, s>>>(static_cast<const T*>(src), index,
+                                                                          static_cast<T*>(dst), src_rows, dim);
+  });
   SDMOE_CHECK_LAUNCH();
 }
 

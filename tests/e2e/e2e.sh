@@ -191,6 +191,10 @@ bad_input)
   check "NaN router loss coefficient" "model.moe.aux_loss_coef must be a finite number" --config configs/tiny.textproto --set model.moe.aux_loss_coef=nan
   check "negative epsilon" "optimizer.eps must be positive" --config configs/tiny.textproto --set optimizer.eps=-1
   check "too many threads" "threads must be 0" --config configs/tiny.textproto --set threads=100000
+  check "watchdog timeout zero" "parallel.timeout_s must be a positive number of seconds, got 0" \
+    --config configs/tiny.textproto --set parallel.timeout_s=0
+  check "straggler factor at most 1" "parallel.straggler_factor must be above 1" \
+    --config configs/tiny.textproto --set parallel.straggler_factor=1
   # Two steps, so that a binary that accepted the value would exit 0 at once (as in the
   # SDMOE_CPU_BF16_GEMM case below) rather than train until the time limit.
   check "unknown precision" "invalid value 'FP16' for enum field training.precision" --config configs/tiny.textproto \

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# What a shared cluster does to a job, run by ctest: a rank that stalls (SIGSTOP, as a
+# hung GPU, file system or network looks to its peers) or dies, and a second stop signal
+# while the first is being handled.
+#   cluster.sh BIN_DIR REPO watchdog | second_signal
+set -uo pipefail
+bin="$1"; repo="$2"; what="$3"
+cd "$repo"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+tmp="$(mktemp -d)"; trap 'pkill -KILL -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+die() { echo "FAIL: $*"; exit 1; }
+
+common=(--config configs/tiny.textproto --set training.eval_interval=0 --set training.log_interval=1
+        --set threads=1 --set training.steps=100000)
+# The ranks' pids, in rank order (mpirun starts them in order; their command lines start
+# with the binary, mpirun's with mpirun).
+rank_pids() { pgrep -f "^$bin/sdmoe_pretrain .*checkpoint.dir=$1" | sort -n; }
+wait_for_step() {  # log, step
+  for _ in $(seq 1200); do grep -q "^step $2/" "$1" && return 0; sleep 0.05; done
+  cat "$1"; die "no step $2 in $1"
+}
+
+case "$what" in
+watchdog)
+  # One rank of a 2-rank and of a 4-rank run stopped mid-training with timeout_s 5: the
+  # job must end within 30 s (the timeout, a check period, the grace period for the other
+  # ranks' lines, and mpirun's teardown) with a nonzero exit and the watchdog's line from a
+  # live rank naming the collective it waits in; the last checkpoint must then load.
+  for layout in "2|--set parallel.ep=2" "4|--set parallel.tp=2 --set parallel.ep=2"; do
+    np="${layout%%|*}"; read -r -a extra <<< "${layout#*|}"
+    dir="$tmp/np$np"
+    mpirun -np "$np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${extra[@]}" --set parallel.timeout_s=5 \
+      --set checkpoint.dir="$dir" --set checkpoint.interval=2 > "$tmp/np$np.log" 2>&1 &
+    pid=$!
+    wait_for_step "$tmp/np$np.log" 5
+    victim="$(rank_pids "$dir" | tail -1)"
+    [ -n "$victim" ] || die "np $np: no rank process found"
+    kill -STOP "$victim"
+    start=$(date +%s.%N)
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -CONT "$victim"; kill -KILL "$pid"; cat "$tmp/np$np.log"; die "np $np: the job still ran 30 s after a rank stopped"
+    fi
+    wait "$pid"; rc=$?
+    seconds=$(echo "$(date +%s.%N) - $start" | bc)
+    [ "$rc" -ne 0 ] || die "np $np: exit code 0 after a rank stalled"
+    grep -q "^sdmoe_pretrain: error: watchdog: rank [0-9]* (.*) at step [0-9]*: waiting in .* on .* (parallel.timeout_s = 5); ending the job" \
+      "$tmp/np$np.log" || { cat "$tmp/np$np.log"; die "np $np: no watchdog line naming a collective"; }
+    [ -e "$dir/latest" ] || die "np $np: no checkpoint before the stall"
+    # The last checkpoint loads (a rank stopped during a save leaves only a partial
+    # directory, which `latest` never points to), and training goes on from it.
+    mpirun -np "$np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${extra[@]}" \
+      --set checkpoint.dir="$dir" --set training.steps=$(( $(sed 's/step_0*//' "$dir/latest") + 2 )) --resume \
+      > "$tmp/resume$np.log" 2>&1 || { cat "$tmp/resume$np.log"; die "np $np: resuming after the watchdog failed"; }
+    grep -q "^resumed from $dir/step_" "$tmp/resume$np.log" || die "np $np: the run after the stall did not resume"
+    echo "np $np: job ended $seconds s after the stall (exit $rc): $(grep -m1 'watchdog: rank' "$tmp/np$np.log")"
+  done
+  # A rank killed outright also ends the job (mpirun sees it die).
+  dir="$tmp/killed"
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set parallel.timeout_s=5 \
+    --set checkpoint.dir="$dir" > "$tmp/killed.log" 2>&1 &
+  pid=$!
+  wait_for_step "$tmp/killed.log" 3
+  kill -KILL "$(rank_pids "$dir" | tail -1)"
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; die "the job still ran 30 s after a rank was killed"; }
+  wait "$pid" && die "exit code 0 after a rank was killed"
+  echo "a killed rank ended the job"
+  ;;
+second_signal)
+  # Two SIGTERMs in a row to every rank: the first asks for a checkpoint at the end of the
+  # step, the second (while that step still runs) ends the process at once with a message
+  # and a nonzero exit; the previous checkpoint stays `latest` and loads.
+  dir="$tmp/twice"
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 \
+    --set checkpoint.dir="$dir" --set checkpoint.interval=2 > "$tmp/twice.log" 2>&1 &
+  pid=$!
+  wait_for_step "$tmp/twice.log" 4
+  before="$(cat "$dir/latest")"
+  pids="$(rank_pids "$dir")"
+  # Apart, so that the two are not merged into one pending signal; well within a step
+  # and its checkpoint save.
+  kill -TERM $pids; sleep 0.05; kill -TERM $pids
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid"; die "still running 30 s after two SIGTERMs"; }
+  wait "$pid" && { cat "$tmp/twice.log"; die "exit code 0 after a second SIGTERM"; }
+  grep -q "^sdmoe_pretrain: second stop signal while the first was being handled: exiting now" "$tmp/twice.log" \
+    || { cat "$tmp/twice.log"; die "no message for the second signal"; }
+  grep -q "^stopping after step" "$tmp/twice.log" && die "the run stopped normally: the second signal came too late to test"
+  after="$(cat "$dir/latest")"
+  mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set checkpoint.dir="$dir" \
+    --set training.steps=$(( $(sed 's/step_0*//' "$dir/latest") + 1 )) --resume > "$tmp/after.log" 2>&1 \
+    || { cat "$tmp/after.log"; die "the checkpoint after the second signal does not load"; }
+  echo "second SIGTERM: exited at once, latest $before before and $after after, and it loads"
+  ;;
+*) die "unknown check $what" ;;
+esac
