@@ -1,6 +1,7 @@
 #include "launcher/checkpoint.h"
 
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <mpi.h>
 #include <unistd.h>
 
@@ -8,11 +9,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "data/hdf5_handle.h"
+#include "launcher/checkpoint_writer.h"
 #include "parallel/watchdog.h"
 
 namespace sdmoe {
@@ -26,9 +29,6 @@ namespace {
 constexpr const char* kFileName = "checkpoint.h5";
 constexpr const char* kFormat = "sdmoe-checkpoint";
 constexpr int64_t kFormatVersion = 1;
-// Chunks of at most this many elements, each with a Fletcher-32 checksum that HDF5
-// verifies on every read: a flipped byte fails the load instead of loading wrong.
-constexpr int64_t kChunkElements = int64_t(1) << 20;
 
 int world_rank() {
   int r = 0;
@@ -83,12 +83,6 @@ int64_t product(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// Where part of a local block goes in its logical tensor: `count` elements from
-// `source` (an index into a host copy of the local state) to logical offset `logical`.
-struct Piece {
-  int64_t logical = 0, count = 0, source = 0;
-};
-
 // The pieces of local elements [a, b) of `ps`, read from source_base + (i - a): a local
 // row (last axis) is one contiguous logical run.
 void append_pieces(const ParamSpec& ps, int64_t a, int64_t b, int64_t source_base, std::vector<Piece>& out) {
@@ -120,61 +114,35 @@ std::vector<Piece> unique_moment_pieces(const SpectralTarget& t) {
   return pieces;
 }
 
-// A tensor is gathered to rank 0 and written in slabs of leading-axis rows of about
-// checkpoint.slab_mb, so that rank 0 never holds a whole large tensor (and MPI's int counts
-// stay in range); readers read only the rows of their own blocks.
-constexpr int64_t kMaxSlabElements = int64_t(1) << 28;
+constexpr int64_t kMaxSlabElements = int64_t(1) << 28;  // MPI's int counts bound the gather writer's slabs
 
-int64_t row_elements(const std::vector<int64_t>& shape) {
-  int64_t row = 1;
-  for (size_t a = 1; a < shape.size(); ++a) row *= shape[a];
-  return std::max<int64_t>(1, row);
+// A failed save's partial directory goes, so that it cannot fill the disk for the next
+// save (a kill leaves one behind; the next successful save prunes it).
+void remove_partial(const fs::path& partial) {
+  std::error_code ec;
+  fs::remove_all(partial, ec);
 }
 
-// The logical tensor of `numel` elements on world rank 0, assembled from every rank's
-// (runs, values); empty elsewhere. Every element must come exactly once.
-std::vector<float> gather_logical(const std::vector<int64_t>& runs, const std::vector<float>& values, int64_t numel,
-                                  const std::string& what) {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  const bool root = world_rank() == 0;
-  SDMOE_ASSERT(values.size() < size_t(INT32_MAX), "checkpoint: {} elements of {} on one rank", values.size(), what);
-  const int mine[2] = {int(runs.size()), int(values.size())};
-  std::vector<int> counts(root ? 2 * size : 0);
-  MPI_Gather(mine, 2, MPI_INT, counts.data(), 2, MPI_INT, 0, MPI_COMM_WORLD);
-  std::vector<int> run_counts(size), run_displs(size), value_counts(size), value_displs(size);
-  int64_t total_runs = 0, total_values = 0;
-  if (root)
-    for (int r = 0; r < size; ++r) {
-      run_counts[r] = counts[2 * r];
-      value_counts[r] = counts[2 * r + 1];
-      run_displs[r] = int(total_runs);
-      value_displs[r] = int(total_values);
-      total_runs += run_counts[r];
-      total_values += value_counts[r];
-    }
-  SDMOE_ASSERT(total_values < INT32_MAX, "checkpoint: {} has {} elements; gathers are limited to 2^31", what,
-               total_values);
-  std::vector<int64_t> all_runs(total_runs);
-  std::vector<float> all_values(total_values);
-  MPI_Gatherv(runs.data(), mine[0], MPI_INT64_T, all_runs.data(), run_counts.data(), run_displs.data(), MPI_INT64_T, 0,
-              MPI_COMM_WORLD);
-  MPI_Gatherv(values.data(), mine[1], MPI_FLOAT, all_values.data(), value_counts.data(), value_displs.data(), MPI_FLOAT,
-              0, MPI_COMM_WORLD);
-  if (!root) return {};
-  std::vector<float> out(numel);
-  int64_t covered = 0, source = 0;
-  for (size_t i = 0; i + 1 < all_runs.size(); i += 2) {
-    const int64_t offset = all_runs[i], count = all_runs[i + 1];
-    SDMOE_ASSERT(offset >= 0 && offset + count <= numel, "checkpoint: {}: run [{}, +{}) outside {}", what, offset,
-                 count, numel);
-    std::copy_n(all_values.data() + source, count, out.data() + offset);
-    source += count;
-    covered += count;
-  }
-  SDMOE_ASSERT(covered == numel && source == total_values, "checkpoint: {}: {} of {} elements gathered", what, covered,
-               numel);
-  return out;
+// Collective over the world: "" when no rank has an error, else the error of the lowest
+// failing rank prefixed with its number, the same on every rank.
+std::string first_error(const std::string& error) {
+  int lowest = error.empty() ? INT32_MAX : world_rank();
+  MPI_Allreduce(MPI_IN_PLACE, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (lowest == INT32_MAX) return "";
+  std::string reason = error;
+  int length = int(reason.size());
+  MPI_Bcast(&length, 1, MPI_INT, lowest, MPI_COMM_WORLD);
+  reason.resize(size_t(length));
+  MPI_Bcast(reason.data(), length, MPI_CHAR, lowest, MPI_COMM_WORLD);
+  return fmt::format("rank {}: {}", lowest, reason);
+}
+
+// What `dir/latest` names now, for the message of a failed save.
+std::string latest_description(const std::string& dir) {
+  std::ifstream in(fs::path(dir) / "latest");
+  std::string name;
+  if (!std::getline(in, name) || name.empty()) return "there is no earlier checkpoint";
+  return fmt::format("{}/latest still names {}", dir, name);
 }
 
 std::vector<float> host_copy(Backend& be, const Tensor& t) {
@@ -186,36 +154,7 @@ std::vector<float> host_copy(Backend& be, const Tensor& t) {
 
 // ---- HDF5 ------------------------------------------------------------------------------
 
-void write_attribute(hid_t where, const char* name, int64_t value) {
-  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
-  h5::Handle attr = h5::attribute(H5Acreate2(where, name, H5T_NATIVE_INT64, space.get(), H5P_DEFAULT, H5P_DEFAULT));
-  if (!attr.valid() || H5Awrite(attr.get(), H5T_NATIVE_INT64, &value) < 0) fail("cannot write attribute {}", name);
-}
-
-void write_attribute(hid_t where, const char* name, const std::string& value) {
-  h5::Handle type = h5::datatype(H5Tcopy(H5T_C_S1));
-  H5Tset_size(type.get(), std::max<size_t>(1, value.size()));
-  H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
-  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
-  h5::Handle attr = h5::attribute(H5Acreate2(where, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT));
-  std::string padded = value.empty() ? std::string(1, '\0') : value;
-  if (!attr.valid() || H5Awrite(attr.get(), type.get(), padded.data()) < 0) fail("cannot write attribute {}", name);
-}
-
 bool has_attribute(hid_t where, const char* name) { return H5Aexists(where, name) > 0; }
-
-// A scalar fixed-length string dataset (attributes are limited to 64 KiB; a config with
-// many blend entries may not be).
-void write_string_dataset(hid_t where, const char* name, const std::string& value) {
-  h5::Handle type = h5::datatype(H5Tcopy(H5T_C_S1));
-  H5Tset_size(type.get(), std::max<size_t>(1, value.size()));
-  H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
-  h5::Handle space = h5::dataspace(H5Screate(H5S_SCALAR));
-  h5::Handle ds = h5::dataset(H5Dcreate2(where, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-  const std::string padded = value.empty() ? std::string(1, '\0') : value;
-  if (!ds.valid() || H5Dwrite(ds.get(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, padded.data()) < 0)
-    fail("cannot write dataset {}", name);
-}
 
 int64_t read_int_attribute(hid_t where, const char* name, const std::string& file) {
   h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
@@ -234,46 +173,6 @@ std::string read_string_attribute(hid_t where, const char* name, const std::stri
   std::string value(H5Tget_size(type.get()), '\0');
   if (H5Aread(attr.get(), type.get(), value.data()) < 0) fail("{}: cannot read attribute '{}'", file, name);
   return value.substr(0, value.find('\0'));
-}
-
-// Creates dataset `path` of `shape` (float32, chunked, Fletcher-32 per chunk).
-h5::Handle create_dataset(hid_t file, const std::string& path, const std::vector<int64_t>& shape) {
-  // A scalar is stored as [1].
-  const std::vector<hsize_t> dims =
-      shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
-  std::vector<hsize_t> chunk(dims.size(), 1);
-  // Chunk: whole trailing axes and as many leading rows as fit kChunkElements.
-  int64_t inner = 1;
-  for (size_t a = dims.size(); a-- > 0;) {
-    chunk[a] = hsize_t(std::max<int64_t>(1, std::min<int64_t>(int64_t(dims[a]), kChunkElements / inner)));
-    inner *= int64_t(chunk[a]);
-  }
-  h5::Handle space = h5::dataspace(H5Screate_simple(int(dims.size()), dims.data(), nullptr));
-  h5::Handle links = h5::plist(H5Pcreate(H5P_LINK_CREATE));
-  H5Pset_create_intermediate_group(links.get(), 1);
-  h5::Handle layout = h5::plist(H5Pcreate(H5P_DATASET_CREATE));
-  if (product(shape) > 0) {
-    H5Pset_chunk(layout.get(), int(chunk.size()), chunk.data());
-    H5Pset_fletcher32(layout.get());
-  }
-  h5::Handle ds = h5::dataset(
-      H5Dcreate2(file, path.c_str(), H5T_IEEE_F32LE, space.get(), links.get(), layout.get(), H5P_DEFAULT));
-  if (!ds.valid()) fail("cannot create dataset {}", path);
-  return ds;
-}
-
-// The file and memory dataspaces of leading-axis rows [first, first + rows) of `ds`.
-std::pair<h5::Handle, h5::Handle> row_selection(hid_t ds, int64_t first, int64_t rows) {
-  h5::Handle file_space = h5::dataspace(H5Dget_space(ds));
-  const int rank = H5Sget_simple_extent_ndims(file_space.get());
-  std::vector<hsize_t> dims(std::max(rank, 1), 1);
-  H5Sget_simple_extent_dims(file_space.get(), dims.data(), nullptr);
-  std::vector<hsize_t> start(dims.size(), 0), count = dims;
-  start[0] = hsize_t(first);
-  count[0] = hsize_t(rows);
-  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr);
-  h5::Handle memory_space = h5::dataspace(H5Screate_simple(int(count.size()), count.data(), nullptr));
-  return {std::move(file_space), std::move(memory_space)};
 }
 
 // A checkpoint file opened for reading, with checks that name the file and the dataset.
@@ -312,7 +211,7 @@ class CheckpointFile {
     if (got != want)
       fail("{}: {} has shape {} in the checkpoint but {} in this model (the model config differs)", path_, name,
            shape_text(got), shape_text(want));
-    const int64_t row = row_elements(want);
+    const int64_t row = checkpoint_row_elements(want);
     int64_t first = INT64_MAX, last = 0;
     for (const Piece& p : pieces) {
       if (p.count <= 0) continue;
@@ -321,7 +220,7 @@ class CheckpointFile {
     }
     if (first >= last) return;  // nothing of this tensor lives on this rank
     std::vector<float> rows(size_t((last - first) * row));
-    auto [file_space, memory_space] = row_selection(ds.get(), first, last - first);
+    auto [file_space, memory_space] = checkpoint_row_selection(ds.get(), first, last - first);
     if (H5Dread(ds.get(), H5T_NATIVE_FLOAT, memory_space.get(), file_space.get(), H5P_DEFAULT, rows.data()) < 0)
       fail("{}: cannot read {} (checksum mismatch or truncated file: the checkpoint is corrupt)", path_, name);
     for (const Piece& p : pieces)
@@ -425,64 +324,48 @@ void Checkpointer::save(const TrainingPosition& position) {
   const std::string final_dir = step_directory(cfg.dir(), position.step);
   const fs::path partial = final_dir + ".partial";
   std::string error;
-  h5::Handle file;
+  // Rank 0 prepares the directory; with the parallel writer every rank must then see it
+  // (checkpoint.dir on a shared file system), which they agree on before opening the file
+  // together.
   if (root) {
     try {
-      h5::silence_error_printing();
       std::error_code ec;
       fs::remove_all(partial, ec);
       fs::create_directories(partial);
-      file = h5::file(H5Fcreate((partial / kFileName).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
-      if (!file.valid()) fail("cannot create {}", (partial / kFileName).string());
-      write_attribute(file.get(), "format", std::string(kFormat));
-      write_attribute(file.get(), "format_version", kFormatVersion);
-      write_attribute(file.get(), "step", position.step);
-      write_attribute(file.get(), "data_position", int64_t(position.data_position));
-      write_attribute(file.get(), "training_seed", int64_t(run_.training().seed()));
-      write_attribute(file.get(), "data_seed", int64_t(run_.data().seed()));
-      write_attribute(file.get(), "architecture", architecture(model_spec_from(run_.model())));
-      write_attribute(file.get(), "sdmoe", int64_t(sdmoe_ != nullptr));
-      write_string_dataset(file.get(), "config", resolved_config_text(run_));
-      write_attribute(file.get(), "layout", groups_.dims.describe());
-    } catch (const std::exception& e) {  // sdmoe::Error or std::filesystem::filesystem_error
+    } catch (const std::exception& e) {  // std::filesystem::filesystem_error
       error = e.what();
     }
   }
-  // Writes tensor `path` of logical `shape` from this rank's `pieces` of `source`, slab
-  // by slab. Every rank runs the same gathers whatever happened on rank 0 (which may have
-  // failed already: it then only takes part), and the outcome is shared at the end.
-  auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<Piece>& pieces,
-                   const float* source) {
-    h5::Handle ds;
-    if (root && error.empty()) {
-      try {
-        ds = create_dataset(file.get(), path, shape);
-      } catch (const Error& e) {
-        error = e.what();
-      }
-    }
-    const int64_t leading = shape.empty() ? 1 : shape[0], row = row_elements(shape);
-    const int64_t slab_elements =
-        std::clamp<int64_t>(int64_t(run_.checkpoint().slab_mb() * 1e6 / sizeof(float)), 1, kMaxSlabElements);
-    const int64_t rows_per_slab = std::max<int64_t>(1, slab_elements / row);
-    for (int64_t first = 0; first < leading; first += rows_per_slab) {
-      const int64_t rows = std::min(rows_per_slab, leading - first), lo = first * row, hi = lo + rows * row;
-      std::vector<int64_t> runs;
-      std::vector<float> values;
-      for (const Piece& p : pieces) {
-        const int64_t a = std::max(p.logical, lo), b = std::min(p.logical + p.count, hi);
-        if (a >= b) continue;
-        runs.insert(runs.end(), {a - lo, b - a});
-        values.insert(values.end(), source + p.source + (a - p.logical), source + p.source + (b - p.logical));
-      }
-      const std::vector<float> slab = gather_logical(runs, values, hi - lo, path);
-      if (!root || !error.empty() || slab.empty()) continue;
-      auto [file_space, memory_space] = row_selection(ds.get(), first, rows);
-      if (H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, memory_space.get(), file_space.get(), H5P_DEFAULT, slab.data()) < 0)
-        error = fmt::format("cannot write dataset {}", path);
-      Watchdog::note_progress();  // a large checkpoint is many slabs, none of them a stall
-    }
+  const auto give_up = [&](const std::string& agreed) {
+    if (root) remove_partial(partial);
+    fail("checkpoint at step {} failed on {}; its partial directory was removed and {}", position.step, agreed,
+         latest_description(cfg.dir()));
   };
+  if (const std::string agreed = first_error(error); !agreed.empty()) give_up(agreed);
+  const bool parallel = cfg.writer() == config::Checkpoint::PARALLEL;
+  if (parallel && !fs::is_directory(partial))
+    error = fmt::format("{} is not visible on this rank; checkpoint.writer PARALLEL needs a checkpoint.dir on a file "
+                        "system shared by all ranks (or use checkpoint.writer GATHER)",
+                        partial.string());
+  if (const std::string agreed = first_error(error); !agreed.empty()) give_up(agreed);
+  // The attributes must be identical on every rank (the parallel writer creates them
+  // together): the position is rank 0's.
+  TrainingPosition where = position;
+  MPI_Bcast(&where.step, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  MPI_Bcast(&where.data_position, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+  // The tensors are listed first and written after a check of the free space: parallel
+  // HDF5 cannot recover from a write that fails inside its collective calls (the ranks
+  // end up in different collectives), so a save that would fill the disk must not start.
+  struct TensorJob {
+    std::string path;
+    std::vector<int64_t> shape;
+    std::vector<Piece> pieces;
+    const float* source;
+  };
+  std::vector<TensorJob> jobs;
+  std::deque<std::vector<float>> sources;  // host copies built per tensor, kept until written
+  auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<Piece>& pieces,
+                   const float* source) { jobs.push_back({path, shape, pieces, source}); };
 
   const ParamRegistry& reg = model_.registry();
   const std::vector<float> params = host_copy(be, model_.params());
@@ -513,7 +396,8 @@ void Checkpointer::save(const TrainingPosition& position) {
   if (sdmoe_) {
     const int k = sdmoe_->spec().rank;
     const bool per_expert = sdmoe_->spec().basis == SdmoeBasis::PER_EXPERT;
-    const std::vector<float> bases = host_copy(be, sdmoe_->bases());
+    sources.push_back(host_copy(be, sdmoe_->bases()));
+    const std::vector<float>& bases = sources.back();
     for (size_t ti = 0; ti < sdmoe_->targets().size(); ++ti) {
       const SpectralTarget& t = sdmoe_->targets()[ti];
       const std::string group = matrix_group(t);
@@ -538,16 +422,50 @@ void Checkpointer::save(const TrainingPosition& position) {
             unique.insert(unique.end(), part.begin(), part.end());
           }
         }
+        sources.push_back(std::move(unique));
         write(group + (which == 0 ? "/unique_exp_avg" : "/unique_exp_avg_sq"), {t.total_experts, t.m_full, t.n_full},
-              pieces, unique.data());
+              pieces, sources.back().data());
       }
     }
   }
 
-  if (root && error.empty()) {
+  // The file's size: the datasets' chunks, plus per dataset its header, chunk index and
+  // checksums, plus the attributes and the config (a generous bound for all of them).
+  double need = 4e6;
+  for (const TensorJob& j : jobs) need += double(checkpoint_dataset_bytes(j.shape)) + 64e3;
+  if (root) {
+    struct statvfs fs_stat {};
+    if (::statvfs(partial.c_str(), &fs_stat) == 0) {
+      const double free_bytes = double(fs_stat.f_bavail) * double(fs_stat.f_frsize);
+      if (free_bytes < need)
+        error = fmt::format("no space left on device: the checkpoint needs about {:.1f} MB and {} has {:.1f} MB free",
+                            need / 1e6, partial.string(), free_bytes / 1e6);
+    }
+  }
+  if (const std::string agreed = first_error(error); !agreed.empty()) give_up(agreed);
+  const int64_t slab_elements =
+      std::clamp<int64_t>(int64_t(cfg.slab_mb() * 1e6 / sizeof(float)), 1, kMaxSlabElements);
+  std::unique_ptr<CheckpointWriter> writer =
+      make_checkpoint_writer(parallel ? CheckpointWriterKind::PARALLEL : CheckpointWriterKind::GATHER,
+                             (partial / kFileName).string(), slab_elements);
+  writer->attribute("format", std::string(kFormat));
+  writer->attribute("format_version", kFormatVersion);
+  writer->attribute("step", where.step);
+  writer->attribute("data_position", int64_t(where.data_position));
+  writer->attribute("training_seed", int64_t(run_.training().seed()));
+  writer->attribute("data_seed", int64_t(run_.data().seed()));
+  writer->attribute("architecture", architecture(model_spec_from(run_.model())));
+  writer->attribute("sdmoe", int64_t(sdmoe_ != nullptr));
+  writer->string_dataset("config", resolved_config_text(run_));
+  writer->attribute("layout", groups_.dims.describe());
+  for (const TensorJob& j : jobs) writer->tensor(j.path, j.shape, j.pieces, j.source);
+  error = writer->finish();
+  writer.reset();
+  // Every rank's outcome: a failure anywhere leaves no partial directory behind.
+  if (const std::string agreed = first_error(error); !agreed.empty()) give_up(agreed);
+  if (root) {
     try {
-      if (H5Fflush(file.get(), H5F_SCOPE_GLOBAL) < 0) fail("cannot flush {}", (partial / kFileName).string());
-      file.reset();
+
       write_text_file(partial / "config.textproto", resolved_config_text(run_));
       sync_file(partial / kFileName);
       std::error_code ec;
@@ -580,9 +498,7 @@ void Checkpointer::save(const TrainingPosition& position) {
       error = e.what();
     }
   }
-  int failed = error.empty() ? 0 : 1;
-  MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  if (failed) fail("checkpoint at step {} failed: {}", position.step, root ? error : std::string("see rank 0"));
+  if (const std::string agreed = first_error(error); !agreed.empty()) give_up(agreed);
 }
 
 TrainingPosition Checkpointer::load(const std::string& where, bool parameters_only) {

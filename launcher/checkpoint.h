@@ -1,12 +1,14 @@
 // HDF5 checkpoints of the logical (unsharded) training state: parameters, AdamW moments,
 // SD-MoE bases and unique-part moments, step and data position (docs/checkpoint.md).
 //
-// Writing: each tensor is gathered to world rank 0 from the one replica that holds each
-// of its blocks (tensor-, expert- and ZeRO-1 shards assembled into the logical tensor),
-// and rank 0 writes it. The file goes into DIR/step_NNNNNNNN.partial/, which is renamed to
-// DIR/step_NNNNNNNN/ once complete and synced; then DIR/latest is replaced (write and
-// rename) and checkpoints beyond `keep` are deleted. A kill at any point leaves the
-// previous checkpoint and `latest` intact.
+// Writing: each block of a tensor comes from the one replica that holds it (tensor-,
+// expert- and ZeRO-1 shards assembled into the logical tensor), written either by every
+// rank into the one file through parallel HDF5 or gathered to rank 0, which writes it
+// (checkpoint.writer, launcher/checkpoint_writer.h). The file goes into
+// DIR/step_NNNNNNNN.partial/, which is renamed to DIR/step_NNNNNNNN/ once complete and
+// synced; then DIR/latest is replaced (write and rename) and checkpoints beyond `keep` are
+// deleted. A kill at any point leaves the previous checkpoint and `latest` intact; a save
+// that fails (a full disk, checked before writing) removes its partial directory.
 //
 // Reading: every rank opens the file and reads the logical tensors, keeping its own
 // blocks, so a checkpoint loads under any parallel layout.

@@ -689,7 +689,14 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
       }
       const auto save_start = std::chrono::steady_clock::now();
       watchdog.set_phase("checkpoint save");
-      checkpointer.save({r.step, train_loader.position()});
+      try {
+        checkpointer.save({r.step, train_loader.position()});
+      } catch (const Error& e) {
+        // Every rank holds the same agreed message (a full disk, say): one line each, and
+        // the run ends here with the previous checkpoint as `latest`.
+        std::fprintf(stderr, "sdmoe_pretrain: error: %s\n", e.what());
+        return 3;
+      }
       if (root) {
         std::printf("checkpoint %s written (%.2f s)\n", Checkpointer::step_directory(ck.dir(), r.step).c_str(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - save_start).count());

@@ -13,10 +13,12 @@
 #include <climits>
 #include <cmath>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "core/backend.h"
 #include "core/cuda/cuda_kernels.cuh"
+#include "core/cuda/flash_attention.cuh"
 #include "core/cuda/lt_gemm.cuh"
 
 namespace sdmoe {
@@ -375,6 +377,54 @@ class CudaBackend final : public Backend {
                                    probs.dim(0), probs.dim(1), float(scale), s());
   }
 
+  // ---- fused attention ----------------------------------------------------------------
+  bool has_fused_attention() const override { return true; }
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, double scale, const Tensor& out,
+                         const Tensor& lse) override {
+    const auto [n, seq, dh] = attention_shape(q, k, v, "attention_forward");
+    SDMOE_ASSERT(out.dtype == q.dtype && out.numel() == q.numel(), "attention_forward: out must be like q, got {} {}",
+                 dtype_name(out.dtype), out.shape_string());
+    SDMOE_ASSERT(lse.numel() == n * seq, "attention_forward: lse must be [N,S], got {}", lse.shape_string());
+    launch_flash_attention_forward(q.data, k.data, v.data, out.data, f32(lse, "attention_forward"), q.dtype, n, seq, dh,
+                                   float(scale), s());
+  }
+  void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                          const Tensor& lse, double scale, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv) override {
+    const auto [n, seq, dh] = attention_shape(q, k, v, "attention_backward");
+    for (const Tensor* t : {&out, &dout, &dq, &dk, &dv})
+      SDMOE_ASSERT(t->numel() == q.numel(), "attention_backward: {} for q {}", t->shape_string(), q.shape_string());
+    SDMOE_ASSERT(lse.numel() == n * seq, "attention_backward: lse must be [N,S], got {}", lse.shape_string());
+    // The kernels read out and dout in q's dtype. The model may hand out in fp32 (its
+    // context split into master-dtype heads): staged into q's dtype, which under BF16 is
+    // exact, since that context was itself a bf16 operand.
+    const size_t d_bytes = flash_attention_backward_workspace(n, seq, dh);
+    const bool stage_out = out.dtype != q.dtype, stage_dout = dout.dtype != q.dtype;
+    const size_t width = dtype_size(q.dtype);
+    Carver plan;
+    plan.take<char>(d_bytes);
+    plan.take<char>(stage_out ? q.numel() * width : 0);
+    plan.take<char>(stage_dout ? q.numel() * width : 0);
+    Carver carve(workspace_.get(plan.used()));
+    void* d_workspace = carve.take<char>(d_bytes);
+    const void* out_data = out.data;
+    const void* dout_data = dout.data;
+    if (stage_out) {
+      void* staged = carve.take<char>(q.numel() * width);
+      launch_cast(out.data, out.dtype, staged, q.dtype, q.numel(), s());
+      out_data = staged;
+    }
+    if (stage_dout) {
+      void* staged = carve.take<char>(q.numel() * width);
+      launch_cast(dout.data, dout.dtype, staged, q.dtype, q.numel(), s());
+      dout_data = staged;
+    }
+    launch_flash_attention_backward(q.data, k.data, v.data, out_data, dout_data, f32(lse, "attention_backward"),
+                                    q.dtype, n, seq, dh, float(scale), f32(dq, "attention_backward"),
+                                    f32(dk, "attention_backward"), f32(dv, "attention_backward"), d_workspace, d_bytes,
+                                    s());
+  }
+
   // ---- loss ---------------------------------------------------------------------------
   void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,
                              const Tensor& lse) override {
@@ -516,6 +566,20 @@ class CudaBackend final : public Backend {
                                                     stride_c, as_int(count, "gemm batch"), CUBLAS_COMPUTE_32F,
                                                     CUBLAS_GEMM_DEFAULT));
     }
+  }
+
+  // [N,S,Dh] of q, k and v alike, in F32 or BF16, with a head dim the kernels take.
+  std::tuple<int64_t, int64_t, int64_t> attention_shape(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                        const char* op) {
+    SDMOE_ASSERT(q.ndim == 3, "{}: q must be [N,S,Dh], got {}", op, q.shape_string());
+    storage(q, op);
+    for (const Tensor* t : {&k, &v})
+      SDMOE_ASSERT(t->dtype == q.dtype && t->numel() == q.numel(), "{}: k and v must be like q", op);
+    const int64_t dh = q.dim(2);
+    if (dh < 1 || dh > kFlashMaxHeadDim)
+      fail("{}: head dim {} is outside the CUDA fused attention's 1..{}; use training.attention UNFUSED", op, dh,
+           kFlashMaxHeadDim);
+    return {q.dim(0), q.dim(1), dh};
   }
 
   void qkv_copy(const Tensor& packed, const Tensor& q, const Tensor& k, const Tensor& v, bool to_heads,

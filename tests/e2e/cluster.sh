@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a shared cluster does to a job, run by ctest: a rank that stalls (SIGSTOP, as a
-# hung GPU, file system or network looks to its peers) or dies, and a second stop signal
-# while the first is being handled.
-#   cluster.sh BIN_DIR REPO watchdog | second_signal
+# hung GPU, file system or network looks to its peers) or dies, a second stop signal
+# while the first is being handled, checkpoints written by every rank, and a disk that
+# fills up during a save.
+#   cluster.sh BIN_DIR REPO watchdog | second_signal | parallel_io | disk_full
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -92,6 +93,60 @@ second_signal)
     --set training.steps=$(( $(sed 's/step_0*//' "$dir/latest") + 1 )) --resume > "$tmp/after.log" 2>&1 \
     || { cat "$tmp/after.log"; die "the checkpoint after the second signal does not load"; }
   echo "second SIGTERM: exited at once, latest $before before and $after after, and it loads"
+  ;;
+parallel_io)
+  # The parallel writer (every rank writes its own parts through MPI-IO) and the gather
+  # writer (rank 0 writes everything) must produce the same tensors, bit for bit, at 1, 2
+  # and 4 ranks (tensor-, expert- and data-parallel parts, ZeRO-1 moment shards, SD-MoE
+  # bases and unique-part moments), and each file must load under another layout.
+  for layout in "1|" "2|--set parallel.ep=2 --set parallel.zero1=true" "4|--set parallel.tp=2 --set parallel.ep=2"; do
+    np="${layout%%|*}"; read -r -a extra <<< "${layout#*|}"
+    for writer in PARALLEL GATHER; do
+      mpirun -np "$np" --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" "${extra[@]}" --set training.steps=3 \
+        --set sdmoe.enabled=true --set sdmoe.refresh_interval=2 --set checkpoint.writer=$writer \
+        --set checkpoint.slab_mb=0.05 --set checkpoint.dir="$tmp/$np/$writer" > "$tmp/$np.$writer.log" 2>&1 \
+        || { cat "$tmp/$np.$writer.log"; die "np $np: the run with the $writer writer failed"; }
+    done
+    a="$tmp/$np/PARALLEL/step_00000003/checkpoint.h5"; b="$tmp/$np/GATHER/step_00000003/checkpoint.h5"
+    for group in /params /optimizer /sdmoe; do
+      h5diff -q "$a" "$b" "$group" "$group" > /dev/null || die "np $np: the writers differ in $group"
+    done
+    # Not a file of zeros: the embedding must hold the trained values on both.
+    /usr/bin/python3 -c "import h5py, sys; f = h5py.File(sys.argv[1]); e = f['params/embedding'][...]; assert abs(e).max() > 0" \
+      "$a" || die "np $np: the parallel writer's embedding is empty"
+    mpirun -np 1 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set sdmoe.enabled=true \
+      --set sdmoe.refresh_interval=2 --set training.steps=4 --set checkpoint.load="$tmp/$np/PARALLEL/step_00000003" \
+      > "$tmp/$np.load.log" 2>&1 || { cat "$tmp/$np.load.log"; die "np $np: the parallel writer's file does not load on 1 rank"; }
+    echo "np $np: PARALLEL and GATHER files identical; loads on 1 rank"
+  done
+  ;;
+disk_full)
+  # A save that runs out of space (a tmpfs of 192 MB, 100 MB taken by a filler file, 50 MB
+  # per checkpoint: the first fits, the second does not) fails with the reason and the
+  # path, removes its partial directory and leaves `latest` on the first, which loads;
+  # once the filler is deleted the same command resumes and saves its next two.
+  mnt="$tmp/small"; mkdir -p "$mnt"
+  if ! mount -t tmpfs -o size=192m tmpfs "$mnt" 2> /dev/null; then
+    echo "SKIPPED: cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)"; exit 77
+  fi
+  trap 'umount "$mnt" 2>/dev/null; pkill -KILL -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+  head -c 100M /dev/zero > "$mnt/filler"
+  for writer in PARALLEL GATHER; do
+    dir="$mnt/$writer"
+    run=(mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set training.steps=6
+         --set checkpoint.interval=2 --set checkpoint.writer=$writer --set checkpoint.dir="$dir")
+    "${run[@]}" > "$tmp/full.$writer.log" 2>&1 && { cat "$tmp/full.$writer.log"; die "$writer: the run did not fail on a full disk"; }
+    grep -q "^sdmoe_pretrain: error: checkpoint at step 4 failed on rank [0-9]*: .*[Nn]o space left on device.*$dir/step_00000004.partial.*its partial directory was removed and $dir/latest still names step_00000002" \
+      "$tmp/full.$writer.log" || { cat "$tmp/full.$writer.log"; die "$writer: no plain message naming the full disk, the path and latest"; }
+    ls -d "$dir"/*.partial 2> /dev/null && die "$writer: a partial directory was left behind"
+    [ "$(cat "$dir/latest")" = step_00000002 ] || die "$writer: latest moved to $(cat "$dir/latest")"
+    rm -f "$mnt/filler"
+    "${run[@]}" > "$tmp/again.$writer.log" 2>&1 || { grep -v '^step' "$tmp/again.$writer.log" | tail -20; die "$writer: the run did not resume once space was freed"; }
+    grep -q "^resumed from $dir/step_00000002" "$tmp/again.$writer.log" || die "$writer: the second run did not resume from step 2"
+    [ "$(cat "$dir/latest")" = step_00000006 ] || die "$writer: the resumed run did not save step 6"
+    echo "$writer: $(grep -m1 'checkpoint at step 4 failed' "$tmp/full.$writer.log" | cut -c1-220)..."
+    rm -rf "$dir"; head -c 100M /dev/zero > "$mnt/filler"
+  done
   ;;
 *) die "unknown check $what" ;;
 esac
