@@ -24,11 +24,9 @@ namespace h5 = data::hdf5;
 
 namespace {
 
-
-
-constexpr const char* kFileName = "checkpoint.h5";
-constexpr const char* kFormat = "sdmoe-checkpoint";
-constexpr int64_t kFormatVersion = 1;
+constexpr const char* kFileName = kCheckpointFileName;
+constexpr const char* kFormat = kCheckpointFormat;
+constexpr int64_t kFormatVersion = kCheckpointFormatVersion;
 
 int world_rank() {
   int r = 0;
@@ -36,9 +34,9 @@ int world_rank() {
   return r;
 }
 
-// What must match for a checkpoint's tensors to mean the same thing in this model: the
-// architecture, not the sequence length or the loss coefficients. "name=value" words.
-std::string architecture(const ModelSpec& s) {
+}  // namespace
+
+std::string checkpoint_architecture(const ModelSpec& s) {
   const MoeSpec& m = s.moe;
   return fmt::format(
       "vocab_size={} dim={} layers={} heads={} ffn_dim={} tie_embeddings={} rope_theta={} norm_eps={} "
@@ -48,6 +46,8 @@ std::string architecture(const ModelSpec& s) {
       m.top_k, m.expert_ffn_dim, int(m.router_score), m.normalize_topk, m.shared_expert_ffn_dim, m.first_dense_layers,
       m.layer_freq);
 }
+
+namespace {
 
 // The words of two architecture strings that differ, as "model.heads 4 (checkpoint) vs 2".
 std::string architecture_difference(const std::string& saved, const std::string& current) {
@@ -454,7 +454,7 @@ void Checkpointer::save(const TrainingPosition& position) {
   writer->attribute("data_position", int64_t(where.data_position));
   writer->attribute("training_seed", int64_t(run_.training().seed()));
   writer->attribute("data_seed", int64_t(run_.data().seed()));
-  writer->attribute("architecture", architecture(model_spec_from(run_.model())));
+  writer->attribute("architecture", checkpoint_architecture(model_spec_from(run_.model())));
   writer->attribute("sdmoe", int64_t(sdmoe_ != nullptr));
   writer->string_dataset("config", resolved_config_text(run_));
   writer->attribute("layout", groups_.dims.describe());
@@ -508,7 +508,7 @@ TrainingPosition Checkpointer::load(const std::string& where, bool parameters_on
   try {
     const std::string path = fs::is_directory(where) ? (fs::path(where) / kFileName).string() : where;
     CheckpointFile file(path);
-    const std::string want = architecture(model_spec_from(run_.model())),
+    const std::string want = checkpoint_architecture(model_spec_from(run_.model())),
                       got = read_string_attribute(file.get(), "architecture", path);
     if (got != want) fail("{}: the checkpoint's model differs: {}", path, architecture_difference(got, want));
     const bool saved_sdmoe = read_int_attribute(file.get(), "sdmoe", path) != 0;

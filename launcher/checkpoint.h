@@ -24,6 +24,14 @@
 
 namespace sdmoe {
 
+// What must match for a checkpoint's tensors to mean the same thing in a model: the
+// architecture, not the sequence length or the loss coefficients, as space-separated
+// "name=value" words (the file's `architecture` attribute, docs/checkpoint.md).
+std::string checkpoint_architecture(const ModelSpec& spec);
+inline constexpr const char* kCheckpointFileName = "checkpoint.h5";
+inline constexpr const char* kCheckpointFormat = "sdmoe-checkpoint";
+inline constexpr int64_t kCheckpointFormatVersion = 1;
+
 // Where training resumes.
 struct TrainingPosition {
   int64_t step = 0;                // optimizer steps done

@@ -65,15 +65,21 @@ void write_checkpoint_string_dataset(hid_t where, const char* name, const std::s
 namespace {
 
 // The dataset's dims (a scalar is stored as [1]) and its chunk: whole trailing axes and as
-// many leading rows as fit kCheckpointChunkElements.
+// many rows of the first axis that does not fit whole as fit kCheckpointChunkElements,
+// evened out over that axis (HDF5 stores every chunk whole: 1536 rows in chunks of 1365
+// would store 2730).
 std::pair<std::vector<hsize_t>, std::vector<hsize_t>> dims_and_chunk(const std::vector<int64_t>& shape) {
   const std::vector<hsize_t> dims =
       shape.empty() ? std::vector<hsize_t>{1} : std::vector<hsize_t>(shape.begin(), shape.end());
   std::vector<hsize_t> chunk(dims.size(), 1);
   int64_t inner = 1;
   for (size_t a = dims.size(); a-- > 0;) {
-    chunk[a] = hsize_t(std::max<int64_t>(1, std::min<int64_t>(int64_t(dims[a]), kCheckpointChunkElements / inner)));
-    inner *= int64_t(chunk[a]);
+    const int64_t d = int64_t(dims[a]);
+    int64_t c = std::max<int64_t>(1, std::min<int64_t>(d, kCheckpointChunkElements / inner));
+    const int64_t count = (d + c - 1) / c;
+    c = (d + count - 1) / count;
+    chunk[a] = hsize_t(c);
+    inner *= c;
   }
   return {dims, chunk};
 }

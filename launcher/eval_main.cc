@@ -1,4 +1,5 @@
-// sdmoe_eval --config FILE.textproto --checkpoint PATH [--split validation|train] [--set field.path=value ...]
+// sdmoe_eval --config FILE.textproto --checkpoint PATH [--split validation|train] [--dump-tokens FILE]
+//            [--set field.path=value ...]
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -8,7 +9,8 @@
 
 namespace {
 constexpr const char* kUsage =
-    "usage: sdmoe_eval --config FILE.textproto --checkpoint PATH [--split validation|train] [--set field.path=value ...]\n"
+    "usage: sdmoe_eval --config FILE.textproto --checkpoint PATH [--split validation|train] [--dump-tokens FILE]\n"
+    "                  [--set field.path=value ...]\n"
     "       mpirun -np N sdmoe_eval --config FILE.textproto --checkpoint PATH\n"
     "\n"
     "Loads the parameters of a checkpoint (a step_NNNNNNNN directory or its checkpoint.h5)\n"
@@ -16,11 +18,13 @@ constexpr const char* kUsage =
     "prints the mean cross-entropy and perplexity of training.eval_batches micro-batches of\n"
     "the split: the sequences training validates on (validation) or starts with (train).\n"
     "Without --checkpoint, checkpoint.dir's latest is used. The config's model must match\n"
-    "the checkpoint's.\n";
+    "the checkpoint's. --dump-tokens FILE (one data-parallel rank) also writes the evaluated\n"
+    "windows as raw little-endian int32 [sequences, seq_len + 1], each row the inputs and the\n"
+    "next token, so that another implementation can check the loss on the same tokens.\n";
 }
 
 int main(int argc, char** argv) {
-  std::string config_path, split = "validation";
+  std::string config_path, split = "validation", dump_tokens;
   std::vector<std::string> overrides;
   std::string usage_error;
   for (int i = 1; i < argc; ++i) {
@@ -34,6 +38,7 @@ int main(int argc, char** argv) {
     else if (arg == "--set" && has_value) overrides.emplace_back(argv[++i]);
     else if (arg == "--checkpoint" && has_value) overrides.push_back(std::string("checkpoint.load=") + argv[++i]);
     else if (arg == "--split" && has_value) split = argv[++i];
+    else if (arg == "--dump-tokens" && has_value) dump_tokens = argv[++i];
     else usage_error = "unknown or incomplete argument '" + arg + "' (see --help)";
   }
   if (usage_error.empty() && config_path.empty()) usage_error = "--config FILE is required (see --help)";
@@ -55,7 +60,7 @@ int main(int argc, char** argv) {
   }
   if (!sdmoe::agree_on_config(mpi, "sdmoe_eval", error, run)) return 2;
   try {
-    return sdmoe::run_eval(run, mpi, split);
+    return sdmoe::run_eval(run, mpi, split, dump_tokens);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "sdmoe_eval: error on %s: %s\n", sdmoe::where_am_i().c_str(), e.what());
     std::fflush(stderr);

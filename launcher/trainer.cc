@@ -717,7 +717,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   return 0;
 }
 
-int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split) {
+int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split, const std::string& dump_tokens) {
   Setup setup;
   if (!agree_on_setup(run, mpi, "sdmoe_eval", setup)) return 2;
   const Job& job = setup.job;
@@ -759,6 +759,28 @@ int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& s
                 job.resume_from.c_str(), (long)position.step, split.c_str(), batches * job.micro_batch,
                 job.model.seq_len, setup.dims.describe().c_str(), loss, std::exp(loss), seconds);
     std::fflush(stdout);
+  }
+  if (!dump_tokens.empty()) {
+    // The evaluated windows, for a reader that checks the loss with a model of its own:
+    // [sequences, seq_len + 1] int32, in evaluation order (one data-parallel rank: all).
+    if (setup.dims.dp != 1) {
+      std::fprintf(stderr, "sdmoe_eval: error: --dump-tokens needs one data-parallel rank (this layout has %d)\n",
+                   setup.dims.dp);
+      return 2;
+    }
+    if (mpi.world_rank() == 0) {
+      loader.set_position(0);
+      std::vector<int32_t> tokens, all;
+      for (int i = 0; i < batches; ++i) {
+        loader.next(job.micro_batch, tokens);
+        all.insert(all.end(), tokens.begin(), tokens.end());
+      }
+      std::FILE* f = std::fopen(dump_tokens.c_str(), "wb");
+      if (!f || std::fwrite(all.data(), sizeof(int32_t), all.size(), f) != all.size() || std::fclose(f) != 0) {
+        std::fprintf(stderr, "sdmoe_eval: error: cannot write %s\n", dump_tokens.c_str());
+        return 2;
+      }
+    }
   }
   return 0;
 }

@@ -65,6 +65,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
 // latest) under the configured layout and prints the mean loss and perplexity of
 // training.eval_batches micro-batches of `split` ("train" or "validation"): the sequences
 // training validates on, so the figure matches the training log's val_loss at that step.
-int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split);
+// dump_tokens: also write the evaluated token windows there (docs/usage.md).
+int run_eval(const config::Run& run, const MpiRuntime& mpi, const std::string& split,
+             const std::string& dump_tokens = "");
 
 }  // namespace sdmoe
