@@ -244,8 +244,9 @@ StragglerWatch::Spread StragglerWatch::record(double compute_seconds, Communicat
   Spread spread;
   spread.min = sorted.front();
   spread.max = sorted.back();
-  const size_t n = sorted.size();
-  spread.median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  // The lower median: with two ranks the faster one, so that one rank at twice the other's
+  // time counts as slow (the mean of the two never lets it reach a factor above 1.33).
+  spread.median = sorted[(sorted.size() - 1) / 2];
   spread.slowest = int(std::max_element(times.begin(), times.end()) - times.begin());
   for (size_t r = 0; r < times.size(); ++r) {
     slow_steps_[r] = times[r] > factor_ * spread.median ? slow_steps_[r] + 1 : 0;

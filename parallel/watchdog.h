@@ -130,7 +130,7 @@ std::vector<std::string> all_host_names();
 
 // Stragglers: each step, every rank's compute time (its step time less its time inside
 // collectives: a rank waiting for a slow peer spends the difference in a collective) is
-// shared over the world; a rank above `factor` x the median for kConsecutiveSteps steps in
+// shared over the world; a rank above `factor` x the (lower) median for kConsecutiveSteps steps in
 // a row is a straggler, reported once when it becomes one and every 100 steps while it
 // stays one.
 class StragglerWatch {

@@ -3,7 +3,7 @@
 # hung GPU, file system or network looks to its peers) or dies, a second stop signal
 # while the first is being handled, checkpoints written by every rank, and a disk that
 # fills up during a save.
-#   cluster.sh BIN_DIR REPO watchdog | second_signal | parallel_io | disk_full
+#   cluster.sh BIN_DIR REPO watchdog | second_signal | stragglers | parallel_io | disk_full
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -94,6 +94,34 @@ second_signal)
     || { cat "$tmp/after.log"; die "the checkpoint after the second signal does not load"; }
   echo "second SIGTERM: exited at once, latest $before before and $after after, and it loads"
   ;;
+stragglers)
+  # Rank 1 shares its core with two busy loops (both ranks bound to their own core), so it
+  # computes at about a third of rank 0's speed: the log line and the JSONL must show it as
+  # the slowest, and after 5 steps in a row above 1.5x the (lower) median the warning must
+  # name it and its host.
+  [ "$(nproc)" -ge 2 ] || { echo "SKIPPED: needs 2 cores"; exit 77; }
+  taskset -c 1 sh -c 'while :; do :; done' &
+  hog=$!
+  taskset -c 1 sh -c 'while :; do :; done' &
+  hog2=$!
+  trap 'kill "$hog" "$hog2" 2>/dev/null; pkill -KILL -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
+  mpirun -np 2 --bind-to core --map-by core "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 \
+    --set training.steps=12 --set metrics.jsonl="$tmp/run.jsonl" --set checkpoint.dir="$tmp/s" > "$tmp/s.log" 2>&1 \
+    || { cat "$tmp/s.log"; die "the run with a slow rank failed"; }
+  kill "$hog" "$hog2"
+  grep -q "^sdmoe_pretrain: warning: rank 1 (.*) is a straggler: its compute time exceeded 1.5x the median" "$tmp/s.log" \
+    || { grep -E "compute|straggler" "$tmp/s.log" | head; die "no straggler warning naming rank 1"; }
+  grep -q "| compute [0-9.]*-[0-9.]* s (slowest rank 1)" "$tmp/s.log" || die "the log line does not show rank 1 as the slowest"
+  /usr/bin/python3 - "$tmp/run.jsonl" <<'PYTHON' || die "the JSONL records lack the compute-time spread"
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+late = records[-5:]
+assert all(r["slowest_rank"] == 1 for r in late), [r["slowest_rank"] for r in late]
+assert all(r["compute_seconds_max"] > 1.3 * r["compute_seconds_min"] > 0 for r in late), late[-1]
+assert all(r["compute_seconds_min"] <= r["compute_seconds_median"] <= r["compute_seconds_max"] for r in records)
+PYTHON
+  echo "rank 1 named: $(grep -m1 'is a straggler' "$tmp/s.log" | cut -c1-160)"
+  ;;
 parallel_io)
   # The parallel writer (every rank writes its own parts through MPI-IO) and the gather
   # writer (rank 0 writes everything) must produce the same tensors, bit for bit, at 1, 2
@@ -121,7 +149,7 @@ parallel_io)
   done
   ;;
 disk_full)
-  # A save that runs out of space (a tmpfs of 192 MB, 100 MB taken by a filler file, 50 MB
+  # A save that runs out of space (a tmpfs of 192 MB, 120 MB taken by a filler file, 40 MB
   # per checkpoint: the first fits, the second does not) fails with the reason and the
   # path, removes its partial directory and leaves `latest` on the first, which loads;
   # once the filler is deleted the same command resumes and saves its next two.
@@ -130,7 +158,7 @@ disk_full)
     echo "SKIPPED: cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)"; exit 77
   fi
   trap 'umount "$mnt" 2>/dev/null; pkill -KILL -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
-  head -c 100M /dev/zero > "$mnt/filler"
+  head -c 120M /dev/zero > "$mnt/filler"
   for writer in PARALLEL GATHER; do
     dir="$mnt/$writer"
     run=(mpirun -np 2 --bind-to none "$bin/sdmoe_pretrain" "${common[@]}" --set parallel.ep=2 --set training.steps=6
@@ -145,7 +173,7 @@ disk_full)
     grep -q "^resumed from $dir/step_00000002" "$tmp/again.$writer.log" || die "$writer: the second run did not resume from step 2"
     [ "$(cat "$dir/latest")" = step_00000006 ] || die "$writer: the resumed run did not save step 6"
     echo "$writer: $(grep -m1 'checkpoint at step 4 failed' "$tmp/full.$writer.log" | cut -c1-220)..."
-    rm -rf "$dir"; head -c 100M /dev/zero > "$mnt/filler"
+    rm -rf "$dir"; head -c 120M /dev/zero > "$mnt/filler"
   done
   ;;
 *) die "unknown check $what" ;;
