@@ -127,11 +127,13 @@ TokenDataset TokenDataset::open_megatron(const std::string& path, const Megatron
          doc_entries, at + needed, idx.size());
   std::vector<int32_t> lengths(sequences);
   std::vector<int64_t> pointers(sequences), doc_index(doc_entries);
-  std::memcpy(lengths.data(), idx.data() + at, sequences * 4);
-  at += sequences * 4;
-  std::memcpy(pointers.data(), idx.data() + at, sequences * 8);
-  at += sequences * 8;
-  std::memcpy(doc_index.data(), idx.data() + at, doc_entries * 8);
+  // memcpy of zero bytes from or to an empty vector's null data() is still undefined.
+  if (sequences > 0) {
+    std::memcpy(lengths.data(), idx.data() + at, sequences * 4);
+    std::memcpy(pointers.data(), idx.data() + at + sequences * 4, sequences * 8);
+  }
+  at += sequences * 12;
+  if (doc_entries > 0) std::memcpy(doc_index.data(), idx.data() + at, doc_entries * 8);
 
   if (doc_entries < 2 || doc_index.front() != 0 || doc_index.back() != int64_t(sequences))
     fail("{}: document indices must run from 0 to the sequence count {}", idx_path, sequences);

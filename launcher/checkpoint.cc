@@ -156,17 +156,29 @@ std::vector<float> host_copy(Backend& be, const Tensor& t) {
 
 bool has_attribute(hid_t where, const char* name) { return H5Aexists(where, name) > 0; }
 
+// An attribute must hold exactly one value: H5Aread writes all of an array attribute's
+// elements, which would overrun the one value read into (an altered file).
+void expect_single_value(hid_t attr, const char* name, const std::string& file) {
+  h5::Handle space = h5::dataspace(H5Aget_space(attr));
+  if (!space.valid() || H5Sget_simple_extent_npoints(space.get()) != 1)
+    fail("{}: attribute '{}' is not a single value (the file was altered)", file, name);
+}
+
 int64_t read_int_attribute(hid_t where, const char* name, const std::string& file) {
   h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
+  if (!attr.valid()) fail("{}: not an sdmoe checkpoint (attribute '{}' missing)", file, name);
+  expect_single_value(attr.get(), name, file);
+  h5::Handle type = h5::datatype(H5Aget_type(attr.get()));
+  if (H5Tget_class(type.get()) != H5T_INTEGER) fail("{}: attribute '{}' is not an integer", file, name);
   int64_t value = 0;
-  if (!attr.valid() || H5Aread(attr.get(), H5T_NATIVE_INT64, &value) < 0)
-    fail("{}: not an sdmoe checkpoint (attribute '{}' missing)", file, name);
+  if (H5Aread(attr.get(), H5T_NATIVE_INT64, &value) < 0) fail("{}: cannot read attribute '{}'", file, name);
   return value;
 }
 
 std::string read_string_attribute(hid_t where, const char* name, const std::string& file) {
   h5::Handle attr = h5::attribute(has_attribute(where, name) ? H5Aopen(where, name, H5P_DEFAULT) : -1);
   if (!attr.valid()) fail("{}: not an sdmoe checkpoint (attribute '{}' missing)", file, name);
+  expect_single_value(attr.get(), name, file);
   h5::Handle type = h5::datatype(H5Aget_type(attr.get()));
   if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) > 0)
     fail("{}: attribute '{}' is not a fixed-length string", file, name);

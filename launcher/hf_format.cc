@@ -138,6 +138,12 @@ CheckpointParameters read_checkpoint_parameters(const std::string& where) {
     h5::Handle ds = h5::dataset(H5Dopen2(file.get(), "config", H5P_DEFAULT));
     if (!ds.valid()) fail("{}: not an sdmoe checkpoint (no config dataset)", path);
     h5::Handle type = h5::datatype(H5Dget_type(ds.get()));
+    h5::Handle space = h5::dataspace(H5Dget_space(ds.get()));
+    // One fixed-length string, as the writer stores it; anything else is an altered file
+    // (reading an array or a variable-length string into one string would overrun it).
+    if (H5Tget_class(type.get()) != H5T_STRING || H5Tis_variable_str(type.get()) > 0 || !space.valid() ||
+        H5Sget_simple_extent_npoints(space.get()) != 1)
+      fail("{}: its config dataset is not one fixed-length string (the file was altered)", path);
     std::string text(H5Tget_size(type.get()), '\0');
     if (H5Dread(ds.get(), type.get(), H5S_ALL, H5S_ALL, H5P_DEFAULT, text.data()) < 0)
       fail("{}: cannot read its config", path);
@@ -157,11 +163,24 @@ CheckpointParameters read_checkpoint_parameters(const std::string& where) {
     h5::Handle ds = h5::dataset(H5Dopen2(params.get(), name.c_str(), H5P_DEFAULT));
     h5::Handle space = h5::dataspace(H5Dget_space(ds.get()));
     const int rank = H5Sget_simple_extent_ndims(space.get());
-    std::vector<hsize_t> dims(size_t(std::max(rank, 0)));
+    if (rank < 0 || rank > 8) fail("{}: params/{} has {} dimensions (the file was altered)", path, name, rank);
+    std::vector<hsize_t> dims(static_cast<size_t>(rank));
     H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr);
     LogicalTensor t;
+    // The element count, checked against overflow and against the file's size before any
+    // allocation: a dataset can claim dimensions no file holds.
+    uint64_t count = 1;
+    for (hsize_t d : dims) {
+      if (d != 0 && count > (uint64_t(1) << 62) / d)
+        fail("{}: params/{} claims more elements than fit 64 bits (the file was altered)", path, name);
+      count *= d;
+    }
+    const uint64_t file_bytes = uint64_t(fs::file_size(path));
+    if (count * sizeof(float) > 4 * file_bytes + (uint64_t(1) << 20))  // generous: chunks may be compressed
+      fail("{}: params/{} claims {} elements, more than the {}-byte file can hold (truncated or altered)", path, name,
+           count, file_bytes);
     t.shape.assign(dims.begin(), dims.end());
-    t.values.resize(size_t(product(t.shape)));
+    t.values.resize(size_t(count));
     if (!t.values.empty() && H5Dread(ds.get(), H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.values.data()) < 0)
       fail("{}: cannot read params/{} (checksum mismatch or truncated file)", path, name);
     out.params.emplace(name, std::move(t));
