@@ -1,6 +1,8 @@
 #include "launcher/hf_format.h"
 
 #include <bit>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -385,6 +387,24 @@ std::string read_file(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// A tensor's shape from its header entry: non-negative integers whose product fits in 62
+// bits (a header can claim anything; nothing is allocated before this holds).
+std::vector<int64_t> header_shape(const json& value, const fs::path& path, const std::string& name) {
+  if (!value.is_array()) fail("{}: tensor {} has no shape array", path.string(), name);
+  std::vector<int64_t> shape;
+  uint64_t count = 1;
+  for (const json& d : value) {
+    if (!d.is_number_integer() || d.get<int64_t>() < 0)
+      fail("{}: tensor {} has a dimension that is not a non-negative integer", path.string(), name);
+    const uint64_t n = d.get<uint64_t>();
+    if (n != 0 && count > (uint64_t(1) << 62) / n)
+      fail("{}: tensor {} claims more elements than fit 64 bits", path.string(), name);
+    count *= n;
+    shape.push_back(int64_t(n));
+  }
+  return shape;
+}
+
 void read_one_safetensors(const fs::path& path, TensorMap& out) {
   const std::string bytes = read_file(path);
   uint64_t length = 0;
@@ -405,10 +425,14 @@ void read_one_safetensors(const fs::path& path, TensorMap& out) {
       if (info.at("dtype") != "F32")
         fail("{}: tensor {} is {}; only F32 is read", path.string(), name, info.at("dtype").get<std::string>());
       LogicalTensor t;
-      t.shape = info.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size ||
-          offsets[1] - offsets[0] != uint64_t(product(t.shape)) * sizeof(float))
+      t.shape = header_shape(info.at("shape"), path, name);
+      const json& range = info.at("data_offsets");
+      if (!range.is_array() || range.size() != 2 || !range[0].is_number_unsigned() || !range[1].is_number_unsigned())
+        fail("{}: tensor {} has no pair of data offsets", path.string(), name);
+      const uint64_t offsets[2] = {range[0].get<uint64_t>(), range[1].get<uint64_t>()};
+      const uint64_t elements = uint64_t(product(t.shape));
+      if (offsets[0] > offsets[1] || offsets[1] > data_size || elements > data_size / sizeof(float) ||
+          offsets[1] - offsets[0] != elements * sizeof(float))
         fail("{}: tensor {} lies outside the file or does not match its shape (truncated file?)", path.string(), name);
       t.values.resize(size_t(product(t.shape)));
       std::memcpy(t.values.data(), bytes.data() + 8 + length + offsets[0], offsets[1] - offsets[0]);
@@ -481,6 +505,20 @@ HfModelConfig read_hf_config(const std::string& dir) {
     fail("{}: malformed JSON ({})", path.string(), e.what());
   }
   HfModelConfig out{};
+  // Integer fields must be JSON integers that fit an int (a float such as 1e300 is refused,
+  // not converted).
+  const auto integer = [&](const char* key) {
+    const json& v = c.at(key);
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX)
+      fail("{}: {} must be a non-negative integer, got {}", path.string(), key, v.dump());
+    return int(v.get<int64_t>());
+  };
+  const auto integer_or = [&](const char* key, int fallback) { return c.contains(key) ? integer(key) : fallback; };
+  const auto number = [&](const char* key, double fallback) {
+    if (!c.contains(key)) return fallback;
+    if (!c.at(key).is_number()) fail("{}: {} must be a number, got {}", path.string(), key, c.at(key).dump());
+    return c.at(key).get<double>();
+  };
   try {
     const std::string type = c.at("model_type").get<std::string>();
     if (type == "llama") out.arch = HfArchitecture::LLAMA;
@@ -488,34 +526,35 @@ HfModelConfig read_hf_config(const std::string& dir) {
     else if (type == "qwen2_moe") out.arch = HfArchitecture::QWEN2_MOE;
     else fail("{}: model_type '{}' is not one sdmoe imports (llama, mixtral, qwen2_moe)", path.string(), type);
     ModelSpec& s = out.spec;
-    s.vocab_size = c.at("vocab_size").get<int>();
-    s.dim = c.at("hidden_size").get<int>();
-    s.layers = c.at("num_hidden_layers").get<int>();
-    s.heads = c.at("num_attention_heads").get<int>();
-    if (c.value("num_key_value_heads", s.heads) != s.heads)
-      fail("{}: grouped-query attention (num_key_value_heads {} of {} heads) is not an sdmoe model", path.string(),
-           c.at("num_key_value_heads").get<int>(), s.heads);
-    s.seq_len = c.value("max_position_embeddings", s.seq_len);
+    s.vocab_size = integer("vocab_size");
+    s.dim = integer("hidden_size");
+    s.layers = integer("num_hidden_layers");
+    s.heads = integer("num_attention_heads");
+    if (const int kv = integer_or("num_key_value_heads", s.heads); kv != s.heads)
+      fail("{}: grouped-query attention (num_key_value_heads {} of {} heads) is not an sdmoe model", path.string(), kv,
+           s.heads);
+    s.seq_len = integer_or("max_position_embeddings", s.seq_len);
+    if (!c.at("rms_norm_eps").is_number()) fail("{}: rms_norm_eps must be a number", path.string());
     s.norm_eps = c.at("rms_norm_eps").get<double>();
-    s.rope_theta = c.value("rope_theta", 10000.0);
+    s.rope_theta = number("rope_theta", 10000.0);
     s.tie_embeddings = c.value("tie_word_embeddings", false);
     if (out.arch == HfArchitecture::MIXTRAL) {
-      s.moe.num_experts = c.at("num_local_experts").get<int>();
-      s.moe.top_k = c.at("num_experts_per_tok").get<int>();
-      s.moe.expert_ffn_dim = c.at("intermediate_size").get<int>();
+      s.moe.num_experts = integer("num_local_experts");
+      s.moe.top_k = integer("num_experts_per_tok");
+      s.moe.expert_ffn_dim = integer("intermediate_size");
       s.moe.normalize_topk = true;
       s.moe.shared_expert_ffn_dim = 0;
       s.moe.first_dense_layers = 0;
       s.moe.layer_freq = 1;
     } else if (out.arch == HfArchitecture::QWEN2_MOE) {
-      s.ffn_dim = c.at("intermediate_size").get<int>();
-      s.moe.num_experts = c.at("num_experts").get<int>();
-      s.moe.top_k = c.at("num_experts_per_tok").get<int>();
-      s.moe.expert_ffn_dim = c.at("moe_intermediate_size").get<int>();
+      s.ffn_dim = integer("intermediate_size");
+      s.moe.num_experts = integer("num_experts");
+      s.moe.top_k = integer("num_experts_per_tok");
+      s.moe.expert_ffn_dim = integer("moe_intermediate_size");
       s.moe.normalize_topk = c.value("norm_topk_prob", false);
-      s.moe.shared_expert_ffn_dim = c.at("shared_expert_intermediate_size").get<int>();
+      s.moe.shared_expert_ffn_dim = integer("shared_expert_intermediate_size");
     } else {
-      s.ffn_dim = c.at("intermediate_size").get<int>();
+      s.ffn_dim = integer("intermediate_size");
       s.moe.num_experts = 0;
     }
   } catch (const json::exception& e) {
