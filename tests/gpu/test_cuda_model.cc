@@ -26,15 +26,6 @@ struct Comparison {
   std::string worst_name;
 };
 
-double relative_l2(const std::vector<double>& want, const std::vector<double>& got) {
-  double diff = 0.0, norm = 0.0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    diff += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
-}
-
 Comparison gpu_against_f64(const PrecisionPolicy& policy, bool fused_attention) {
   const ModelSpec spec = small_model_spec(96);  // more than one 64-row attention tile
   const int batch = 2;

@@ -59,6 +59,16 @@ inline std::vector<int32_t> random_tokens(const ModelSpec& spec, int batch, uint
   return tokens;
 }
 
+// ||got - want|| / ||want|| (the absolute norm when want is zero).
+inline double relative_l2(const std::vector<double>& want, const std::vector<double>& got) {
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
 // Any float tensor (F64, F32, BF16) to host doubles.
 inline std::vector<double> host(const Tensor& t) { return test_support::download(be(), t); }
 

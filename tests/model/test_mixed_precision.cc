@@ -28,15 +28,6 @@ ModelSpec mixed_spec() { return small_model_spec(32); }
 
 void upload(const Tensor& t, const std::vector<double>& v) { test_support::upload(be(), t, v); }
 
-double relative_l2(const std::vector<double>& want, const std::vector<double>& got) {
-  double diff = 0.0, norm = 0.0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    diff += (got[i] - want[i]) * (got[i] - want[i]);
-    norm += want[i] * want[i];
-  }
-  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
-}
-
 struct Comparison {
   double loss_rel = 0.0, worst_grad_rel = 0.0;
   std::string worst_name;
