@@ -401,7 +401,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
   // needs whole matrices, so every expert replica keeps and updates its experts' state.
   GradientSyncOptions sync_options{zero1, !job.sdmoe.enabled, run.parallel().sequence_parallel(),
                                    int64_t(run.parallel().gradient_bucket_mb() * 1e6 / double(dtype_size(model.dtype()))),
-                                   model.gradient_ready_ranges()};
+                                   model.gradient_ready_ranges(), model.operand_weights()};
   GradientSync sync(model.params(), model.grads(), model.registry().tp_sharded_begin(), model.registry().expert_begin(),
                     groups, be, std::move(sync_options));
   model.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
@@ -561,8 +561,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     watchdog.set_phase("optimizer step");
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
+    // The working copy of what this rank updated, then (ZeRO-1) the gather of the rest:
+    // in BF16 of the working copy, the fp32 master's other blocks following at a save.
+    model.weights_changed(sync.owned());
     sync.after_update();
-    model.weights_changed();
     be.synchronize();
     const auto update_done = std::chrono::steady_clock::now();
     watchdog.set_phase("SD-MoE refresh");
@@ -680,6 +682,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     const int stop = int(stop_any[0]);
     const bool last = r.step == run.training().steps();
     if (!ck.dir().empty() && (stop != 0 || last || (ck.interval() > 0 && r.step % ck.interval() == 0))) {
+      sync.gather_master();
       // A checkpoint of parameters that are no longer finite would become `latest` and
       // rotate the good ones out, and every resume would fail: stop without writing it.
       if (mpi.any_rank(!std::isfinite(be.sum_squares(model.params())))) {

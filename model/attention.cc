@@ -107,10 +107,10 @@ void Attention::forward(Backend& be, const Tensor& in, const Tensor& out, Scratc
   if (tp_.split_sequence()) {
     // in: this rank's rows. Normalise them, then gather every rank's.
     const Tensor mine = normed_.slice_rows(int64_t(tp_.rank()) * in.rows(), in.rows());
-    be.rmsnorm_forward(in, norm_.value, eps_, mine, rstd_);
+    be.rmsnorm_forward(in, norm_.operand, eps_, mine, rstd_);
     tp_.gather_rows(mine, normed_, be);
   } else {
-    be.rmsnorm_forward(in, norm_.value, eps_, normed_, rstd_);
+    be.rmsnorm_forward(in, norm_.operand, eps_, normed_, rstd_);
   }
   recompute(be, sc);  // q, k, v, probabilities and context from the normalised input
   be.copy(in, out);
@@ -181,7 +181,7 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
     tp_.sum(sc.d_normed);
   }
   const Tensor d_x = sc.d_x.prefix({in.rows(), d});
-  be.rmsnorm_backward(in, norm_.value, rstd_, d_normed, d_x, norm_.grad);
+  be.rmsnorm_backward(in, norm_.operand, rstd_, d_normed, d_x, norm_.grad);
   be.axpy(1.0, d_x, dres);
 }
 

@@ -220,8 +220,18 @@ void GptModel::init_parameters(uint64_t seed) {
 }
 
 void GptModel::weights_changed() {
-  if (policy_.separate_operands())
-    be_.cast(params(), registry_.flat(operand_weights_, policy_.operand, be_.device()));
+  if (policy_.separate_operands()) be_.cast(params(), operand_weights());
+}
+
+void GptModel::weights_changed(const std::vector<ElementRange>& ranges) {
+  if (!policy_.separate_operands()) return;
+  const Tensor master = params(), working = operand_weights();
+  auto slice = [](const Tensor& flat, const ElementRange& r) {
+    return Tensor(static_cast<char*>(flat.data) + r.begin * int64_t(dtype_size(flat.dtype)), flat.dtype, flat.device,
+                  {r.end - r.begin});
+  };
+  for (const ElementRange& r : ranges)
+    if (r.end > r.begin) be_.cast(slice(master, r), slice(working, r));
 }
 
 double GptModel::combine_vocab_shards(const Tensor& losses, const Tensor& lse, const int32_t* targets,
@@ -285,7 +295,7 @@ void GptModel::forward_block(int l, MicroBatchStats* stats) {
   Block& b = *blocks_[l];
   const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
   b.attention.forward(be_, in, mid, scratch_);
-  norm_all_rows(mid, b.ffn_norm.value, b.ffn_normed, b.ffn_rstd);
+  norm_all_rows(mid, b.ffn_norm.operand, b.ffn_normed, b.ffn_rstd);
   // A recomputation rewrites `out` (the next block's input) with the same values.
   be_.copy(mid, out);
   if (b.is_moe) {
@@ -329,14 +339,14 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   stats.tokens = t;
   // Each token's row comes from the one vocabulary shard that holds it.
   if (tp.split_sequence()) {
-    be_.embedding_forward(ids_, embedding_.value, tp_scratch_.partial);
+    be_.embedding_forward(ids_, embedding_.operand, tp_scratch_.partial);
     tp.reduce_scatter_rows(tp_scratch_.partial, stream_[0]);
   } else {
-    be_.embedding_forward(ids_, embedding_.value, stream_[0]);
+    be_.embedding_forward(ids_, embedding_.operand, stream_[0]);
     tp.sum(stream_[0]);
   }
   for (int l = 0; l < spec_.layers; ++l) forward_block(l, &stats);
-  norm_all_rows(stream_[2 * spec_.layers], final_norm_.value, final_normed_, final_rstd_);
+  norm_all_rows(stream_[2 * spec_.layers], final_norm_.operand, final_normed_, final_rstd_);
 
   // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
   // once. In training each chunk's backward runs right away.
@@ -359,7 +369,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   if (!train) return stats;
 
   if (tp.split_sequence()) tp.reduce_scatter_rows(d_final_, d_final_local_);
-  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.value, final_rstd_, d_final_local_, d_stream_,
+  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.operand, final_rstd_, d_final_local_, d_stream_,
                        final_norm_.grad);
   auto stage_done = [&](int stage) {
     if (backward_hook_) backward_hook_(stage);
@@ -377,7 +387,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
     const Tensor d_normed = scratch_.d_normed.prefix({mid.rows(), d}), d_x = scratch_.d_x.prefix({mid.rows(), d});
     if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, d_normed, loss_scale, scratch_);
     else b.mlp.backward(be_, b.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
-    be_.rmsnorm_backward(mid, b.ffn_norm.value, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
+    be_.rmsnorm_backward(mid, b.ffn_norm.operand, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
     be_.axpy(1.0, d_x, d_stream_);
     if (execution_.recompute == Recompute::SELECTIVE) b.attention.recompute(be_, scratch_);
     b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);

@@ -77,6 +77,14 @@ class GptModel {
   // step with its ZeRO-1 gather, a checkpoint load): refreshes the GEMM operands' working
   // copy (a no-op unless the policy keeps one).
   void weights_changed();
+  // The same for `ranges` of the flat buffer only (an optimizer step that updated only
+  // this rank's ZeRO-1 shards: the rest arrives through the working copy's all-gather).
+  void weights_changed(const std::vector<ElementRange>& ranges);
+  // The weights the step reads, laid out as params(): the working copy under a policy
+  // with separate operands (BF16), else the master itself.
+  Tensor operand_weights() const {
+    return policy_.separate_operands() ? registry_.flat(operand_weights_, policy_.operand, be_.device()) : params();
+  }
   // Bytes of the activation buffer: what the forward keeps for the backward, the
   // backward's scratch, and the output head's chunk.
   size_t activation_bytes() const { return activations_.bytes() + block_activations_.bytes(); }

@@ -8,9 +8,11 @@
 //     over ranks), AdamW and SD-MoE state, the residual stream, norm statistics, softmax,
 //     router scores and top-k, the losses and every reduction;
 //   - operand dtype (bf16): a working copy of the weights, refreshed whenever the master
-//     weights change, and every GEMM operand: the activations the backward keeps for its
-//     GEMMs (normalised inputs, q, k, v, attention probabilities, context, SwiGLU outputs,
-//     routed rows) and the activation gradients fed to GEMMs;
+//     weights change and the only copy the step reads (the norm gains and the embedding
+//     rows too, widened exactly; so ZeRO-1 all-gathers this copy, and the master is read
+//     whole only by checkpoints), and every GEMM operand: the activations the backward
+//     keeps for its GEMMs (normalised inputs, q, k, v, attention probabilities, context,
+//     SwiGLU outputs, routed rows) and the activation gradients fed to GEMMs;
 //   - GEMM outputs are accumulated and written in fp32.
 #pragma once
 #include <string_view>

@@ -205,13 +205,30 @@ double GradientSync::gradient_norm() {
 
 void GradientSync::after_update() {
   if (!options_.zero1) return;
+  if (options_.operands.numel() > 0 && options_.operands.dtype != params_.dtype) {
+    gather_sharded(options_.operands);
+    master_stale_ = true;
+  } else {
+    gather_sharded(params_);
+  }
+}
+
+void GradientSync::gather_master() {
+  if (!master_stale_) return;
+  gather_sharded(params_);
+  master_stale_ = false;
+}
+
+void GradientSync::gather_sharded(const Tensor& flat) {
+  SDMOE_ASSERT(flat.numel() == params_.numel(), "gradient sync: a gathered buffer of {} elements for {} parameters",
+               flat.numel(), params_.numel());
   for (const GradientBucket& b : buckets_) {
     if (!b.sharded) continue;
     Communicator& group = group_of(b);
     const int64_t count = (b.end - b.begin) / group.size();
     if (group.size() == 1 || count == 0) continue;
-    group.all_gather(range(params_, b.begin + int64_t(group.rank()) * count, b.begin + int64_t(group.rank() + 1) * count),
-                     range(params_, b.begin, b.end));
+    group.all_gather(range(flat, b.begin + int64_t(group.rank()) * count, b.begin + int64_t(group.rank() + 1) * count),
+                     range(flat, b.begin, b.end));
   }
 }
 

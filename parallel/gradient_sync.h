@@ -65,6 +65,11 @@ struct GradientSyncOptions {
   bool sequence_parallel = false;
   int64_t bucket_elements = 0;             // <= 0: one bucket per region
   std::vector<GradientReadyRange> ready;   // empty: nothing launches before reduce()
+  // Mixed precision: the weights' working copy (laid out as the flat parameters, in the
+  // operand dtype) from which the step reads every weight. With ZeRO-1 the parameter
+  // all-gather then moves this copy, half the bytes of the fp32 master, and the master's
+  // blocks owned by other ranks go stale until gather_master(). Empty: no separate copy.
+  Tensor operands;
 };
 
 // The step's gradient synchronisation as the trainer runs it, one object per model:
@@ -73,7 +78,12 @@ struct GradientSyncOptions {
 //                           launches every armed bucket that is now complete;
 //   reduce()                after the backward: launches what is left, waits for all,
 //                           and returns the global gradient norm;
-//   after_update()          after the optimizer: with ZeRO-1, the parameter all-gather.
+//   after_update()          after the optimizer and the owner's refresh of the working
+//                           copy: with ZeRO-1, the parameter all-gather (of the working
+//                           copy when there is one, else of the master);
+//   gather_master()         with ZeRO-1 and a working copy: brings the fp32 master of
+//                           other ranks' blocks up to date, before anything reads it whole
+//                           (a checkpoint save); a no-op when it is current.
 // Dense buckets are all-reduced over groups.dp (with sequence parallelism the
 // tp-replicated ones, partial sums over this rank's tokens, over groups.tp first), expert
 // buckets over groups.edp. With ZeRO-1 each bucket is reduce-scattered instead: the rank
@@ -89,6 +99,10 @@ class GradientSync {
   void backward_stage_done(int stage);
   double reduce();
   void after_update();
+  void gather_master();
+  // Whether the fp32 master of other ranks' blocks is behind (ZeRO-1 with a working copy,
+  // between after_update() and gather_master()).
+  bool master_stale() const { return master_stale_; }
   const std::vector<ElementRange>& owned() const { return owned_; }
   const std::vector<GradientBucket>& buckets() const { return buckets_; }
   // Buckets launched by backward_stage_done since the last reduce().
@@ -99,6 +113,8 @@ class GradientSync {
   Tensor range(const Tensor& flat, int64_t begin, int64_t end) const;
   void launch(size_t index);
   double gradient_norm();
+  // All-gathers every sharded bucket's blocks of `flat` (the master or the working copy).
+  void gather_sharded(const Tensor& flat);
 
   Tensor params_, grads_;
   GradientRegions regions_;
@@ -112,6 +128,7 @@ class GradientSync {
   std::vector<ElementRange> owned_;
   Buffer scratch_;
   bool armed_ = false;
+  bool master_stale_ = false;
   int launched_during_backward_ = 0;
 };
 

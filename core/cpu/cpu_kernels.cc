@@ -26,14 +26,24 @@ using cpu::widen;
 void CpuBackend::embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
   const int64_t tokens = ids.numel(), dim = table.cols(), vocab = table.rows();
   const int32_t* id = ids.ptr<int32_t>();
-  dispatch_float(table.dtype, [&](auto z) {
+  // The table may be in a storage dtype (BF16's working copy of the weights); the rows
+  // are widened exactly into the output's dtype.
+  dispatch_float(out.dtype, [&](auto z) {
     using T = decltype(z);
+    dispatch_storage(table.dtype, [&](auto zt) {
+      using W = decltype(zt);
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tokens; ++t) {
-      SDMOE_ASSERT(id[t] < vocab, "token id {} outside vocabulary {}", id[t], vocab);
-      if (id[t] < 0) std::fill_n(out.ptr<T>() + t * dim, dim, T(0));  // row on another rank
-      else std::copy_n(table.ptr<T>() + int64_t(id[t]) * dim, dim, out.ptr<T>() + t * dim);
-    }
+      for (int64_t t = 0; t < tokens; ++t) {
+        SDMOE_ASSERT(id[t] < vocab, "token id {} outside vocabulary {}", id[t], vocab);
+        T* o = out.ptr<T>() + t * dim;
+        if (id[t] < 0) {
+          std::fill_n(o, dim, T(0));  // row on another rank
+          continue;
+        }
+        const W* row = table.ptr<W>() + int64_t(id[t]) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = T(widen(row[d]));
+      }
+    });
   });
 }
 
@@ -55,11 +65,16 @@ void CpuBackend::embedding_backward(const Tensor& ids, const Tensor& dout, const
 void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y,
                                  const Tensor& rstd) {
   const int64_t rows = x.rows(), dim = x.cols();
-  // y may be in a storage dtype (a bf16 GEMM operand); statistics stay in x's dtype.
+  // y may be in a storage dtype (a bf16 GEMM operand), and so may the weight (BF16's
+  // working copy); statistics stay in x's dtype.
   dispatch_float(x.dtype, [&](auto z) {
     using T = decltype(z);
     dispatch_storage(y.dtype, [&](auto zy) {
       using Y = decltype(zy);
+      std::vector<double> w(static_cast<size_t>(dim));
+      dispatch_storage(weight.dtype, [&](auto zw) {
+        for (int64_t d = 0; d < dim; ++d) w[size_t(d)] = widen(weight.ptr<decltype(zw)>()[d]);
+      });
 #pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x.ptr<T>() + r * dim;
@@ -68,7 +83,7 @@ void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& weight, double e
         const double inv = 1.0 / std::sqrt(ss / double(dim) + eps);
         rstd.ptr<T>()[r] = T(inv);
         Y* yr = y.ptr<Y>() + r * dim;
-        for (int64_t d = 0; d < dim; ++d) yr[d] = narrow<Y>(double(xr[d]) * inv * double(weight.ptr<T>()[d]));
+        for (int64_t d = 0; d < dim; ++d) yr[d] = narrow<Y>(double(xr[d]) * inv * w[size_t(d)]);
       }
     });
   });
@@ -77,19 +92,23 @@ void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& weight, double e
 void CpuBackend::rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy,
                                   const Tensor& dx, const Tensor& dweight) {
   const int64_t rows = x.rows(), dim = x.cols();
+  // The weight may be in a storage dtype (BF16's working copy).
+  std::vector<double> w(static_cast<size_t>(dim));
+  dispatch_storage(weight.dtype, [&](auto zw) {
+    for (int64_t d = 0; d < dim; ++d) w[size_t(d)] = widen(weight.ptr<decltype(zw)>()[d]);
+  });
   dispatch_float(x.dtype, [&](auto z) {
     using T = decltype(z);
-    const T* w = weight.ptr<T>();
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T *xr = x.ptr<T>() + r * dim, *gr = dy.ptr<T>() + r * dim;
       const double inv = double(rstd.ptr<T>()[r]);
       // y = x * inv * w  =>  dx = inv * (g*w) - x * inv^3 * mean(g*w*x)
       double dot = 0.0;
-      for (int64_t d = 0; d < dim; ++d) dot += double(gr[d]) * double(w[d]) * double(xr[d]);
+      for (int64_t d = 0; d < dim; ++d) dot += double(gr[d]) * w[size_t(d)] * double(xr[d]);
       const double coef = dot * inv * inv * inv / double(dim);
       T* dxr = dx.ptr<T>() + r * dim;
-      for (int64_t d = 0; d < dim; ++d) dxr[d] = T(double(gr[d]) * double(w[d]) * inv - double(xr[d]) * coef);
+      for (int64_t d = 0; d < dim; ++d) dxr[d] = T(double(gr[d]) * w[size_t(d)] * inv - double(xr[d]) * coef);
     }
     // Weight gradient reduced over rows in row order (deterministic).
     T* dw = dweight.ptr<T>();

@@ -300,7 +300,7 @@ class CudaBackend final : public Backend {
     const int64_t tokens = ids.numel(), dim = table.cols();
     SDMOE_ASSERT(out.numel() == tokens * dim, "embedding_forward: out {} for {} tokens x {}", out.shape_string(),
                  tokens, dim);
-    launch_embedding_forward(i32(ids, "embedding_forward"), f32(table, "embedding_forward"),
+    launch_embedding_forward(i32(ids, "embedding_forward"), storage(table, "embedding_forward"), table.dtype,
                              f32(out, "embedding_forward"), tokens, table.rows(), dim, s());
   }
   void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) override {
@@ -317,8 +317,8 @@ class CudaBackend final : public Backend {
                        const Tensor& rstd) override {
     const int64_t rows = x.rows(), dim = x.cols();
     SDMOE_ASSERT(weight.numel() == dim && y.numel() == x.numel() && rstd.numel() == rows, "rmsnorm_forward shapes");
-    launch_rmsnorm_forward(f32(x, "rmsnorm"), f32(weight, "rmsnorm"), float(eps), storage(y, "rmsnorm"), y.dtype,
-                           f32(rstd, "rmsnorm"), rows, dim, s());
+    launch_rmsnorm_forward(f32(x, "rmsnorm"), storage(weight, "rmsnorm"), weight.dtype, float(eps),
+                           storage(y, "rmsnorm"), y.dtype, f32(rstd, "rmsnorm"), rows, dim, s());
   }
   void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy,
                         const Tensor& dx, const Tensor& dweight) override {
@@ -328,8 +328,8 @@ class CudaBackend final : public Backend {
                  "rmsnorm_backward shapes");
     if (rows == 0 || dim == 0) return;
     double* partials = static_cast<double*>(workspace_.get(column_partials(rows, dim) * sizeof(double)));
-    launch_rmsnorm_backward(f32(x, "rmsnorm"), f32(weight, "rmsnorm"), f32(rstd, "rmsnorm"), f32(dy, "rmsnorm"),
-                            f32(dx, "rmsnorm"), f32(dweight, "rmsnorm"), rows, dim, partials, s());
+    launch_rmsnorm_backward(f32(x, "rmsnorm"), storage(weight, "rmsnorm"), weight.dtype, f32(rstd, "rmsnorm"),
+                            f32(dy, "rmsnorm"), f32(dx, "rmsnorm"), f32(dweight, "rmsnorm"), rows, dim, partials, s());
   }
   void swiglu_forward(const Tensor& gate_up, const Tensor& out) override {
     const int64_t rows = out.rows(), f = out.cols();

@@ -158,17 +158,19 @@ void launch_init_normal(void* x, DType dtype, int64_t n, uint64_t seed, uint64_t
                         int64_t index_offset, cudaStream_t s);
 // out[c * rows + r] = in[r * cols + c]
 void launch_transpose(const float* in, float* out, int64_t rows, int64_t cols, cudaStream_t s);
-void launch_embedding_forward(const int32_t* ids, const float* table, float* out, int64_t tokens, int64_t vocab,
-                              int64_t dim, cudaStream_t s);
+// table in F32, or BF16 (the weights' working copy); out fp32.
+void launch_embedding_forward(const int32_t* ids, const void* table, DType table_dtype, float* out, int64_t tokens,
+                              int64_t vocab, int64_t dim, cudaStream_t s);
 // Workspace bytes for embedding_backward (a stable radix sort of the ids).
 size_t embedding_backward_workspace(int64_t tokens);
 void launch_embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t tokens, int64_t vocab,
                                int64_t dim, void* workspace, size_t workspace_bytes, cudaStream_t s);
-// y in y_dtype (F32, or BF16 as a GEMM operand); the statistics in fp32.
-void launch_rmsnorm_forward(const float* x, const float* w, float eps, void* y, DType y_dtype, float* rstd,
-                            int64_t rows, int64_t dim, cudaStream_t s);
-void launch_rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
-                             float* dw, int64_t rows, int64_t dim, double* partials, cudaStream_t s);
+// y in y_dtype (F32, or BF16 as a GEMM operand) and w in w_dtype (F32, or BF16: the
+// weights' working copy); x, the statistics and the gradients in fp32.
+void launch_rmsnorm_forward(const float* x, const void* w, DType w_dtype, float eps, void* y, DType y_dtype,
+                            float* rstd, int64_t rows, int64_t dim, cudaStream_t s);
+void launch_rmsnorm_backward(const float* x, const void* w, DType w_dtype, const float* rstd, const float* dy,
+                             float* dx, float* dw, int64_t rows, int64_t dim, double* partials, cudaStream_t s);
 // out and dgate_up in F32 or BF16 (GEMM operands); gate_up and dout fp32.
 void launch_swiglu_forward(const float* gate_up, void* out, DType out_dtype, int64_t rows, int64_t f,
                            cudaStream_t s);

@@ -164,12 +164,16 @@ __global__ void transpose_kernel(const float* in, float* out, int64_t rows, int6
 // ---- embedding ----------------------------------------------------------------------------
 // Negative ids are rows on another rank (vocabulary-parallel): zero. Ids beyond the
 // table cannot abort from a kernel; their rows become NaN so the loss shows it.
-__global__ void embedding_forward_kernel(const int32_t* ids, const float* table, float* out, int64_t vocab,
+// The table may be BF16's working copy of the weights (widened exactly).
+template <typename W>
+__global__ void embedding_forward_kernel(const int32_t* ids, const W* table, float* out, int64_t vocab,
                                          int64_t dim) {
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-    out[t * dim + d] = id < 0 ? 0.0f : id < vocab ? table[int64_t(id) * dim + d] : __int_as_float(0x7fc00000);
+    out[t * dim + d] = id < 0       ? 0.0f
+                       : id < vocab ? load_as_float(table, int64_t(id) * dim + d)
+                                    : __int_as_float(0x7fc00000);
 }
 
 __global__ void iota_kernel(int32_t* x, int64_t n) {
@@ -193,8 +197,9 @@ __global__ void embedding_accumulate_kernel(const int32_t* sorted_ids, const int
 }
 
 // ---- RMSNorm ------------------------------------------------------------------------------
-template <typename Y>
-__global__ void rmsnorm_forward_kernel(const float* x, const float* w, double eps, Y* y, float* rstd, int64_t dim) {
+// The weight may be BF16's working copy (W = uint16_t), the output a bf16 GEMM operand.
+template <typename W, typename Y>
+__global__ void rmsnorm_forward_kernel(const float* x, const W* w, double eps, Y* y, float* rstd, int64_t dim) {
   __shared__ double shared[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * dim;
@@ -205,22 +210,24 @@ __global__ void rmsnorm_forward_kernel(const float* x, const float* w, double ep
   if (threadIdx.x == 0) rstd[r] = static_cast<float>(inv);
   Y* yr = y + r * dim;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-    store_float(yr, d, static_cast<float>(double(xr[d]) * inv * double(w[d])));
+    store_float(yr, d, static_cast<float>(double(xr[d]) * inv * double(load_as_float(w, d))));
 }
 
-__global__ void rmsnorm_backward_dx_kernel(const float* x, const float* w, const float* rstd, const float* dy,
+template <typename W>
+__global__ void rmsnorm_backward_dx_kernel(const float* x, const W* w, const float* rstd, const float* dy,
                                            float* dx, int64_t dim) {
   __shared__ double shared[32];
   const int64_t r = blockIdx.x;
   const float *xr = x + r * dim, *gr = dy + r * dim;
   const double inv = double(rstd[r]);
   double dot = 0.0;
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) dot += double(gr[d]) * double(w[d]) * double(xr[d]);
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
+    dot += double(gr[d]) * double(load_as_float(w, d)) * double(xr[d]);
   dot = block_sum(dot, shared);
   const double coef = dot * inv * inv * inv / double(dim);
   float* dxr = dx + r * dim;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-    dxr[d] = static_cast<float>(double(gr[d]) * double(w[d]) * inv - double(xr[d]) * coef);
+    dxr[d] = static_cast<float>(double(gr[d]) * double(load_as_float(w, d)) * inv - double(xr[d]) * coef);
 }
 
 // ---- SwiGLU -------------------------------------------------------------------------------
@@ -432,10 +439,14 @@ void launch_transpose(const float* in, float* out, int64_t rows, int64_t cols, c
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_embedding_forward(const int32_t* ids, const float* table, float* out, int64_t tokens, int64_t vocab,
-                              int64_t dim, cudaStream_t s) {
+void launch_embedding_forward(const int32_t* ids, const void* table, DType table_dtype, float* out, int64_t tokens,
+                              int64_t vocab, int64_t dim, cudaStream_t s) {
   if (tokens == 0 || dim == 0) return;
-  embedding_forward_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, s>>>(ids, table, out, vocab, dim);
+  dispatch_storage(table_dtype, "embedding_forward", [&](auto zt) {
+    using W = decltype(zt);
+    embedding_forward_kernel<W><<<static_cast<unsigned>(tokens), kThreads, 0, s>>>(ids, static_cast<const W*>(table),
+                                                                                   out, vocab, dim);
+  });
   SDMOE_CHECK_LAUNCH();
 }
 
@@ -481,21 +492,28 @@ void launch_embedding_backward(const int32_t* ids, const float* dout, float* dta
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_rmsnorm_forward(const float* x, const float* w, float eps, void* y, DType y_dtype, float* rstd,
-                            int64_t rows, int64_t dim, cudaStream_t s) {
+void launch_rmsnorm_forward(const float* x, const void* w, DType w_dtype, float eps, void* y, DType y_dtype,
+                            float* rstd, int64_t rows, int64_t dim, cudaStream_t s) {
   if (rows == 0) return;
-  dispatch_storage(y_dtype, "rmsnorm_forward", [&](auto zy) {
-    using Y = decltype(zy);
-    rmsnorm_forward_kernel<Y><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(x, w, double(eps), static_cast<Y*>(y),
-                                                                                rstd, dim);
+  dispatch_storage(w_dtype, "rmsnorm_forward", [&](auto zw) {
+    using W = decltype(zw);
+    dispatch_storage(y_dtype, "rmsnorm_forward", [&](auto zy) {
+      using Y = decltype(zy);
+      rmsnorm_forward_kernel<W, Y><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+          x, static_cast<const W*>(w), double(eps), static_cast<Y*>(y), rstd, dim);
+    });
   });
   SDMOE_CHECK_LAUNCH();
 }
 
-void launch_rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
-                             float* dw, int64_t rows, int64_t dim, double* partials, cudaStream_t s) {
+void launch_rmsnorm_backward(const float* x, const void* w, DType w_dtype, const float* rstd, const float* dy,
+                             float* dx, float* dw, int64_t rows, int64_t dim, double* partials, cudaStream_t s) {
   if (rows == 0 || dim == 0) return;
-  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(x, w, rstd, dy, dx, dim);
+  dispatch_storage(w_dtype, "rmsnorm_backward", [&](auto zw) {
+    using W = decltype(zw);
+    rmsnorm_backward_dx_kernel<W><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(x, static_cast<const W*>(w), rstd,
+                                                                                   dy, dx, dim);
+  });
   SDMOE_CHECK_LAUNCH();
   column_reduce(RmsnormWeightGrad{dy, x, rstd, dim}, rows, dim, partials, nullptr, dw, s);
 }

@@ -117,6 +117,50 @@ TEST(CpuBf16Ops, RmsnormForwardWritesRoundedOutput) {
   expect_identical(get(r32.t), get(r16.t), "rstd stays fp32");
 }
 
+// Under BF16 the step reads every weight from the working copy, the norm gains and the
+// embedding table included: a bf16 weight must give exactly what an fp32 weight holding
+// the same (widened) values gives.
+TEST(CpuBf16Ops, RmsnormReadsBf16Weight) {
+  const int64_t rows = 6, dim = 40;
+  const std::vector<double> x = randn(rows * dim, 11), w = bf16_values(randn(dim, 12, 0.2, 1.0)),
+                            dy = randn(rows * dim, 13);
+  Owned xt = make_from(DType::F32, {rows, dim}, x), dyt = make_from(DType::F32, {rows, dim}, dy);
+  Owned w32 = make_from(DType::F32, {dim}, w), w16 = make_from(DType::BF16, {dim}, w);
+  Owned ya = make(DType::F32, {rows, dim}), ra = make(DType::F32, {rows});
+  Owned yb = make(DType::F32, {rows, dim}), rb = make(DType::F32, {rows});
+  cpu().rmsnorm_forward(xt.t, w32.t, 1e-5, ya.t, ra.t);
+  cpu().rmsnorm_forward(xt.t, w16.t, 1e-5, yb.t, rb.t);
+  expect_identical(get(ya.t), get(yb.t), "normed output from a bf16 weight");
+  Owned dxa = make(DType::F32, {rows, dim}), dxb = make(DType::F32, {rows, dim});
+  Owned dwa = make_from(DType::F32, {dim}, randn(dim, 14)), dwb = make_from(DType::F32, {dim}, get(dwa.t));
+  cpu().rmsnorm_backward(xt.t, w32.t, ra.t, dyt.t, dxa.t, dwa.t);
+  cpu().rmsnorm_backward(xt.t, w16.t, rb.t, dyt.t, dxb.t, dwb.t);
+  expect_identical(get(dxa.t), get(dxb.t), "input gradient through a bf16 weight");
+  expect_identical(get(dwa.t), get(dwb.t), "fp32 weight gradient accumulated");
+  // The bf16 weight is really read: a different weight gives a different output.
+  Owned w_other = make_from(DType::BF16, {dim}, bf16_values(randn(dim, 15, 0.2, 1.0)));
+  cpu().rmsnorm_forward(xt.t, w_other.t, 1e-5, yb.t, rb.t);
+  EXPECT_NE(get(ya.t), get(yb.t));
+}
+
+TEST(CpuBf16Ops, EmbeddingReadsBf16Table) {
+  const int64_t vocab = 9, dim = 24;
+  const std::vector<double> table = bf16_values(randn(vocab * dim, 16));
+  const std::vector<int32_t> ids = {3, 0, 8, -1, 3, 5};  // -1: a row held by another rank
+  Owned idt = make(DType::I32, {int64_t(ids.size())});
+  put_i32(idt.t, ids);
+  Owned t32 = make_from(DType::F32, {vocab, dim}, table), t16 = make_from(DType::BF16, {vocab, dim}, table);
+  Owned oa = make(DType::F32, {int64_t(ids.size()), dim}), ob = make(DType::F32, {int64_t(ids.size()), dim});
+  cpu().embedding_forward(idt.t, t32.t, oa.t);
+  cpu().embedding_forward(idt.t, t16.t, ob.t);
+  expect_identical(get(oa.t), get(ob.t), "rows widened from a bf16 table");
+  std::vector<double> want(ids.size() * size_t(dim), 0.0);
+  for (size_t t = 0; t < ids.size(); ++t)
+    if (ids[t] >= 0)
+      for (int64_t d = 0; d < dim; ++d) want[t * size_t(dim) + size_t(d)] = table[size_t(ids[t] * dim + d)];
+  expect_identical(want, get(ob.t), "the looked-up rows");
+}
+
 TEST(CpuBf16Ops, SwigluForwardAndBackwardWriteRoundedOutputs) {
   const int64_t rows = 5, f = 40;
   const std::vector<double> gu = randn(rows * 2 * f, 3, 2.0), d = randn(rows * f, 4);

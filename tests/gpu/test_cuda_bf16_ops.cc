@@ -1,6 +1,7 @@
 // The bf16 storage variants of the CUDA ops that the BF16 precision policy uses (GEMM
 // operands written or read by rmsnorm, SwiGLU, the head layouts, RoPE, the softmax
-// backward and the row gather), and the cuBLASLt bf16 GEMMs, each against the CPU twin.
+// backward and the row gather; the norm gains and the embedding table read from the
+// weights' bf16 working copy), and the cuBLASLt bf16 GEMMs, each against the CPU twin.
 //
 // Tolerances.
 //   - Pure copies and roundings of the same fp32 values (the head layouts, gather) use one
@@ -75,6 +76,42 @@ TEST(CudaBf16, RmsNormWritesBf16Operand) {
     expect_bf16_rounding_of_same_value(cpu_bf16(y), gpu_bf16(y), what);
     expect_close(cpu_f(rstd), gpu_f(rstd), 0, 1e-6, what + " rstd (fp32)");
   }
+}
+
+// Under BF16 the norm gains are read from the weights' working copy: the same bf16
+// weight on both backends, fp32 x, y and gradients, so the fp32 tolerances of the fp32
+// test (CudaBackend.RmsNorm) apply.
+TEST(CudaBf16, RmsNormReadsBf16Weight) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (int64_t dim : {int64_t(16), int64_t(999), int64_t(4096)}) {
+    const int64_t rows = 37;
+    const std::string what = fmt::format("rmsnorm bf16 weight, dim={}", dim);
+    Twin x = twin({rows, dim}, randn(rows * dim, 170, 2.0f, 0.3f)), w = bf16_twin({dim}, randn(dim, 171, 0.5f, 1.0f));
+    Twin y = twin(DType::F32, {rows, dim}), rstd = twin(DType::F32, {rows});
+    cpu().rmsnorm_forward(x.c, w.c, 1e-5, y.c, rstd.c);
+    gpu().rmsnorm_forward(x.g, w.g, 1e-5, y.g, rstd.g);
+    expect_close(cpu_f(y), gpu_f(y), 1e-6, 1e-5, what + " y");
+    Twin dy = twin({rows, dim}, randn(rows * dim, 172)), dx = twin(DType::F32, {rows, dim});
+    Twin dw = twin({dim}, randn(dim, 173));  // accumulates, fp32
+    gpu().copy_from_host(rstd.c.data, rstd.g);  // both backwards see the CPU's rstd
+    cpu().rmsnorm_backward(x.c, w.c, rstd.c, dy.c, dx.c, dw.c);
+    gpu().rmsnorm_backward(x.g, w.g, rstd.g, dy.g, dx.g, dw.g);
+    expect_close(cpu_f(dx), gpu_f(dx), 1e-5, 1e-5, what + " dx");
+    expect_close(cpu_f(dw), gpu_f(dw), 1e-5, 1e-5, what + " dweight");
+  }
+}
+
+// The embedding table read from the working copy: rows widened exactly, so bitwise.
+TEST(CudaBf16, EmbeddingReadsBf16Table) {
+  if (sdmoe::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t vocab = 50, dim = 300, tokens = 1000;
+  auto ids = randint(tokens, 0, vocab, 174);
+  for (int64_t t = 0; t < tokens; t += 9) ids[t] = -1;  // rows on another rank
+  Twin id = twin({tokens}, ids), table = bf16_twin({vocab, dim}, randn(vocab * dim, 175));
+  Twin out = twin(DType::F32, {tokens, dim});
+  cpu().embedding_forward(id.c, table.c, out.c);
+  gpu().embedding_forward(id.g, table.g, out.g);
+  expect_equal(cpu_f(out), gpu_f(out), "embedding_forward from a bf16 table");
 }
 
 TEST(CudaBf16, SwiGluWritesBf16Operands) {

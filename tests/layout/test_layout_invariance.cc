@@ -117,6 +117,52 @@ std::vector<float> host(Backend& be, const Tensor& t) {
   return v;
 }
 
+// ZeRO-1 under BF16 all-gathers the weights' working copy (bf16) after each step, and
+// the fp32 master's blocks owned by other ranks only at gather_master(). Checked after the
+// last step: the bf16 gather moved half the bytes of the fp32 one; the master was stale
+// before gather_master() and, after it, rounds to the working copy bit for bit (a stale
+// block would round to the weights of an earlier step). Returns the failures.
+int check_master_gather(Backend& be, GptModel& model, GradientSync& sync, const ProcessGroups& groups, bool bf16,
+                        double working_bytes, int rank) {
+  if (!bf16) {
+    if (sync.master_stale()) {
+      std::fprintf(stderr, "rank %d: the fp32 master is stale in FP32\n", rank);
+      return 1;
+    }
+    return 0;
+  }
+  int failures = 0;
+  const bool gathers = working_bytes > 0;
+  if (sync.master_stale() != gathers) {
+    std::fprintf(stderr, "rank %d: master stale %d after a step whose gather moved %.0f bytes\n", rank,
+                 int(sync.master_stale()), working_bytes);
+    ++failures;
+  }
+  groups.dp->reset_bytes_sent();
+  groups.edp->reset_bytes_sent();
+  sync.gather_master();
+  const double master_bytes = double(groups.dp->bytes_sent() + groups.edp->bytes_sent());
+  if (!(working_bytes == 0.5 * master_bytes)) {
+    std::fprintf(stderr, "rank %d: the bf16 working-copy gather moved %.0f bytes, the fp32 master gather %.0f\n", rank,
+                 working_bytes, master_bytes);
+    ++failures;
+  }
+  Buffer rounded(be, size_t(model.params().numel()) * dtype_size(DType::BF16));
+  const Tensor rounded_flat(rounded.data(), DType::BF16, model.params().device, {model.params().numel()});
+  be.cast(model.params(), rounded_flat);
+  std::vector<uint16_t> want(size_t(model.params().numel())), got(want.size());
+  be.copy_to_host(rounded_flat, want.data());
+  be.copy_to_host(model.operand_weights(), got.data());
+  int64_t differ = 0;
+  for (size_t i = 0; i < want.size(); ++i) differ += want[i] != got[i];
+  if (differ > 0) {
+    std::fprintf(stderr, "rank %d: after gather_master, %ld of %zu master weights do not round to the working copy\n",
+                 rank, (long)differ, want.size());
+    ++failures;
+  }
+  return failures;
+}
+
 int run(int argc, char** argv) {
   int tp = 1, ep = 1, etp = 1;
   bool cuda = false, zero1 = false, sequence_parallel = false, bf16 = false;
@@ -189,7 +235,7 @@ int run(int argc, char** argv) {
   GradientSync sync(parallel.params(), parallel.grads(), parallel.registry().tp_sharded_begin(),
                     parallel.registry().expert_begin(), groups, *be,
                     GradientSyncOptions{zero1, !use_sdmoe, sequence_parallel, bucket_elements,
-                                        parallel.gradient_ready_ranges()});
+                                        parallel.gradient_ready_ranges(), parallel.operand_weights()});
   parallel.set_backward_hook([&sync](int stage) { sync.backward_stage_done(stage); });
   const std::vector<ElementRange>& owned = sync.owned();
   std::unique_ptr<SpectralDecomposition> ref_sd, par_sd;
@@ -329,9 +375,13 @@ int run(int argc, char** argv) {
     }
     const OptimizerStepResult r = ref_opt.step(step);
     const OptimizerStepResult p = par_opt.step(step, grad_norm);
-    sync.after_update();
     reference.weights_changed();
-    parallel.weights_changed();
+    parallel.weights_changed(owned);
+    groups.dp->reset_bytes_sent();
+    groups.edp->reset_bytes_sent();
+    sync.after_update();
+    const double gathered_bytes = double(groups.dp->bytes_sent() + groups.edp->bytes_sent());
+    if (step == kSteps - 1) failures += check_master_gather(*be, parallel, sync, groups, bf16, gathered_bytes, rank);
     if (use_sdmoe && par_service->due(step + 1)) refresh_both(step + 1);
     worst_loss = std::max(worst_loss, std::fabs(ref_loss - par_loss));
     if (!(std::fabs(ref_loss - par_loss) <= (bf16 ? loss_tol * ref_loss : loss_tol)) ||
