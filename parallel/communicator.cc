@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <deque>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -108,7 +109,170 @@ class MpiPendingCollective final : public PendingCollective {
   std::vector<MPI_Request> requests_;
 };
 
+// Nonblocking MPI requests and what they use until they complete: the count arrays of a
+// vector collective, host staging for device tensors, and the device tensors that wait()
+// fills from their staging.
+class MpiPending final : public PendingCollective {
+ public:
+  explicit MpiPending(Backend& backend) : backend_(backend) {}
+  // A host buffer that lives until wait() (moving the outer vector keeps inner buffers).
+  char* stage(size_t bytes) {
+    staging_.emplace_back(std::max<size_t>(bytes, 1));
+    return staging_.back().data();
+  }
+  // The last staged buffer is copied into `device` once the requests complete.
+  void copy_out_last(const Tensor& device) { copy_out_.push_back({device, staging_.size() - 1}); }
+  std::vector<int>& ints(size_t n) {
+    counts_.emplace_back(n);
+    return counts_.back();
+  }
+  // Where the next MPI call writes its request handle (valid until the next request()).
+  MPI_Request* request() {
+    requests_.push_back(MPI_REQUEST_NULL);
+    return &requests_.back();
+  }
+  void wait() override {
+    if (!requests_.empty()) SDMOE_CHECK_MPI(MPI_Waitall(int(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE));
+    requests_.clear();
+    for (const CopyOut& c : copy_out_)
+      if (c.device.bytes() > 0) backend_.copy_from_host(staging_[c.staging].data(), c.device);
+    copy_out_.clear();
+    staging_.clear();
+  }
+
+ private:
+  struct CopyOut {
+    Tensor device;
+    size_t staging;
+  };
+  Backend& backend_;
+  std::vector<MPI_Request> requests_;  // each address is used only by the call that fills it
+  std::vector<std::vector<char>> staging_;
+  std::deque<std::vector<int>> counts_;  // a deque: references stay valid as arrays are added
+  std::vector<CopyOut> copy_out_;
+};
+
+// One tag for every point-to-point transfer: on the communicator's own duplicate, so that
+// transfers between two ranks match in the order they start (MPI's non-overtaking rule).
+constexpr int kTransferTag = 7;
+
 }  // namespace
+
+uint64_t Communicator::check_transfers(std::span<const PeerTransfer> transfers) const {
+  uint64_t bytes = 0;
+  for (const PeerTransfer& t : transfers) {
+    SDMOE_ASSERT(t.peer >= 0 && t.peer < size(), "exchange: peer {} outside a group of {} ranks", t.peer, size());
+    if (t.kind == PeerTransfer::Kind::SEND && t.peer != rank()) bytes += t.tensor.bytes();
+  }
+  return bytes;
+}
+
+std::unique_ptr<PendingCollective> Communicator::all_gather_async(const Tensor& in, const Tensor& out) {
+  all_gather(in, out);
+  return std::make_unique<CompletedCollective>();
+}
+
+std::unique_ptr<PendingCollective> Communicator::all_to_all_async(const Tensor& send,
+                                                                  std::span<const int64_t> send_counts,
+                                                                  const Tensor& recv,
+                                                                  std::span<const int64_t> recv_counts) {
+  all_to_all(send, send_counts, recv, recv_counts);
+  return std::make_unique<CompletedCollective>();
+}
+
+std::unique_ptr<PendingCollective> MpiCommunicator::exchange_async(std::span<const PeerTransfer> transfers) {
+  bytes_sent_ += check_transfers(transfers);
+  auto pending = std::make_unique<MpiPending>(backend_);
+  constexpr int64_t kPiece = int64_t(1) << 30;  // MPI counts are ints
+  for (const PeerTransfer& t : transfers) {
+    const Tensor& x = t.tensor;
+    if (x.numel() == 0) continue;  // the peer's matching transfer is empty too
+    const MPI_Datatype type = mpi_move_type(x.dtype);
+    const bool sending = t.kind == PeerTransfer::Kind::SEND;
+    char* buf = static_cast<char*>(x.data);
+    if (x.device != Device::CPU) {
+      buf = pending->stage(x.bytes());
+      if (sending) backend_.copy_to_host(x, buf);
+      else pending->copy_out_last(x);
+    }
+    const size_t width = dtype_size(x.dtype);
+    for (int64_t begin = 0; begin < x.numel(); begin += kPiece) {
+      const int count = static_cast<int>(std::min(kPiece, x.numel() - begin));
+      if (sending)
+        SDMOE_CHECK_MPI(MPI_Isend(buf + begin * width, count, type, t.peer, kTransferTag, comm_, pending->request()));
+      else
+        SDMOE_CHECK_MPI(MPI_Irecv(buf + begin * width, count, type, t.peer, kTransferTag, comm_, pending->request()));
+    }
+  }
+  return pending;
+}
+
+std::unique_ptr<PendingCollective> MpiCommunicator::all_gather_async(const Tensor& in, const Tensor& out) {
+  SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
+  SDMOE_ASSERT(out.numel() == in.numel() * size_, "all_gather: out has {} elements for {} ranks x {}", out.numel(),
+               size_, in.numel());
+  if (size_ == 1 || in.numel() == 0) return Communicator::all_gather_async(in, out);
+  bytes_sent_ += uint64_t(size_ - 1) * in.bytes();
+  auto pending = std::make_unique<MpiPending>(backend_);
+  const MPI_Datatype type = mpi_move_type(in.dtype);
+  const int n = mpi_count(in.numel(), "all_gather");
+  char* own_block = static_cast<char*>(out.data) + int64_t(rank_) * int64_t(in.bytes());
+  if (out.device == Device::CPU) {
+    if (in.data == own_block)
+      SDMOE_CHECK_MPI(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, out.data, n, type, comm_, pending->request()));
+    else
+      SDMOE_CHECK_MPI(MPI_Iallgather(in.data, n, type, out.data, n, type, comm_, pending->request()));
+    return pending;
+  }
+  // Device tensors: the rank's block is staged into its place in a host copy of `out`,
+  // gathered in place there, and copied to the device at wait().
+  char* buf = pending->stage(out.bytes());
+  backend_.copy_to_host(in, buf + int64_t(rank_) * int64_t(in.bytes()));
+  pending->copy_out_last(out);
+  SDMOE_CHECK_MPI(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, n, type, comm_, pending->request()));
+  return pending;
+}
+
+std::unique_ptr<PendingCollective> MpiCommunicator::all_to_all_async(const Tensor& send,
+                                                                     std::span<const int64_t> send_counts,
+                                                                     const Tensor& recv,
+                                                                     std::span<const int64_t> recv_counts) {
+  SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
+  SDMOE_ASSERT(int(send_counts.size()) == size_ && int(recv_counts.size()) == size_,
+               "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(), size_);
+  auto pending = std::make_unique<MpiPending>(backend_);
+  // MPI reads the count arrays until the request completes: the pending exchange owns them.
+  std::vector<int> &scount = pending->ints(size_), &sdispl = pending->ints(size_), &rcount = pending->ints(size_),
+                   &rdispl = pending->ints(size_);
+  int64_t soff = 0, roff = 0;
+  for (int p = 0; p < size_; ++p) {
+    SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
+    scount[p] = mpi_count(send_counts[p], "all_to_all");
+    rcount[p] = mpi_count(recv_counts[p], "all_to_all");
+    sdispl[p] = mpi_count(soff, "all_to_all displacement");
+    rdispl[p] = mpi_count(roff, "all_to_all displacement");
+    soff += send_counts[p];
+    roff += recv_counts[p];
+    if (p != rank_) bytes_sent_ += uint64_t(send_counts[p]) * dtype_size(send.dtype);
+  }
+  SDMOE_ASSERT(soff <= send.numel(), "all_to_all: {} elements to send from a tensor of {}", soff, send.numel());
+  SDMOE_ASSERT(roff <= recv.numel(), "all_to_all: {} elements to receive into a tensor of {}", roff, recv.numel());
+  const Tensor send_part = send.prefix({soff}), recv_part = recv.prefix({roff});
+  char* src = static_cast<char*>(send.data);
+  char* dst = static_cast<char*>(recv.data);
+  if (send.device != Device::CPU) {
+    src = pending->stage(send_part.bytes());
+    if (send_part.bytes() > 0) backend_.copy_to_host(send_part, src);
+  }
+  if (recv.device != Device::CPU) {
+    dst = pending->stage(recv_part.bytes());
+    pending->copy_out_last(recv_part);
+  }
+  const MPI_Datatype type = mpi_move_type(send.dtype);
+  SDMOE_CHECK_MPI(MPI_Ialltoallv(src, scount.data(), sdispl.data(), type, dst, rcount.data(), rdispl.data(), type,
+                                 comm_, pending->request()));
+  return pending;
+}
 
 std::unique_ptr<PendingCollective> Communicator::all_reduce_async(const Tensor& x, ReduceOp op) {
   all_reduce(x, op);

@@ -24,10 +24,25 @@ namespace sdmoe {
 
 enum class ReduceOp : uint8_t { SUM, MAX };
 
-// A collective started by one of the *_async calls. wait() completes it: afterwards its
-// tensors hold the result for the host and for work queued later on the backend's stream.
-// Until then they must be neither read nor written. Not waiting is only allowed when the
-// job is ending with an error (the request is then abandoned, not completed).
+// One side of a point-to-point transfer (Communicator::exchange_async): `tensor` goes to
+// or comes from the rank `peer` of the group. Transfers between two ranks in one
+// direction match in the order they are started, on both implementations (MPI's
+// non-overtaking order on one tag; NCCL's order on its stream), so the two sides start
+// them in the same order; sizes and dtypes must match.
+struct PeerTransfer {
+  enum class Kind : uint8_t { SEND, RECV };
+  Kind kind = Kind::SEND;
+  Tensor tensor;
+  int peer = 0;
+  static PeerTransfer send(const Tensor& t, int peer) { return {Kind::SEND, t, peer}; }
+  static PeerTransfer recv(const Tensor& t, int peer) { return {Kind::RECV, t, peer}; }
+};
+
+// A collective or point-to-point exchange started by one of the *_async calls. wait()
+// completes it: afterwards its tensors hold the result for the host and for work queued
+// later on the backend's stream. Until then they must be neither read nor written (a
+// send's tensor may be read). Not waiting is only allowed when the job is ending with an
+// error (the request is then abandoned, not completed).
 class PendingCollective {
  public:
   virtual ~PendingCollective() = default;
@@ -65,6 +80,20 @@ class Communicator {
   // Otherwise (MPI staging device memory) the blocking collective, already complete.
   virtual std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op);
   virtual std::unique_ptr<PendingCollective> reduce_scatter_async(const Tensor& in, const Tensor& out, ReduceOp op);
+  virtual std::unique_ptr<PendingCollective> all_gather_async(const Tensor& in, const Tensor& out);
+  // The MoE dispatch and combine of one micro-batch while another computes. The count
+  // spans are copied; the tensors follow the PendingCollective rules.
+  virtual std::unique_ptr<PendingCollective> all_to_all_async(const Tensor& send, std::span<const int64_t> send_counts,
+                                                              const Tensor& recv, std::span<const int64_t> recv_counts);
+
+  // Point to point (pipeline stages' activations and gradients). The transfers of one call
+  // start together and complete together (MPI: nonblocking sends and receives, device
+  // tensors staged through buffers the pending exchange owns; NCCL: one group call on the
+  // communication stream), so one call may send to and receive from the same peers
+  // without deadlock. A transfer to this rank itself needs its receive in the same call.
+  virtual std::unique_ptr<PendingCollective> exchange_async(std::span<const PeerTransfer> transfers) = 0;
+  void send(const Tensor& x, int peer) { exchange_one(PeerTransfer::send(x, peer)); }
+  void recv(const Tensor& x, int peer) { exchange_one(PeerTransfer::recv(x, peer)); }
 
   // Small host-side collectives (statistics, token counts, agreement on errors).
   virtual void all_reduce_host(std::vector<double>& values, ReduceOp op) = 0;
@@ -87,7 +116,13 @@ class Communicator {
   virtual void abort() {}
 
  protected:
+  // Checks a batch of transfers (peers within the group) and returns the bytes its sends
+  // move to other ranks.
+  uint64_t check_transfers(std::span<const PeerTransfer> transfers) const;
   uint64_t bytes_sent_ = 0;
+
+ private:
+  void exchange_one(const PeerTransfer& t) { exchange_async(std::span<const PeerTransfer>(&t, 1))->wait(); }
 };
 
 // MPI over host memory; device tensors are staged through host buffers.
@@ -109,6 +144,10 @@ class MpiCommunicator final : public Communicator {
   void broadcast(const Tensor& x, int root) override;
   void barrier() override;
   std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op) override;
+  std::unique_ptr<PendingCollective> all_gather_async(const Tensor& in, const Tensor& out) override;
+  std::unique_ptr<PendingCollective> all_to_all_async(const Tensor& send, std::span<const int64_t> send_counts,
+                                                      const Tensor& recv, std::span<const int64_t> recv_counts) override;
+  std::unique_ptr<PendingCollective> exchange_async(std::span<const PeerTransfer> transfers) override;
   void all_reduce_host(std::vector<double>& values, ReduceOp op) override;
   std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override;
 

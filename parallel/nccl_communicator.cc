@@ -1,8 +1,8 @@
 // NCCL communicator: collectives on device memory, enqueued on the backend's stream so they
 // are ordered with the compute around them without host synchronisation. The *_async
-// collectives go on a second, communication stream that waits for an event recorded on
-// the backend's stream, so they overlap the compute queued after them; wait() makes the
-// backend's stream wait for their completion event in turn. Host-side collectives
+// collectives and the point-to-point exchanges go on a second, communication stream that
+// waits for an event recorded on the backend's stream, so they overlap the compute queued
+// after them; wait() makes the backend's stream wait for their completion event in turn. Host-side collectives
 // (counts, statistics) go over an MPI communicator of the same ranks.
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -95,14 +95,38 @@ class NcclCommunicator final : public Communicator {
     return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
   }
 
-  void all_gather(const Tensor& in, const Tensor& out) override {
-    SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
-    SDMOE_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has {} elements for {} ranks x {}",
-                 out.numel(), size(), in.numel());
-    if (in.numel() == 0) return;
-    bytes_sent_ += uint64_t(size() - 1) * in.bytes();
-    SDMOE_CHECK_NCCL(ncclAllGather(in.data, out.data, size_t(in.numel()), nccl_type(in.dtype), comm_, stream_));
+  std::unique_ptr<PendingCollective> all_gather_async(const Tensor& in, const Tensor& out) override {
+    const cudaStream_t side = begin_async();
+    all_gather_on(in, out, side);
+    return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
   }
+
+  std::unique_ptr<PendingCollective> all_to_all_async(const Tensor& send, std::span<const int64_t> send_counts,
+                                                      const Tensor& recv, std::span<const int64_t> recv_counts) override {
+    const cudaStream_t side = begin_async();
+    all_to_all_on(send, send_counts, recv, recv_counts, side);
+    return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
+  }
+
+  std::unique_ptr<PendingCollective> exchange_async(std::span<const PeerTransfer> transfers) override {
+    bytes_sent_ += check_transfers(transfers);
+    const cudaStream_t side = begin_async();
+    // One group call: NCCL schedules its sends and receives together, so a rank may send
+    // to and receive from the same peer without deadlock.
+    SDMOE_CHECK_NCCL(ncclGroupStart());
+    for (const PeerTransfer& t : transfers) {
+      if (t.tensor.numel() == 0) continue;
+      const size_t n = size_t(t.tensor.numel());
+      if (t.kind == PeerTransfer::Kind::SEND)
+        SDMOE_CHECK_NCCL(ncclSend(t.tensor.data, n, nccl_type(t.tensor.dtype), t.peer, comm_, side));
+      else
+        SDMOE_CHECK_NCCL(ncclRecv(t.tensor.data, n, nccl_type(t.tensor.dtype), t.peer, comm_, side));
+    }
+    SDMOE_CHECK_NCCL(ncclGroupEnd());
+    return std::make_unique<StreamPendingCollective>(record_event(side), stream_);
+  }
+
+  void all_gather(const Tensor& in, const Tensor& out) override { all_gather_on(in, out, stream_); }
 
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
     reduce_scatter_on(in, out, op, stream_);
@@ -110,6 +134,38 @@ class NcclCommunicator final : public Communicator {
 
   void all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
                   std::span<const int64_t> recv_counts) override {
+    all_to_all_on(send, send_counts, recv, recv_counts, stream_);
+  }
+
+  void broadcast(const Tensor& x, int root) override {
+    SDMOE_ASSERT(root >= 0 && root < size(), "broadcast: root {} of {} ranks", root, size());
+    if (size() == 1 || x.numel() == 0) return;
+    if (rank() == root) bytes_sent_ += x.bytes();
+    SDMOE_CHECK_NCCL(ncclBroadcast(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), root, comm_, stream_));
+  }
+
+  void barrier() override {
+    SDMOE_CHECK_CUDA(cudaStreamSynchronize(stream_));
+    host_.barrier();
+  }
+
+  void all_reduce_host(std::vector<double>& values, ReduceOp op) override { host_.all_reduce_host(values, op); }
+  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override {
+    return host_.exchange_counts(counts);
+  }
+
+ private:
+  void all_gather_on(const Tensor& in, const Tensor& out, cudaStream_t stream) {
+    SDMOE_ASSERT(in.dtype == out.dtype, "all_gather: dtypes differ");
+    SDMOE_ASSERT(out.numel() == in.numel() * size(), "all_gather: out has {} elements for {} ranks x {}",
+                 out.numel(), size(), in.numel());
+    if (in.numel() == 0) return;
+    bytes_sent_ += uint64_t(size() - 1) * in.bytes();
+    SDMOE_CHECK_NCCL(ncclAllGather(in.data, out.data, size_t(in.numel()), nccl_type(in.dtype), comm_, stream));
+  }
+
+  void all_to_all_on(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                     std::span<const int64_t> recv_counts, cudaStream_t stream) {
     SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
     SDMOE_ASSERT(int(send_counts.size()) == size() && int(recv_counts.size()) == size(),
                  "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(),
@@ -131,9 +187,9 @@ class NcclCommunicator final : public Communicator {
     SDMOE_CHECK_NCCL(ncclGroupStart());
     for (int p = 0; p < size(); ++p) {
       if (send_counts[p] > 0)
-        SDMOE_CHECK_NCCL(ncclSend(src + soff * width, size_t(send_counts[p]), type, p, comm_, stream_));
+        SDMOE_CHECK_NCCL(ncclSend(src + soff * width, size_t(send_counts[p]), type, p, comm_, stream));
       if (recv_counts[p] > 0)
-        SDMOE_CHECK_NCCL(ncclRecv(dst + roff * width, size_t(recv_counts[p]), type, p, comm_, stream_));
+        SDMOE_CHECK_NCCL(ncclRecv(dst + roff * width, size_t(recv_counts[p]), type, p, comm_, stream));
       if (p != rank()) bytes_sent_ += uint64_t(send_counts[p]) * width;
       soff += send_counts[p];
       roff += recv_counts[p];
@@ -141,24 +197,6 @@ class NcclCommunicator final : public Communicator {
     SDMOE_CHECK_NCCL(ncclGroupEnd());
   }
 
-  void broadcast(const Tensor& x, int root) override {
-    SDMOE_ASSERT(root >= 0 && root < size(), "broadcast: root {} of {} ranks", root, size());
-    if (size() == 1 || x.numel() == 0) return;
-    if (rank() == root) bytes_sent_ += x.bytes();
-    SDMOE_CHECK_NCCL(ncclBroadcast(x.data, x.data, size_t(x.numel()), nccl_type(x.dtype), root, comm_, stream_));
-  }
-
-  void barrier() override {
-    SDMOE_CHECK_CUDA(cudaStreamSynchronize(stream_));
-    host_.barrier();
-  }
-
-  void all_reduce_host(std::vector<double>& values, ReduceOp op) override { host_.all_reduce_host(values, op); }
-  std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override {
-    return host_.exchange_counts(counts);
-  }
-
- private:
   void all_reduce_on(const Tensor& x, ReduceOp op, cudaStream_t stream) {
     if (size() == 1 || x.numel() == 0) return;
     bytes_sent_ += 2 * uint64_t(size() - 1) * x.bytes() / uint64_t(size());

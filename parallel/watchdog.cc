@@ -181,6 +181,22 @@ std::unique_ptr<PendingCollective> WatchedCommunicator::reduce_scatter_async(con
   auto pending = watched("reduce_scatter (start)", [&] { return inner_->reduce_scatter_async(in, out, op); });
   return std::make_unique<WatchedPending>(std::move(pending), "reduce_scatter", group_.c_str(), inner_->size(), watchdog_);
 }
+std::unique_ptr<PendingCollective> WatchedCommunicator::all_gather_async(const Tensor& in, const Tensor& out) {
+  auto pending = watched("all_gather (start)", [&] { return inner_->all_gather_async(in, out); });
+  return std::make_unique<WatchedPending>(std::move(pending), "all_gather", group_.c_str(), inner_->size(), watchdog_);
+}
+std::unique_ptr<PendingCollective> WatchedCommunicator::all_to_all_async(const Tensor& send,
+                                                                         std::span<const int64_t> send_counts,
+                                                                         const Tensor& recv,
+                                                                         std::span<const int64_t> recv_counts) {
+  auto pending = watched("all_to_all (start)",
+                         [&] { return inner_->all_to_all_async(send, send_counts, recv, recv_counts); });
+  return std::make_unique<WatchedPending>(std::move(pending), "all_to_all", group_.c_str(), inner_->size(), watchdog_);
+}
+std::unique_ptr<PendingCollective> WatchedCommunicator::exchange_async(std::span<const PeerTransfer> transfers) {
+  auto pending = watched("send/recv (start)", [&] { return inner_->exchange_async(transfers); });
+  return std::make_unique<WatchedPending>(std::move(pending), "send/recv", group_.c_str(), inner_->size(), watchdog_);
+}
 void WatchedCommunicator::all_reduce_host(std::vector<double>& values, ReduceOp op) {
   watched("all_reduce (host values)", [&] { inner_->all_reduce_host(values, op); });
 }

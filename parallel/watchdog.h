@@ -104,6 +104,10 @@ class WatchedCommunicator final : public Communicator {
   void barrier() override;
   std::unique_ptr<PendingCollective> all_reduce_async(const Tensor& x, ReduceOp op) override;
   std::unique_ptr<PendingCollective> reduce_scatter_async(const Tensor& in, const Tensor& out, ReduceOp op) override;
+  std::unique_ptr<PendingCollective> all_gather_async(const Tensor& in, const Tensor& out) override;
+  std::unique_ptr<PendingCollective> all_to_all_async(const Tensor& send, std::span<const int64_t> send_counts,
+                                                      const Tensor& recv, std::span<const int64_t> recv_counts) override;
+  std::unique_ptr<PendingCollective> exchange_async(std::span<const PeerTransfer> transfers) override;
   void all_reduce_host(std::vector<double>& values, ReduceOp op) override;
   std::vector<int64_t> exchange_counts(std::span<const int64_t> counts) override;
   void abort() override { inner_->abort(); }

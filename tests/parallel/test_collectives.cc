@@ -166,7 +166,7 @@ TEST_P(WorldComm, AllReduce) {
 // ---- all_gather --------------------------------------------------------------------------
 // Element i of rank r is enc(r, i); out must hold every rank's block in rank order.
 template <typename T>
-void check_all_gather(Communicator& c, DType dt, const std::function<T(int, int64_t)>& enc) {
+void check_all_gather(Communicator& c, DType dt, const std::function<T(int, int64_t)>& enc, bool async = false) {
   const int p = c.size(), r = c.rank();
   for (int64_t n : {int64_t{13}, int64_t{0}}) {
     std::vector<T> host(n), expected;
@@ -176,9 +176,10 @@ void check_all_gather(Communicator& c, DType dt, const std::function<T(int, int6
     DeviceArray in = upload(dt, host);
     DeviceArray out = device_array(dt, p * n);
     c.reset_bytes_sent();
-    c.all_gather(in.t, out.t);
+    if (async) c.all_gather_async(in.t, out.t)->wait();
+    else c.all_gather(in.t, out.t);
     const uint64_t sent = c.bytes_sent();
-    EXPECT_EQ(download<T>(out.t), expected) << dtype_name(dt) << " n=" << n;
+    EXPECT_EQ(download<T>(out.t), expected) << dtype_name(dt) << " n=" << n << (async ? " async" : "");
     EXPECT_EQ(sent, uint64_t((p - 1) * n * sizeof(T))) << dtype_name(dt) << " n=" << n;
   }
 }
@@ -296,7 +297,7 @@ TEST(GradientBuckets, GranularityPaddingAndDefaults) {
 // wrong order shows. Three guard elements after the receive tensor must stay untouched.
 template <typename T>
 void check_all_to_all(Communicator& c, DType dt, const std::function<int64_t(int, int)>& count,
-                      const char* label) {
+                      const char* label, bool async = false) {
   const int p = c.size(), r = c.rank();
   auto enc = [](int s, int d, int64_t j) { return static_cast<T>(s * 10000 + d * 100 + j); };
   const T sentinel = static_cast<T>(-7);
@@ -326,27 +327,165 @@ void check_all_to_all(Communicator& c, DType dt, const std::function<int64_t(int
   DeviceArray out = upload(dt, std::vector<T>(total + guard, sentinel));
   const Tensor recv = out.t.prefix({total});
   c.reset_bytes_sent();
-  c.all_to_all(in.t, send_counts, recv, recv_counts);
+  if (async) {
+    // The counts are copied at the start: the caller's may change before the wait.
+    std::vector<int64_t> send_copy = send_counts, recv_copy = recv_counts;
+    auto pending = c.all_to_all_async(in.t, send_copy, recv, recv_copy);
+    std::fill(send_copy.begin(), send_copy.end(), -1);
+    std::fill(recv_copy.begin(), recv_copy.end(), -1);
+    pending->wait();
+  } else {
+    c.all_to_all(in.t, send_counts, recv, recv_counts);
+  }
   const uint64_t sent = c.bytes_sent();
   EXPECT_EQ(download<T>(out.t), expected) << label << " " << dtype_name(dt);
   EXPECT_EQ(sent, expected_sent) << label << " " << dtype_name(dt);
 }
 
 template <typename T>
-void check_all_to_all_cases(Communicator& c, DType dt) {
+void check_all_to_all_cases(Communicator& c, DType dt, bool async = false) {
   const int p = c.size();
   // Uneven blocks, zeros included (to self too on some ranks).
-  check_all_to_all<T>(c, dt, [](int s, int d) { return int64_t((s + 2 * d) % 4); }, "uneven");
+  check_all_to_all<T>(c, dt, [](int s, int d) { return int64_t((s + 2 * d) % 4); }, "uneven", async);
   // Every rank routes all its tokens to the last rank (one hot expert).
-  check_all_to_all<T>(c, dt, [p](int s, int d) { return d == p - 1 ? int64_t(3 + s) : 0; }, "one peer");
+  check_all_to_all<T>(c, dt, [p](int s, int d) { return d == p - 1 ? int64_t(3 + s) : 0; }, "one peer", async);
   // Nothing moves at all: zero-element send and receive tensors.
-  check_all_to_all<T>(c, dt, [](int, int) { return int64_t{0}; }, "all zero");
+  check_all_to_all<T>(c, dt, [](int, int) { return int64_t{0}; }, "all zero", async);
 }
 
 TEST_P(WorldComm, AllToAll) {
   check_all_to_all_cases<int32_t>(comm(), DType::I32);
   check_all_to_all_cases<double>(comm(), DType::F64);
   check_all_to_all_cases<uint16_t>(comm(), DType::BF16);  // 2-byte elements, raw bits
+}
+
+// The asynchronous all-gather and all-to-all give what the blocking ones give.
+TEST_P(WorldComm, AsyncAllGatherAndAllToAll) {
+  check_all_gather<float>(comm(), DType::F32, [](int r, int64_t i) { return r * 100.0f + i + 0.25f; }, true);
+  check_all_gather<uint16_t>(comm(), DType::BF16, [](int r, int64_t i) { return uint16_t(r * 4099 + i * 37 + 1); },
+                             true);
+  check_all_to_all_cases<int32_t>(comm(), DType::I32, true);
+  check_all_to_all_cases<uint16_t>(comm(), DType::BF16, true);
+}
+
+// Several asynchronous collectives in flight together, completed in reverse order: the
+// in-place all-gather (ZeRO-1's), an all-to-all, and an all-reduce.
+TEST_P(WorldComm, AsyncGatherAndAllToAllInFlightTogether) {
+  const int p = comm().size(), r = comm().rank();
+  const int64_t block = 5;
+  std::vector<float> gathered(p * block, -1.0f), expected_gathered(p * block);
+  for (int q = 0; q < p; ++q)
+    for (int64_t i = 0; i < block; ++i) {
+      expected_gathered[q * block + i] = float(q * 10 + i);
+      if (q == r) gathered[q * block + i] = float(q * 10 + i);
+    }
+  std::vector<int64_t> counts(p, 2);
+  std::vector<int32_t> send(2 * p), expected_recv(2 * p);
+  for (int q = 0; q < p; ++q)
+    for (int j = 0; j < 2; ++j) {
+      send[2 * q + j] = r * 1000 + q * 10 + j;
+      expected_recv[2 * q + j] = q * 1000 + r * 10 + j;
+    }
+  std::vector<double> x(7, double(r + 1)), expected_x(7, double(p * (p + 1) / 2));
+  DeviceArray dg = upload(DType::F32, gathered), ds = upload(DType::I32, send), dx = upload(DType::F64, x);
+  DeviceArray dr = device_array(DType::I32, 2 * p);
+  const Tensor own = dg.t.slice_rows(r * block, block);
+  auto first = comm().all_gather_async(own, dg.t);
+  auto second = comm().all_to_all_async(ds.t, counts, dr.t, counts);
+  auto third = comm().all_reduce_async(dx.t, ReduceOp::SUM);
+  third->wait();
+  second->wait();
+  first->wait();
+  EXPECT_EQ(download<float>(dg.t), expected_gathered);
+  EXPECT_EQ(download<int32_t>(dr.t), expected_recv);
+  EXPECT_EQ(download<double>(dx.t), expected_x);
+}
+
+// ---- point to point ------------------------------------------------------------------------
+// Element i of the k-th transfer from rank s to rank d is enc(s, d, k, i): a swapped pair,
+// a wrong order or a lost piece shows.
+int32_t transfer_value(int s, int d, int k, int64_t i) { return s * 100000 + d * 1000 + k * 100 + int32_t(i); }
+
+// In one exchange every rank sends two tensors of different sizes to every rank (itself
+// included) and receives two from each, in the same order: both directions between every
+// pair at once, as pipeline stages pass activations forward and gradients back.
+TEST_P(WorldComm, ExchangeBothWaysWithEveryPeer) {
+  const int p = comm().size(), r = comm().rank();
+  auto length = [](int k, int s, int d) { return int64_t(k == 0 ? 3 + s + d : (s + d) % 3); };  // zeros too
+  std::vector<DeviceArray> sends, recvs;
+  std::vector<PeerTransfer> transfers;
+  uint64_t expected_bytes = 0;
+  for (int q = 0; q < p; ++q)
+    for (int k = 0; k < 2; ++k) {
+      std::vector<int32_t> v(size_t(length(k, r, q)));
+      for (int64_t i = 0; i < int64_t(v.size()); ++i) v[size_t(i)] = transfer_value(r, q, k, i);
+      sends.push_back(upload(DType::I32, v));
+      recvs.push_back(upload(DType::I32, std::vector<int32_t>(size_t(length(k, q, r)), -1)));
+      if (q != r) expected_bytes += v.size() * sizeof(int32_t);
+    }
+  // Receives first for some peers and sends first for others: the order within a call
+  // must not matter.
+  for (size_t j = 0; j < sends.size(); ++j) {
+    const int q = int(j / 2);
+    if (q % 2 == 0) {
+      transfers.push_back(PeerTransfer::send(sends[j].t, q));
+      transfers.push_back(PeerTransfer::recv(recvs[j].t, q));
+    } else {
+      transfers.push_back(PeerTransfer::recv(recvs[j].t, q));
+      transfers.push_back(PeerTransfer::send(sends[j].t, q));
+    }
+  }
+  comm().reset_bytes_sent();
+  comm().exchange_async(transfers)->wait();
+  EXPECT_EQ(comm().bytes_sent(), expected_bytes);
+  for (int q = 0; q < p; ++q)
+    for (int k = 0; k < 2; ++k) {
+      std::vector<int32_t> want(size_t(length(k, q, r)));
+      for (int64_t i = 0; i < int64_t(want.size()); ++i) want[size_t(i)] = transfer_value(q, r, k, i);
+      EXPECT_EQ(download<int32_t>(recvs[size_t(2 * q + k)].t), want) << "from rank " << q << ", transfer " << k;
+    }
+}
+
+// Blocking send and receive around a ring, in BF16 bits: even ranks send first, odd ranks
+// receive first, so no wait cycle forms even without MPI's buffering of small messages
+// (with an odd ring, rank 0 sends to rank 1, which receives first, before receiving from
+// rank p-1). Then a ring shift each way in F64, as two exchanges in flight together,
+// waited in reverse order.
+TEST_P(WorldComm, SendRecvRing) {
+  const int p = comm().size(), r = comm().rank();
+  const int right = (r + 1) % p, left = (r + p - 1) % p;
+  const int64_t n = 33;
+  std::vector<uint16_t> bits(n), want_bits(n);
+  std::vector<double> wide(n), want_wide(n);
+  for (int64_t i = 0; i < n; ++i) {
+    bits[size_t(i)] = uint16_t(r * 977 + i * 13 + 1);
+    want_bits[size_t(i)] = uint16_t(left * 977 + i * 13 + 1);
+    wide[size_t(i)] = r + i / 8.0;
+    want_wide[size_t(i)] = left + i / 8.0;
+  }
+  DeviceArray sb = upload(DType::BF16, bits), rb = device_array(DType::BF16, n);
+  DeviceArray sw = upload(DType::F64, wide), rw = device_array(DType::F64, n);
+  if (p == 1) {
+    // A rank sending to itself needs the receive in the same call.
+    const PeerTransfer both[] = {PeerTransfer::send(sb.t, 0), PeerTransfer::recv(rb.t, 0)};
+    comm().exchange_async(both)->wait();
+  } else if (r % 2 == 0) {
+    comm().send(sb.t, right);
+    comm().recv(rb.t, left);
+  } else {
+    comm().recv(rb.t, left);
+    comm().send(sb.t, right);
+  }
+  EXPECT_EQ(download<uint16_t>(rb.t), want_bits);
+  const PeerTransfer forward[] = {PeerTransfer::send(sw.t, right), PeerTransfer::recv(rw.t, left)};
+  DeviceArray back_send = upload(DType::F64, want_wide), back_recv = device_array(DType::F64, n);
+  const PeerTransfer backward[] = {PeerTransfer::send(back_send.t, left), PeerTransfer::recv(back_recv.t, right)};
+  auto first = comm().exchange_async(forward);
+  auto second = comm().exchange_async(backward);
+  second->wait();
+  first->wait();
+  EXPECT_EQ(download<double>(rw.t), want_wide);
+  EXPECT_EQ(download<double>(back_recv.t), wide) << "the backward shift returns each rank its own values";
 }
 
 // Counts beyond 32 bits must arrive intact: result[q] = counts of peer q for this rank.
