@@ -368,13 +368,7 @@ void Checkpointer::save(const TrainingPosition& position) {
   // The tensors are listed first and written after a check of the free space: parallel
   // HDF5 cannot recover from a write that fails inside its collective calls (the ranks
   // end up in different collectives), so a save that would fill the disk must not start.
-  struct TensorJob {
-    std::string path;
-    std::vector<int64_t> shape;
-    std::vector<Piece> pieces;
-    const float* source;
-  };
-  std::vector<TensorJob> jobs;
+  std::vector<CheckpointTensor> jobs;
   std::deque<std::vector<float>> sources;  // host copies built per tensor, kept until written
   auto write = [&](const std::string& path, const std::vector<int64_t>& shape, const std::vector<Piece>& pieces,
                    const float* source) { jobs.push_back({path, shape, pieces, source}); };
@@ -443,8 +437,13 @@ void Checkpointer::save(const TrainingPosition& position) {
 
   // The file's size: the datasets' chunks, plus per dataset its header, chunk index and
   // checksums, plus the attributes and the config (a generous bound for all of them).
+  try {
+    jobs = agree_on_checkpoint_tensors(std::move(jobs));
+  } catch (const Error& e) {
+    give_up(e.what());  // every rank reached the same verdict from the same lists
+  }
   double need = 4e6;
-  for (const TensorJob& j : jobs) need += double(checkpoint_dataset_bytes(j.shape)) + 64e3;
+  for (const CheckpointTensor& j : jobs) need += double(checkpoint_dataset_bytes(j.shape)) + 64e3;
   if (root) {
     struct statvfs fs_stat {};
     if (::statvfs(partial.c_str(), &fs_stat) == 0) {
@@ -470,7 +469,7 @@ void Checkpointer::save(const TrainingPosition& position) {
   writer->attribute("sdmoe", int64_t(sdmoe_ != nullptr));
   writer->string_dataset("config", resolved_config_text(run_));
   writer->attribute("layout", groups_.dims.describe());
-  for (const TensorJob& j : jobs) writer->tensor(j.path, j.shape, j.pieces, j.source);
+  for (const CheckpointTensor& j : jobs) writer->tensor(j.path, j.shape, j.pieces, j.source);
   error = writer->finish();
   writer.reset();
   // Every rank's outcome: a failure anywhere leaves no partial directory behind.

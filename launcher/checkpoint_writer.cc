@@ -3,7 +3,10 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <map>
+#include <sstream>
 
 #include "core/check.h"
 #include "data/hdf5_handle.h"
@@ -271,6 +274,58 @@ std::string hdf5_failure_reason() {
       return it->substr(begin, end == std::string::npos ? std::string::npos : end - begin);
     }
   return "";
+}
+
+std::vector<CheckpointTensor> agree_on_checkpoint_tensors(std::vector<CheckpointTensor> local) {
+  // Each rank's list as text, one tensor per line: the path, then its dimensions.
+  std::string mine;
+  for (const CheckpointTensor& t : local) {
+    SDMOE_ASSERT(t.path.find_first_of(" \n") == std::string::npos, "checkpoint tensor path '{}' has a blank", t.path);
+    mine += t.path;
+    for (int64_t d : t.shape) mine += " " + std::to_string(d);
+    mine += "\n";
+  }
+  int ranks = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  std::vector<int> lengths(static_cast<size_t>(ranks)), offsets(static_cast<size_t>(ranks));
+  const int my_length = int(mine.size());
+  SDMOE_CHECK_MPI(MPI_Allgather(&my_length, 1, MPI_INT, lengths.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  int64_t total = 0;
+  for (int r = 0; r < ranks; ++r) {
+    offsets[size_t(r)] = int(total);
+    total += lengths[size_t(r)];
+  }
+  SDMOE_ASSERT(total < INT32_MAX, "checkpoint tensor lists of {} bytes", total);
+  std::string all(static_cast<size_t>(total), '\0');
+  SDMOE_CHECK_MPI(MPI_Allgatherv(mine.data(), my_length, MPI_CHAR, all.data(), lengths.data(), offsets.data(),
+                                 MPI_CHAR, MPI_COMM_WORLD));
+
+  std::map<std::string, size_t> index;  // path -> position in the agreed list
+  std::vector<CheckpointTensor> agreed;
+  std::vector<int> first_rank;
+  for (int r = 0; r < ranks; ++r) {
+    std::istringstream lines(all.substr(size_t(offsets[size_t(r)]), size_t(lengths[size_t(r)])));
+    std::string line;
+    while (std::getline(lines, line)) {
+      std::istringstream fields(line);
+      CheckpointTensor t;
+      fields >> t.path;
+      for (int64_t d = 0; fields >> d;) t.shape.push_back(d);
+      const auto [it, added] = index.emplace(t.path, agreed.size());
+      if (added) {
+        agreed.push_back(std::move(t));
+        first_rank.push_back(r);
+      } else if (agreed[it->second].shape != t.shape) {
+        fail("checkpoint: ranks {} and {} hold tensor {} with different shapes", first_rank[it->second], r, t.path);
+      }
+    }
+  }
+  for (CheckpointTensor& t : local) {
+    CheckpointTensor& slot = agreed[index.at(t.path)];
+    slot.pieces = std::move(t.pieces);
+    slot.source = t.source;
+  }
+  return agreed;
 }
 
 std::unique_ptr<CheckpointWriter> make_checkpoint_writer(CheckpointWriterKind kind, const std::string& file,

@@ -56,6 +56,22 @@ class CheckpointWriter {
   virtual std::string finish() = 0;
 };
 
+// A tensor to write: its logical path and shape, and this rank's pieces of `source`.
+struct CheckpointTensor {
+  std::string path;
+  std::vector<int64_t> shape;
+  std::vector<Piece> pieces;
+  const float* source = nullptr;
+};
+
+// Collective over MPI_COMM_WORLD. The writer needs the same tensors in the same order on
+// every rank, but ranks may hold different parts of the model (pipeline stages hold
+// different layers): this returns the union of every rank's list, rank 0's tensors first
+// and then each later rank's new ones in its order, the same on every rank; a tensor this
+// rank does not hold comes without pieces. A path that two ranks list with different
+// shapes is an Error on every rank.
+std::vector<CheckpointTensor> agree_on_checkpoint_tensors(std::vector<CheckpointTensor> local);
+
 // Creates `file` (which every rank names alike) for writing. slab_elements bounds the
 // gather writer's slabs.
 std::unique_ptr<CheckpointWriter> make_checkpoint_writer(CheckpointWriterKind kind, const std::string& file,
