@@ -55,71 +55,76 @@ void Attention::bind(const ParamBuffers& buffers) {
   proj_ = buffers.bind(proj_.id);
 }
 
-void Attention::plan(Arena& kept, Arena& internal, const LayerDims& dims, const TpScratch& tp_scratch) {
+void Attention::configure(const LayerDims& dims, const TpScratch& tp_scratch) {
   dims_ = dims;
   dims_.heads = dims.heads / tp_.size();
   tps_ = tp_scratch;
-  const DType op = policy_.operand;
-  const int64_t t = dims_.tokens(), d = dims_.dim, b = dims_.batch, h = dims_.heads, s = dims_.seq, dh = dims_.head_dim;
-  normed_ = kept.take(op, {t, d});
-  rstd_ = kept.take(policy_.master, {tp_.split_sequence() ? t / tp_.size() : t});
-  q_ = internal.take(op, {b, h, s, dh});
-  k_ = internal.take(op, {b, h, s, dh});
-  v_ = internal.take(op, {b, h, s, dh});
-  if (fused_) lse_ = internal.take(policy_.master, {b * h, s});
-  else probs_ = internal.take(op, {b * h, s, s});
-  ctx_ = internal.take(op, {t, h * dh});
 }
 
-void Attention::recompute(Backend& be, Scratch& sc) {
+Attention::Activations Attention::plan_activations(Arena& kept, Arena& internal) const {
+  const DType op = policy_.operand;
+  const int64_t t = dims_.tokens(), d = dims_.dim, b = dims_.batch, h = dims_.heads, s = dims_.seq, dh = dims_.head_dim;
+  Activations a;
+  a.normed = kept.take(op, {t, d});
+  a.rstd = kept.take(policy_.master, {tp_.split_sequence() ? t / tp_.size() : t});
+  a.q = internal.take(op, {b, h, s, dh});
+  a.k = internal.take(op, {b, h, s, dh});
+  a.v = internal.take(op, {b, h, s, dh});
+  if (fused_) a.lse = internal.take(policy_.master, {b * h, s});
+  else a.probs = internal.take(op, {b * h, s, s});
+  a.ctx = internal.take(op, {t, h * dh});
+  return a;
+}
+
+void Attention::recompute(Backend& be, Activations& a, Scratch& sc) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
   const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
   const Tensor qkv_out = sc.qkv.prefix({t, 3 * dl});
-  be.gemm(false, true, t, 3 * dl, d, 1.0, normed_, qkv_.operand, 0.0, qkv_out);
-  be.split_qkv(qkv_out, q_, k_, v_);
-  be.rope(q_, rope_theta_, +1);
-  be.rope(k_, rope_theta_, +1);
+  be.gemm(false, true, t, 3 * dl, d, 1.0, a.normed, qkv_.operand, 0.0, qkv_out);
+  be.split_qkv(qkv_out, a.q, a.k, a.v);
+  be.rope(a.q, rope_theta_, +1);
+  be.rope(a.k, rope_theta_, +1);
   const Tensor ctx_heads = sc.ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
   const double scale = 1.0 / std::sqrt(double(dh));
   if (fused_) {
     // The kernel writes its output in q's dtype (the operand dtype): into the operand-dtype
     // heads scratch, which the forward does not otherwise use.
     const Tensor out_heads = sc.d_ctx_heads.prefix({dims_.batch, dims_.heads, s, dh});
-    be.attention_forward(q_.view({bh, s, dh}), k_.view({bh, s, dh}), v_.view({bh, s, dh}), scale,
-                         out_heads.view({bh, s, dh}), lse_);
-    be.merge_heads(out_heads, ctx_.view({dims_.batch, s, dims_.heads, dh}));
+    be.attention_forward(a.q.view({bh, s, dh}), a.k.view({bh, s, dh}), a.v.view({bh, s, dh}), scale,
+                         out_heads.view({bh, s, dh}), a.lse);
+    be.merge_heads(out_heads, a.ctx.view({dims_.batch, s, dims_.heads, dh}));
     return;
   }
   // The softmax runs in master dtype: in place on the kept probabilities, or (with separate
   // operands) on fp32 scores that are then rounded into them.
-  const Tensor scores = policy_.separate_operands() ? sc.scores.prefix({bh, s, s}) : probs_;
+  const Tensor scores = policy_.separate_operands() ? sc.scores.prefix({bh, s, s}) : a.probs;
   const GemmBatch heads{bh, s * dh, s * dh, s * s};
-  be.gemm(false, true, s, s, dh, 1.0, q_, k_, 0.0, scores, heads);  // scores = q k^T
+  be.gemm(false, true, s, s, dh, 1.0, a.q, a.k, 0.0, scores, heads);  // scores = q k^T
   be.causal_softmax_forward(scores, scale);
-  if (scores.data != probs_.data) be.cast(scores, probs_);
-  be.gemm(false, false, s, dh, s, 1.0, probs_, v_, 0.0, ctx_heads, {bh, s * s, s * dh, s * dh});
-  be.merge_heads(ctx_heads, ctx_.view({dims_.batch, s, dims_.heads, dh}));
+  if (scores.data != a.probs.data) be.cast(scores, a.probs);
+  be.gemm(false, false, s, dh, s, 1.0, a.probs, a.v, 0.0, ctx_heads, {bh, s * s, s * dh, s * dh});
+  be.merge_heads(ctx_heads, a.ctx.view({dims_.batch, s, dims_.heads, dh}));
 }
 
-void Attention::forward(Backend& be, const Tensor& in, const Tensor& out, Scratch& sc) {
+void Attention::forward(Backend& be, Activations& a, const Tensor& in, const Tensor& out, Scratch& sc) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim;
   const int64_t bh = dims_.batch * dims_.heads, dl = dims_.heads * dh;  // dl: this rank's heads' width
   if (tp_.split_sequence()) {
     // in: this rank's rows. Normalise them, then gather every rank's.
-    const Tensor mine = normed_.slice_rows(int64_t(tp_.rank()) * in.rows(), in.rows());
-    be.rmsnorm_forward(in, norm_.operand, eps_, mine, rstd_);
-    tp_.gather_rows(mine, normed_, be);
+    const Tensor mine = a.normed.slice_rows(int64_t(tp_.rank()) * in.rows(), in.rows());
+    be.rmsnorm_forward(in, norm_.operand, eps_, mine, a.rstd);
+    tp_.gather_rows(mine, a.normed, be);
   } else {
-    be.rmsnorm_forward(in, norm_.operand, eps_, normed_, rstd_);
+    be.rmsnorm_forward(in, norm_.operand, eps_, a.normed, a.rstd);
   }
-  recompute(be, sc);  // q, k, v, probabilities and context from the normalised input
+  recompute(be, a, sc);  // q, k, v, probabilities and context from the normalised input
   be.copy(in, out);
   if (!tp_.active()) {
-    be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.operand, 1.0, out);
+    be.gemm(false, true, t, d, dl, 1.0, a.ctx, proj_.operand, 1.0, out);
     return;
   }
   // Row-parallel projection: each rank's heads contribute a partial sum.
-  be.gemm(false, true, t, d, dl, 1.0, ctx_, proj_.operand, 0.0, tps_.partial);
+  be.gemm(false, true, t, d, dl, 1.0, a.ctx, proj_.operand, 0.0, tps_.partial);
   if (tp_.split_sequence()) {
     const Tensor local = tps_.local.prefix({out.rows(), d});
     tp_.reduce_scatter_rows(tps_.partial, local);
@@ -130,7 +135,7 @@ void Attention::forward(Backend& be, const Tensor& in, const Tensor& out, Scratc
   }
 }
 
-void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& sc) {
+void Attention::backward(Backend& be, Activations& a, const Tensor& in, const Tensor& dres, Scratch& sc) {
   const int64_t t = dims_.tokens(), d = dims_.dim, s = dims_.seq, dh = dims_.head_dim, h = dims_.heads;
   const int64_t bh = dims_.batch * h, dl = h * dh;
   const double scale = 1.0 / std::sqrt(double(dh));
@@ -145,32 +150,32 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
   }
   const Tensor dres_operand = policy_.as_operand(be, dres_all, sc.operand_rows);
   be.gemm(false, false, t, dl, d, 1.0, dres_operand, proj_.operand, 0.0, d_ctx);
-  be.gemm(true, false, d, dl, t, 1.0, dres_operand, ctx_, 1.0, proj_.grad);
+  be.gemm(true, false, d, dl, t, 1.0, dres_operand, a.ctx, 1.0, proj_.grad);
   be.split_heads(d_ctx.view({dims_.batch, s, h, dh}), d_ctx_heads);
   if (fused_) {
     // The kernel needs the output per head: the kept context, split back into heads.
     const Tensor out_heads = sc.ctx_heads.prefix({dims_.batch, h, s, dh});
-    be.split_heads(ctx_.view({dims_.batch, s, h, dh}), out_heads);
+    be.split_heads(a.ctx.view({dims_.batch, s, h, dh}), out_heads);
     auto heads = [&](const Tensor& x) { return x.view({bh, s, dh}); };
-    be.attention_backward(heads(q_), heads(k_), heads(v_), heads(out_heads), heads(d_ctx_heads), lse_, scale, heads(dq),
+    be.attention_backward(heads(a.q), heads(a.k), heads(a.v), heads(out_heads), heads(d_ctx_heads), a.lse, scale, heads(dq),
                           heads(dk), heads(dv));
   } else {
     const Tensor d_probs = sc.d_probs.prefix({bh, s, s});
     // ctx = P v
-    be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, v_, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
-    be.gemm(true, false, s, dh, s, 1.0, probs_, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
+    be.gemm(false, true, s, s, dh, 1.0, d_ctx_heads, a.v, 0.0, d_probs, {bh, s * dh, s * dh, s * s});
+    be.gemm(true, false, s, dh, s, 1.0, a.probs, d_ctx_heads, 0.0, dv, {bh, s * s, s * dh, s * dh});
     // P = softmax(scale * q k^T)
-    be.causal_softmax_backward(probs_, d_probs, scale);
+    be.causal_softmax_backward(a.probs, d_probs, scale);
     const Tensor d_scores = policy_.as_operand(be, d_probs, sc.operand_scores);
-    be.gemm(false, false, s, dh, s, 1.0, d_scores, k_, 0.0, dq, {bh, s * s, s * dh, s * dh});
-    be.gemm(true, false, s, dh, s, 1.0, d_scores, q_, 0.0, dk, {bh, s * s, s * dh, s * dh});
+    be.gemm(false, false, s, dh, s, 1.0, d_scores, a.k, 0.0, dq, {bh, s * s, s * dh, s * dh});
+    be.gemm(true, false, s, dh, s, 1.0, d_scores, a.q, 0.0, dk, {bh, s * s, s * dh, s * dh});
   }
   be.rope(dq, rope_theta_, -1);
   be.rope(dk, rope_theta_, -1);
   be.join_qkv(dq, dk, dv, d_qkv);
   // Column-parallel qkv: the input gradient is the sum of every rank's heads' parts.
   be.gemm(false, false, t, d, 3 * dl, 1.0, d_qkv, qkv_.operand, 0.0, sc.d_normed);
-  be.gemm(true, false, 3 * dl, d, t, 1.0, d_qkv, normed_, 1.0, qkv_.grad);
+  be.gemm(true, false, 3 * dl, d, t, 1.0, d_qkv, a.normed, 1.0, qkv_.grad);
   Tensor d_normed = sc.d_normed;
   if (tp_.split_sequence()) {
     // This rank's rows of the summed gradient; its norm gain's gradient is then a partial
@@ -181,7 +186,7 @@ void Attention::backward(Backend& be, const Tensor& in, const Tensor& dres, Scra
     tp_.sum(sc.d_normed);
   }
   const Tensor d_x = sc.d_x.prefix({in.rows(), d});
-  be.rmsnorm_backward(in, norm_.operand, rstd_, d_normed, d_x, norm_.grad);
+  be.rmsnorm_backward(in, norm_.operand, a.rstd, d_normed, d_x, norm_.grad);
   be.axpy(1.0, d_x, dres);
 }
 

@@ -30,27 +30,25 @@ void SwigluMlp::bind(const ParamBuffers& buffers) {
   down_ = buffers.bind(down_.id);
 }
 
-void SwigluMlp::plan(Arena& internal, int64_t tokens, const TpScratch& tp_scratch) {
-  hidden_ = internal.take(policy_.master, {tokens, 2 * ffn_});
-  act_ = internal.take(policy_.operand, {tokens, ffn_});
-  tps_ = tp_scratch;
+SwigluMlp::Activations SwigluMlp::plan_activations(Arena& internal, int64_t tokens) const {
+  return Activations{internal.take(policy_.master, {tokens, 2 * ffn_}), internal.take(policy_.operand, {tokens, ffn_})};
 }
 
-void SwigluMlp::recompute(Backend& be, const Tensor& h) {
-  be.gemm(false, true, h.rows(), 2 * ffn_, dim_, 1.0, h, gate_up_.operand, 0.0, hidden_);
-  be.swiglu_forward(hidden_, act_);
+void SwigluMlp::recompute(Backend& be, Activations& a, const Tensor& h) {
+  be.gemm(false, true, h.rows(), 2 * ffn_, dim_, 1.0, h, gate_up_.operand, 0.0, a.hidden);
+  be.swiglu_forward(a.hidden, a.act);
 }
 
-void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
+void SwigluMlp::forward(Backend& be, Activations& a, const Tensor& h, const Tensor& out) {
   const int64_t t = h.rows();
-  recompute(be, h);  // hidden_ and act_
+  recompute(be, a, h);  // hidden and act
   if (!tp_.active()) {
-    be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.operand, 1.0, out);
+    be.gemm(false, true, t, dim_, ffn_, 1.0, a.act, down_.operand, 1.0, out);
     return;
   }
   // Row-parallel down projection: each rank's hidden units contribute a partial sum.
   const Tensor partial = tps_.partial.prefix({t, dim_});
-  be.gemm(false, true, t, dim_, ffn_, 1.0, act_, down_.operand, 0.0, partial);
+  be.gemm(false, true, t, dim_, ffn_, 1.0, a.act, down_.operand, 0.0, partial);
   if (tp_.split_sequence()) {
     const Tensor local = tps_.local.prefix({out.rows(), dim_});
     tp_.reduce_scatter_rows(partial, local);
@@ -61,8 +59,8 @@ void SwigluMlp::forward(Backend& be, const Tensor& h, const Tensor& out) {
   }
 }
 
-void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta,
-                         Scratch& sc) {
+void SwigluMlp::backward(Backend& be, Activations& a, const Tensor& h, const Tensor& d_out, const Tensor& d_h,
+                         double beta, Scratch& sc) {
   const int64_t t = h.rows();
   Tensor d_act = sc.d_act.prefix({t, ffn_}), d_hidden = sc.d_hidden.prefix({t, 2 * ffn_});
   Tensor d_out_all = d_out;
@@ -72,8 +70,8 @@ void SwigluMlp::backward(Backend& be, const Tensor& h, const Tensor& d_out, cons
   }
   const Tensor d_out_operand = policy_.as_operand(be, d_out_all, sc.operand_rows);
   be.gemm(false, false, t, ffn_, dim_, 1.0, d_out_operand, down_.operand, 0.0, d_act);
-  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out_operand, act_, 1.0, down_.grad);
-  be.swiglu_backward(hidden_, d_act, d_hidden);
+  be.gemm(true, false, dim_, ffn_, t, 1.0, d_out_operand, a.act, 1.0, down_.grad);
+  be.swiglu_backward(a.hidden, d_act, d_hidden);
   if (!tp_.active()) {
     be.gemm(false, false, t, dim_, 2 * ffn_, 1.0, d_hidden, gate_up_.operand, beta, d_h);
   } else {
@@ -155,55 +153,62 @@ void MoeFeedForward::bind(const ParamBuffers& buffers) {
   if (has_shared_) shared_.bind(buffers);
 }
 
-void MoeFeedForward::plan(Arena& kept, Arena& internal, int64_t tokens, const TpScratch& tp_scratch) {
+void MoeFeedForward::configure(int64_t tokens, const TpScratch& tp_scratch) {
   tokens_ = tokens;
   tps_ = tp_scratch;
   SDMOE_ASSERT(tokens % tp_.size() == 0, "{} tokens do not split over {} tensor-parallel ranks", tokens, tp_.size());
   slice_tokens_ = tokens / tp_.size();
   slice_begin_ = slice_tokens_ * tp_.rank();
-  const int64_t e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, n = tokens * k, d = dim_;
-  logits_ = kept.take(dtype_, {tokens, e});
-  topk_index_ = kept.take(DType::I32, {tokens, k});
-  topk_weight_ = kept.take(dtype_, {tokens, k});
-  aux_probs_ = kept.take(dtype_, {tokens, e});
-  lse_ = kept.take(dtype_, {tokens});
-  row_token_ = kept.take(DType::I32, {n});
-  slot_row_ = kept.take(DType::I32, {tokens, k});
+  if (has_shared_) shared_.configure(tp_scratch);
+}
+
+MoeFeedForward::Activations MoeFeedForward::plan_activations(Arena& kept, Arena& internal) const {
+  const int64_t tokens = tokens_, e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, n = tokens * k, d = dim_;
+  Activations a;
+  a.logits = kept.take(dtype_, {tokens, e});
+  a.topk_index = kept.take(DType::I32, {tokens, k});
+  a.topk_weight = kept.take(dtype_, {tokens, k});
+  a.aux_probs = kept.take(dtype_, {tokens, e});
+  a.lse = kept.take(dtype_, {tokens});
+  a.row_token = kept.take(DType::I32, {n});
+  a.slot_row = kept.take(DType::I32, {tokens, k});
   const DType op = policy_.operand;
-  routed_in_ = kept.take(op, {n, d});
-  hidden_ = internal.take(dtype_, {n, 2 * f});
-  act_ = internal.take(op, {n, f});
-  routed_out_ = kept.take(dtype_, {n, d});
-  d_routed_ = internal.take(dtype_, {n, d});
-  d_hidden_ = internal.take(op, {n, 2 * f});
-  d_act_ = internal.take(dtype_, {n, f});
-  d_weight_ = internal.take(dtype_, {tokens, k});
-  d_logits_ = internal.take(dtype_, {tokens, e});
-  aux_grad_ = internal.take(dtype_, {e});
+  a.routed_in = kept.take(op, {n, d});
+  a.hidden = internal.take(dtype_, {n, 2 * f});
+  a.act = internal.take(op, {n, f});
+  a.routed_out = kept.take(dtype_, {n, d});
+  a.d_routed = internal.take(dtype_, {n, d});
+  a.d_hidden = internal.take(op, {n, 2 * f});
+  a.d_act = internal.take(dtype_, {n, f});
+  a.d_weight = internal.take(dtype_, {tokens, k});
+  a.d_logits = internal.take(dtype_, {tokens, e});
+  a.aux_grad = internal.take(dtype_, {e});
   if (policy_.separate_operands()) {
-    d_routed_operand_ = internal.take(op, {n, d});
-    d_logits_operand_ = internal.take(op, {tokens, e});
+    a.d_routed_operand = internal.take(op, {n, d});
+    a.d_logits_operand = internal.take(op, {tokens, e});
   }
-  if (has_shared_) shared_.plan(internal, tokens, tp_scratch);
+  if (has_shared_) a.shared = shared_.plan_activations(internal, tokens);
+  return a;
 }
 
 template <typename MakeGroup>
-void MoeFeedForward::run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make) {
-  const std::vector<int64_t>& offset = dispatcher_->local_expert_offsets();
+void MoeFeedForward::run_experts(Backend& be, const Activations& a, bool trans_a, bool trans_b, double beta,
+                                 MakeGroup&& make) {
+  const std::vector<int64_t>& offset = a.routing.local_expert_offsets();
   std::vector<GemmGroup> groups;
   groups.reserve(dispatcher_->local_experts());
   for (int e = 0; e < dispatcher_->local_experts(); ++e) groups.push_back(make(e, offset[e], offset[e + 1] - offset[e]));
   be.grouped_gemm(trans_a, trans_b, policy_.operand, 1.0, groups, beta);
 }
 
-ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
+ExpertRows MoeFeedForward::expert_rows(Backend& be, Activations& a, int64_t rows) {
   const int64_t f = expert_ffn_local_, d = dim_;
   if (dispatcher_->local_only()) {
     // The sorted rows are already expert-major: work on them in place.
-    const Tensor x = routed_in_.prefix({rows, d}), y = routed_out_.prefix({rows, d}), dy = d_routed_.prefix({rows, d});
-    return ExpertRows{x, hidden_.prefix({rows, 2 * f}), act_.prefix({rows, f}), y, dy,
-                      d_hidden_.prefix({rows, 2 * f}), d_act_.prefix({rows, f}), dy,
-                      policy_.separate_operands() ? d_routed_operand_.prefix({rows, d}) : Tensor{}};
+    const Tensor x = a.routed_in.prefix({rows, d}), y = a.routed_out.prefix({rows, d}), dy = a.d_routed.prefix({rows, d});
+    return ExpertRows{x, a.hidden.prefix({rows, 2 * f}), a.act.prefix({rows, f}), y, dy,
+                      a.d_hidden.prefix({rows, 2 * f}), a.d_act.prefix({rows, f}), dy,
+                      policy_.separate_operands() ? a.d_routed_operand.prefix({rows, d}) : Tensor{}};
   }
   // x, y, dy/dx (shared, as in place) and hidden, act, d_hidden, d_act per row. The same
   // two passes as the activations: plan to size the buffer, then carve it.
@@ -220,132 +225,132 @@ ExpertRows MoeFeedForward::expert_rows(Backend& be, int64_t rows) {
     if (policy_.separate_operands()) r.dy_operand = arena.take(op, {n, d});
     return r;
   };
-  if (rows > expert_side_rows_) {
-    expert_side_rows_ = rows + rows / 4;
+  if (rows > a.expert_side_rows) {
+    a.expert_side_rows = rows + rows / 4;
     Arena planner(be.device());
-    carve(planner, expert_side_rows_);
-    expert_side_ = Buffer(be, planner.used());
+    carve(planner, a.expert_side_rows);
+    a.expert_side = Buffer(be, planner.used());
   }
-  Arena arena(be.device(), expert_side_);
+  Arena arena(be.device(), a.expert_side);
   ExpertRows r = carve(arena, rows);
   return r;
 }
 
-void MoeFeedForward::expert_hidden(Backend& be) {
+void MoeFeedForward::expert_hidden(Backend& be, Activations& a) {
   const int64_t f = expert_ffn_local_, d = dim_;
-  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.x, row * d), at(gate_up_.operand, x * 2 * f * d), at(rows_.hidden, row * 2 * f), rows, 2 * f, d};
+  run_experts(be, a, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(a.rows.x, row * d), at(gate_up_.operand, x * 2 * f * d), at(a.rows.hidden, row * 2 * f), rows, 2 * f, d};
   });
-  if (rows_.hidden.numel() > 0) be.swiglu_forward(rows_.hidden, rows_.act);
+  if (a.rows.hidden.numel() > 0) be.swiglu_forward(a.rows.hidden, a.rows.act);
 }
 
-void MoeFeedForward::recompute(Backend& be, const Tensor& h) {
-  // The routed rows this rank's experts received are kept (rows_.x), so no exchange.
-  expert_hidden(be);
-  if (has_shared_) shared_.recompute(be, h);
+void MoeFeedForward::recompute(Backend& be, Activations& a, const Tensor& h) {
+  // The routed rows this rank's experts received are kept (a.rows.x), so no exchange.
+  expert_hidden(be, a);
+  if (has_shared_) shared_.recompute(be, a.shared, h);
 }
 
-MoeStats MoeFeedForward::forward(Backend& be, const Tensor& h, const Tensor& out) {
+MoeStats MoeFeedForward::forward(Backend& be, Activations& a, const Tensor& h, const Tensor& out) {
   const int64_t t = tokens_, e = moe_.num_experts, k = moe_.top_k, f = expert_ffn_local_, d = dim_;
   // Route.
-  be.gemm(false, true, t, e, d, 1.0, h, router_.operand, 0.0, logits_);
-  be.router_forward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, aux_probs_, lse_);
+  be.gemm(false, true, t, e, d, 1.0, h, router_.operand, 0.0, a.logits);
+  be.router_forward(a.logits, moe_.router_score, moe_.normalize_topk, a.topk_index, a.topk_weight, a.aux_probs, a.lse);
   std::vector<int32_t> topk(t * k);
-  be.copy_to_host(topk_index_, topk.data());
+  be.copy_to_host(a.topk_index, topk.data());
   // This rank's tokens (all of them without tensor parallelism).
   const int64_t ts = slice_tokens_, t0 = slice_begin_, n = ts * k;
-  plan_.build(std::vector<int32_t>(topk.begin() + t0 * k, topk.begin() + (t0 + ts) * k), ts, static_cast<int>(k),
+  a.plan.build(std::vector<int32_t>(topk.begin() + t0 * k, topk.begin() + (t0 + ts) * k), ts, static_cast<int>(k),
               static_cast<int>(e));
-  const Tensor row_token = row_token_.prefix({n}), slot_row = slot_row_.prefix({ts, k});
-  be.copy_from_host(plan_.row_token.data(), row_token);
-  be.copy_from_host(plan_.slot_row.data(), slot_row);
+  const Tensor row_token = a.row_token.prefix({n}), slot_row = a.slot_row.prefix({ts, k});
+  be.copy_from_host(a.plan.row_token.data(), row_token);
+  be.copy_from_host(a.plan.slot_row.data(), slot_row);
   // Permute tokens by expert, send each row to its expert's rank, run the local experts
   // as one grouped GEMM, send the results back, combine with the router weights.
-  be.gather_rows(h.slice_rows(t0, ts), row_token, routed_in_.prefix({n, d}));
+  be.gather_rows(h.slice_rows(t0, ts), row_token, a.routed_in.prefix({n, d}));
   std::vector<int64_t> rows_per_expert(e);
-  for (int x = 0; x < e; ++x) rows_per_expert[x] = plan_.expert_offset[x + 1] - plan_.expert_offset[x];
-  dispatcher_->exchange_counts(rows_per_expert);
-  rows_ = expert_rows(be, dispatcher_->received_rows());
-  dispatcher_->dispatch(routed_in_, rows_.x);
-  expert_hidden(be);
-  run_experts(be, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.act, row * f), at(down_.operand, x * d * f), at(rows_.y, row * d), rows, d, f};
+  for (int x = 0; x < e; ++x) rows_per_expert[x] = a.plan.expert_offset[x + 1] - a.plan.expert_offset[x];
+  dispatcher_->exchange_counts(a.routing, rows_per_expert);
+  a.rows = expert_rows(be, a, a.routing.received_rows());
+  dispatcher_->dispatch(a.routing, a.routed_in, a.rows.x);
+  expert_hidden(be, a);
+  run_experts(be, a, false, true, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(a.rows.act, row * f), at(down_.operand, x * d * f), at(a.rows.y, row * d), rows, d, f};
   });
-  dispatcher_->combine(rows_.y, routed_out_);
-  const Tensor weight_slice = topk_weight_.slice_rows(t0, ts);
+  dispatcher_->combine(a.routing, a.rows.y, a.routed_out);
+  const Tensor weight_slice = a.topk_weight.slice_rows(t0, ts);
   if (!tp_.active() || tp_.split_sequence()) {
     // out holds exactly this rank's tokens (all of them without tp).
-    be.combine_rows(routed_out_, slot_row, &weight_slice, 1.0, out);
+    be.combine_rows(a.routed_out, slot_row, &weight_slice, 1.0, out);
   } else {
     const Tensor slice = tps_.partial.slice_rows(t0, ts);
-    be.combine_rows(routed_out_, slot_row, &weight_slice, 0.0, slice);
+    be.combine_rows(a.routed_out, slot_row, &weight_slice, 0.0, slice);
     tp_.group->all_gather(slice, tps_.partial);
     be.axpy(1.0, tps_.partial, out);
   }
-  if (has_shared_) shared_.forward(be, h, out);
+  if (has_shared_) shared_.forward(be, a.shared, h, out);
 
   // Load-balancing loss E * sum_e f_e P_e (f_e: share of routed rows, P_e: mean
   // probability) and z-loss mean(lse^2), both over this micro-batch's tokens.
   MoeStats stats;
-  std::vector<double> prob_sum = be.column_sums(aux_probs_);
-  expert_load_.assign(e, 0.0);
+  std::vector<double> prob_sum = be.column_sums(a.aux_probs);
+  a.expert_load.assign(e, 0.0);
   stats.min_load = 1.0;
   std::vector<int64_t> rows_of(e, 0);  // over all T tokens, not only this rank's slice
   for (int32_t x : topk) ++rows_of[x];
   for (int x = 0; x < e; ++x) {
-    expert_load_[x] = double(rows_of[x]) / double(t * k);
-    stats.aux_loss += expert_load_[x] * prob_sum[x] / double(t);
-    stats.min_load = std::min(stats.min_load, expert_load_[x]);
-    stats.max_load = std::max(stats.max_load, expert_load_[x]);
+    a.expert_load[x] = double(rows_of[x]) / double(t * k);
+    stats.aux_loss += a.expert_load[x] * prob_sum[x] / double(t);
+    stats.min_load = std::min(stats.min_load, a.expert_load[x]);
+    stats.max_load = std::max(stats.max_load, a.expert_load[x]);
   }
-  stats.load = expert_load_;
+  stats.load = a.expert_load;
   stats.aux_loss *= moe_.aux_loss_coef * double(e);
-  stats.z_loss = moe_.z_loss_coef * be.sum_squares(lse_) / double(t);
+  stats.z_loss = moe_.z_loss_coef * be.sum_squares(a.lse) / double(t);
   return stats;
 }
 
-void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
-                              Scratch& sc) {
+void MoeFeedForward::backward(Backend& be, Activations& a, const Tensor& h, const Tensor& d_out, const Tensor& d_h,
+                              double loss_scale, Scratch& sc) {
   const int64_t t = tokens_, e = moe_.num_experts, f = expert_ffn_local_, d = dim_;
   const int64_t ts = slice_tokens_, t0 = slice_begin_, k = moe_.top_k;
-  const Tensor slot_row = slot_row_.prefix({ts, k}), d_weight_slice = d_weight_.slice_rows(t0, ts);
+  const Tensor slot_row = a.slot_row.prefix({ts, k}), d_weight_slice = a.d_weight.slice_rows(t0, ts);
   // d_out: this rank's rows already with sequence parallelism, else all T.
   const Tensor d_out_mine = tp_.split_sequence() ? d_out : d_out.slice_rows(t0, ts);
-  be.combine_rows_backward(d_out_mine, routed_out_, slot_row, topk_weight_.slice_rows(t0, ts), d_routed_,
+  be.combine_rows_backward(d_out_mine, a.routed_out, slot_row, a.topk_weight.slice_rows(t0, ts), a.d_routed,
                            d_weight_slice);
-  dispatcher_->dispatch(d_routed_, rows_.dy);
-  const Tensor dy = policy_.as_operand(be, rows_.dy, rows_.dy_operand);
-  run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(dy, row * d), at(down_.operand, x * d * f), at(rows_.d_act, row * f), rows, f, d};
+  dispatcher_->dispatch(a.routing, a.d_routed, a.rows.dy);
+  const Tensor dy = policy_.as_operand(be, a.rows.dy, a.rows.dy_operand);
+  run_experts(be, a, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(dy, row * d), at(down_.operand, x * d * f), at(a.rows.d_act, row * f), rows, f, d};
   });
-  run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(dy, row * d), at(rows_.act, row * f), at(down_.grad, x * d * f), d, f, rows};
+  run_experts(be, a, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(dy, row * d), at(a.rows.act, row * f), at(down_.grad, x * d * f), d, f, rows};
   });
-  if (rows_.hidden.numel() > 0) be.swiglu_backward(rows_.hidden, rows_.d_act, rows_.d_hidden);
-  run_experts(be, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(gate_up_.operand, x * 2 * f * d), at(rows_.dx, row * d), rows, d, 2 * f};
+  if (a.rows.hidden.numel() > 0) be.swiglu_backward(a.rows.hidden, a.rows.d_act, a.rows.d_hidden);
+  run_experts(be, a, false, false, 0.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(a.rows.d_hidden, row * 2 * f), at(gate_up_.operand, x * 2 * f * d), at(a.rows.dx, row * d), rows, d, 2 * f};
   });
-  run_experts(be, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
-    return GemmGroup{at(rows_.d_hidden, row * 2 * f), at(rows_.x, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
+  run_experts(be, a, true, false, 1.0, [&](int x, int64_t row, int64_t rows) {
+    return GemmGroup{at(a.rows.d_hidden, row * 2 * f), at(a.rows.x, row * d), at(gate_up_.grad, x * 2 * f * d), 2 * f, d, rows};
   });
-  dispatcher_->combine(rows_.dx, d_routed_);
+  dispatcher_->combine(a.routing, a.rows.dx, a.d_routed);
   // Un-permute: each token sums the input gradients of its K rows. With tensor
   // parallelism every rank then gathers the other slices' gradients and top-k weight
   // gradients, so that the router's backward sees the whole micro-batch.
   if (!tp_.active() || tp_.split_sequence()) {
-    be.combine_rows(d_routed_, slot_row, nullptr, 0.0, d_h);
+    be.combine_rows(a.d_routed, slot_row, nullptr, 0.0, d_h);
   } else {
     const Tensor slice = tps_.partial.slice_rows(t0, ts);
-    be.combine_rows(d_routed_, slot_row, nullptr, 0.0, slice);
+    be.combine_rows(a.d_routed, slot_row, nullptr, 0.0, slice);
     tp_.group->all_gather(slice, tps_.partial);
     be.copy(tps_.partial, d_h);
-    tp_.group->all_gather(d_weight_slice, d_weight_);
+    tp_.group->all_gather(d_weight_slice, a.d_weight);
   }
 
   // Router: top-k weights, load-balancing and z-loss gradients.
   std::vector<double> aux_grad(e);
-  for (int x = 0; x < e; ++x) aux_grad[x] = moe_.aux_loss_coef * double(e) * expert_load_[x] / double(t) * loss_scale;
-  Tensor aux_host_view = aux_grad_;
+  for (int x = 0; x < e; ++x) aux_grad[x] = moe_.aux_loss_coef * double(e) * a.expert_load[x] / double(t) * loss_scale;
+  Tensor aux_host_view = a.aux_grad;
   if (dtype_ == DType::F32) {
     std::vector<float> g(aux_grad.begin(), aux_grad.end());
     be.copy_from_host(g.data(), aux_host_view);
@@ -357,21 +362,21 @@ void MoeFeedForward::backward(Backend& be, const Tensor& h, const Tensor& d_out,
     // This rank's tokens only: its rows of d_h and a partial sum of the router's gradient
     // (completed over tp with the other replicated gradients). The auxiliary gradient and
     // the z-loss scale are the whole micro-batch's.
-    const Tensor d_logits = d_logits_.slice_rows(t0, ts);
-    be.router_backward(logits_.slice_rows(t0, ts), moe_.router_score, moe_.normalize_topk,
-                       topk_index_.slice_rows(t0, ts), topk_weight_.slice_rows(t0, ts), d_weight_slice, aux_grad_,
-                       lse_.slice_rows(t0, ts), z_grad_scale, d_logits);
-    const Tensor d_logits_operand = policy_.as_operand(be, d_logits, d_logits_operand_);
+    const Tensor d_logits = a.d_logits.slice_rows(t0, ts);
+    be.router_backward(a.logits.slice_rows(t0, ts), moe_.router_score, moe_.normalize_topk,
+                       a.topk_index.slice_rows(t0, ts), a.topk_weight.slice_rows(t0, ts), d_weight_slice, a.aux_grad,
+                       a.lse.slice_rows(t0, ts), z_grad_scale, d_logits);
+    const Tensor d_logits_operand = policy_.as_operand(be, d_logits, a.d_logits_operand);
     be.gemm(false, false, ts, d, e, 1.0, d_logits_operand, router_.operand, 1.0, d_h);
     be.gemm(true, false, e, d, ts, 1.0, d_logits_operand, h.slice_rows(t0, ts), 1.0, router_.grad);
   } else {
-    be.router_backward(logits_, moe_.router_score, moe_.normalize_topk, topk_index_, topk_weight_, d_weight_,
-                       aux_grad_, lse_, z_grad_scale, d_logits_);
-    const Tensor d_logits_operand = policy_.as_operand(be, d_logits_, d_logits_operand_);
+    be.router_backward(a.logits, moe_.router_score, moe_.normalize_topk, a.topk_index, a.topk_weight, a.d_weight,
+                       a.aux_grad, a.lse, z_grad_scale, a.d_logits);
+    const Tensor d_logits_operand = policy_.as_operand(be, a.d_logits, a.d_logits_operand);
     be.gemm(false, false, t, d, e, 1.0, d_logits_operand, router_.operand, 1.0, d_h);
     be.gemm(true, false, e, d, t, 1.0, d_logits_operand, h, 1.0, router_.grad);
   }
-  if (has_shared_) shared_.backward(be, h, d_out, d_h, 1.0, sc);
+  if (has_shared_) shared_.backward(be, a.shared, h, d_out, d_h, 1.0, sc);
 }
 
 }  // namespace sdmoe

@@ -13,7 +13,6 @@ struct GptModel::Block {
   bool is_moe = false;
   SwigluMlp mlp;
   MoeFeedForward moe;
-  Tensor ffn_normed, ffn_rstd;  // [T,D], [T]
 };
 
 ModelPlacement placement_for(const ProcessGroups& groups, bool zero1, bool sequence_parallel) {
@@ -55,6 +54,7 @@ GptModel::GptModel(const ModelSpec& spec, Backend& backend, const PrecisionPolic
       dtype_(policy.master),
       batch_(micro_batch) {
   spec_.validate();
+  SDMOE_ASSERT(execution_.micro_batches_in_flight >= 1, "{} micro-batches in flight", execution_.micro_batches_in_flight);
   tokens_ = int64_t(batch_) * spec_.seq_len;
   head_chunk_ = output_head_chunk(spec_, tokens_,
                                   policy_.separate_operands() ? 4 + int64_t(dtype_size(policy_.operand)) : 4);
@@ -133,13 +133,7 @@ void GptModel::plan_activations(Arena& arena, Arena& region) {
   // Rows of the residual stream this rank holds: all, or its T/tp with sequence parallelism.
   const int64_t rows = sequence_parallel_ ? t / tp_group_->size() : t;
   const LayerDims dims{batch_, spec_.seq_len, d, spec_.heads, spec_.head_dim()};
-  ids_ = arena.take(DType::I32, {t});
-  targets_ = arena.take(DType::I32, {t});
   const bool full = execution_.recompute == Recompute::FULL, shared_region = execution_.recompute != Recompute::NONE;
-  // Under FULL only the blocks' inputs (even entries) live through the step; the stream
-  // between a block's attention and feed-forward (odd entries) is the block's own.
-  stream_.assign(2 * spec_.layers + 1, Tensor{});
-  for (int i = 0; i < 2 * spec_.layers + 1; i += 2) stream_[i] = arena.take(dtype_, {rows, d});
   tp_scratch_ = TpScratch{};
   if (tp_group_ && tp_group_->size() > 1) {
     tp_scratch_.partial = arena.take(dtype_, {t, d});
@@ -148,31 +142,51 @@ void GptModel::plan_activations(Arena& arena, Arena& region) {
       tp_scratch_.local = arena.take(dtype_, {rows, d});
     }
   }
-  // Each block's activations: kept in `arena` without recomputation; under SELECTIVE the
-  // recomputable ones in the shared region, under FULL all of them.
+  for (auto& b : blocks_) {
+    b->attention.configure(dims, tp_scratch_);
+    if (b->is_moe) b->moe.configure(t, tp_scratch_);
+    else b->mlp.configure(tp_scratch_);
+  }
+  // Per micro-batch in flight: each block's activations, kept in `arena` without
+  // recomputation; under SELECTIVE the recomputable ones in the shared region, under FULL
+  // all of them (the region is shared by the blocks and by the micro-batches: what it
+  // holds is recomputed before each block's backward).
   Arena& kept = full ? region : arena;
   const size_t region_start = region.position();
   size_t region_end = region_start;
-  for (int l = 0; l < spec_.layers; ++l) {
-    Block& b = *blocks_[l];
-    if (shared_region) region.rewind(region_start);
-    stream_[2 * l + 1] = kept.take(dtype_, {rows, d});
-    b.attention.plan(kept, region, dims, tp_scratch_);
-    b.ffn_normed = kept.take(policy_.operand, {t, d});
-    b.ffn_rstd = kept.take(dtype_, {rows});
-    if (b.is_moe) b.moe.plan(kept, region, t, tp_scratch_);
-    else b.mlp.plan(region, t, tp_scratch_);
-    region_end = std::max(region_end, region.position());
+  slots_.clear();
+  slots_.resize(size_t(execution_.micro_batches_in_flight));
+  region_slot_ = -1;
+  for (MicroBatch& mb : slots_) {
+    mb.ids = arena.take(DType::I32, {t});
+    mb.targets = arena.take(DType::I32, {t});
+    // Under FULL only the blocks' inputs (even entries) live through the step; the stream
+    // between a block's attention and feed-forward (odd entries) is the block's own.
+    mb.stream.assign(2 * spec_.layers + 1, Tensor{});
+    for (int i = 0; i < 2 * spec_.layers + 1; i += 2) mb.stream[i] = arena.take(dtype_, {rows, d});
+    mb.blocks.resize(size_t(spec_.layers));
+    for (int l = 0; l < spec_.layers; ++l) {
+      Block& b = *blocks_[l];
+      BlockActivations& ba = mb.blocks[size_t(l)];
+      if (shared_region) region.rewind(region_start);
+      mb.stream[2 * l + 1] = kept.take(dtype_, {rows, d});
+      ba.attention = b.attention.plan_activations(kept, region);
+      ba.ffn_normed = kept.take(policy_.operand, {t, d});
+      ba.ffn_rstd = kept.take(dtype_, {rows});
+      if (b.is_moe) ba.moe = b.moe.plan_activations(kept, region);
+      else ba.mlp = b.mlp.plan_activations(region, t);
+      region_end = std::max(region_end, region.position());
+    }
+    mb.final_normed = arena.take(policy_.operand, {t, d});
+    mb.final_rstd = arena.take(dtype_, {rows});
+    mb.d_final = arena.take(dtype_, {t, d});
+    mb.d_final_local = sequence_parallel_ ? arena.take(dtype_, {rows, d}) : mb.d_final;
   }
   if (shared_region) region.rewind(region_end);
-  final_normed_ = arena.take(policy_.operand, {t, d});
-  final_rstd_ = arena.take(dtype_, {rows});
   logits_ = arena.take(dtype_, {head_chunk_, vocab_local_});
   if (policy_.separate_operands()) logits_operand_ = arena.take(policy_.operand, {head_chunk_, vocab_local_});
   losses_ = arena.take(dtype_, {head_chunk_, 1});
   lse_ = arena.take(dtype_, {head_chunk_});
-  d_final_ = arena.take(dtype_, {t, d});
-  d_final_local_ = sequence_parallel_ ? arena.take(dtype_, {rows, d}) : d_final_;
   d_stream_ = arena.take(dtype_, {rows, d});
   scratch_.plan(arena, spec_, batch_, policy_, execution_.fused_attention);
 }
@@ -286,31 +300,36 @@ void GptModel::copy_from_host_f64(const std::vector<double>& in, const Tensor& x
 void GptModel::zero_grads() { be_.fill(grads(), 0.0); }
 
 MicroBatchStats GptModel::forward_backward(const int32_t* tokens, double loss_scale) {
-  return run(tokens, true, loss_scale);
+  MicroBatchStats stats = forward(0, tokens, true, loss_scale);
+  backward(0, loss_scale);
+  return stats;
 }
 
-MicroBatchStats GptModel::forward_only(const int32_t* tokens) { return run(tokens, false, 0.0); }
+MicroBatchStats GptModel::forward_only(const int32_t* tokens) { return forward(0, tokens, false, 0.0); }
 
-void GptModel::forward_block(int l, MicroBatchStats* stats) {
+void GptModel::forward_block(MicroBatch& mb, int l, MicroBatchStats* stats) {
   Block& b = *blocks_[l];
-  const Tensor &in = stream_[2 * l], &mid = stream_[2 * l + 1], &out = stream_[2 * l + 2];
-  b.attention.forward(be_, in, mid, scratch_);
-  norm_all_rows(mid, b.ffn_norm.operand, b.ffn_normed, b.ffn_rstd);
+  BlockActivations& ba = mb.blocks[size_t(l)];
+  const Tensor &in = mb.stream[2 * l], &mid = mb.stream[2 * l + 1], &out = mb.stream[2 * l + 2];
+  b.attention.forward(be_, ba.attention, in, mid, scratch_);
+  norm_all_rows(mid, b.ffn_norm.operand, ba.ffn_normed, ba.ffn_rstd);
   // A recomputation rewrites `out` (the next block's input) with the same values.
   be_.copy(mid, out);
   if (b.is_moe) {
-    MoeStats m = b.moe.forward(be_, b.ffn_normed, out);
+    MoeStats m = b.moe.forward(be_, ba.moe, ba.ffn_normed, out);
     if (stats) {
       stats->aux_loss += m.aux_loss;
       stats->z_loss += m.z_loss;
       stats->moe.push_back(m);
     }
   } else {
-    b.mlp.forward(be_, b.ffn_normed, out);
+    b.mlp.forward(be_, ba.mlp, ba.ffn_normed, out);
   }
 }
 
-MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_scale) {
+MicroBatchStats GptModel::forward(int slot, const int32_t* tokens, bool train, double loss_scale) {
+  SDMOE_ASSERT(slot >= 0 && slot < int(slots_.size()), "micro-batch slot {} of {}", slot, slots_.size());
+  MicroBatch& mb = slots_[size_t(slot)];
   const int64_t t = tokens_, d = spec_.dim, s = spec_.seq_len, v = spec_.vocab_size;
   std::vector<int32_t> ids(t), targets(t);
   for (int b = 0; b < batch_; ++b)
@@ -318,8 +337,7 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
       ids[b * s + i] = tokens[b * (s + 1) + i];
       targets[b * s + i] = tokens[b * (s + 1) + i + 1];
     }
-  for (int64_t i = 0; i < t; ++i)
-  {
+  for (int64_t i = 0; i < t; ++i) {
     if (ids[i] < 0 || ids[i] >= v) fail("token id {} is outside the model vocabulary of {}", ids[i], v);
     if (targets[i] >= v) fail("token id {} is outside the model vocabulary of {}", targets[i], v);
   }
@@ -332,44 +350,54 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
       const bool target_here = targets[i] >= vocab_begin_ && targets[i] < vocab_begin_ + vocab_local_;
       if (targets[i] >= 0) targets[i] = target_here ? targets[i] - int32_t(vocab_begin_) : Backend::kTargetOnOtherShard;
     }
-  be_.copy_from_host(ids.data(), ids_);
-  be_.copy_from_host(targets.data(), targets_);
+  be_.copy_from_host(ids.data(), mb.ids);
+  be_.copy_from_host(targets.data(), mb.targets);
 
   MicroBatchStats stats;
   stats.tokens = t;
   // Each token's row comes from the one vocabulary shard that holds it.
   if (tp.split_sequence()) {
-    be_.embedding_forward(ids_, embedding_.operand, tp_scratch_.partial);
-    tp.reduce_scatter_rows(tp_scratch_.partial, stream_[0]);
+    be_.embedding_forward(mb.ids, embedding_.operand, tp_scratch_.partial);
+    tp.reduce_scatter_rows(tp_scratch_.partial, mb.stream[0]);
   } else {
-    be_.embedding_forward(ids_, embedding_.operand, stream_[0]);
-    tp.sum(stream_[0]);
+    be_.embedding_forward(mb.ids, embedding_.operand, mb.stream[0]);
+    tp.sum(mb.stream[0]);
   }
-  for (int l = 0; l < spec_.layers; ++l) forward_block(l, &stats);
-  norm_all_rows(stream_[2 * spec_.layers], final_norm_.operand, final_normed_, final_rstd_);
+  for (int l = 0; l < spec_.layers; ++l) forward_block(mb, l, &stats);
+  region_slot_ = slot;
+  norm_all_rows(mb.stream[2 * spec_.layers], final_norm_.operand, mb.final_normed, mb.final_rstd);
 
   // Output projection and loss in chunks of rows, so the [T,V] logits never exist at
   // once. In training each chunk's backward runs right away.
   for (int64_t row = 0; row < t; row += head_chunk_) {
     const int64_t rows = std::min(head_chunk_, t - row), vl = vocab_local_;
-    Tensor h = final_normed_.slice_rows(row, rows), logits = logits_.prefix({rows, vl});
-    Tensor losses = losses_.prefix({rows, 1}), lse = lse_.prefix({rows}), tgt = targets_.slice_rows(row, rows);
+    Tensor h = mb.final_normed.slice_rows(row, rows), logits = logits_.prefix({rows, vl});
+    Tensor losses = losses_.prefix({rows, 1}), lse = lse_.prefix({rows}), tgt = mb.targets.slice_rows(row, rows);
     be_.gemm(false, true, rows, vl, d, 1.0, h, output_.operand, 0.0, logits);
     be_.cross_entropy_forward(logits, tgt, losses, lse);
     if (!tp.active()) stats.loss_sum += be_.column_sums(losses)[0];
     else stats.loss_sum += combine_vocab_shards(losses, lse, &targets[row], tp);
     if (!train) continue;
     be_.cross_entropy_backward(logits, tgt, lse, loss_scale / double(t));
-    const Tensor d_h = d_final_.slice_rows(row, rows);
+    const Tensor d_h = mb.d_final.slice_rows(row, rows);
     const Tensor d_logits = policy_.as_operand(be_, logits, logits_operand_);
     be_.gemm(false, false, rows, d, vl, 1.0, d_logits, output_.operand, 0.0, d_h);
     if (!tp.split_sequence()) tp.sum(d_h);  // every shard's logits depend on h (summed below with SP)
     be_.gemm(true, false, vl, d, rows, 1.0, d_logits, h, 1.0, output_.grad);
   }
-  if (!train) return stats;
+  mb.awaiting_backward = train;
+  return stats;
+}
 
-  if (tp.split_sequence()) tp.reduce_scatter_rows(d_final_, d_final_local_);
-  be_.rmsnorm_backward(stream_[2 * spec_.layers], final_norm_.operand, final_rstd_, d_final_local_, d_stream_,
+void GptModel::backward(int slot, double loss_scale) {
+  SDMOE_ASSERT(slot >= 0 && slot < int(slots_.size()), "micro-batch slot {} of {}", slot, slots_.size());
+  MicroBatch& mb = slots_[size_t(slot)];
+  SDMOE_ASSERT(mb.awaiting_backward, "backward of micro-batch slot {} without its training forward", slot);
+  mb.awaiting_backward = false;
+  const int64_t d = spec_.dim;
+  const TensorParallel tp{tp_group_.get(), sequence_parallel_};
+  if (tp.split_sequence()) tp.reduce_scatter_rows(mb.d_final, mb.d_final_local);
+  be_.rmsnorm_backward(mb.stream[2 * spec_.layers], final_norm_.operand, mb.final_rstd, mb.d_final_local, d_stream_,
                        final_norm_.grad);
   auto stage_done = [&](int stage) {
     if (backward_hook_) backward_hook_(stage);
@@ -377,30 +405,34 @@ MicroBatchStats GptModel::run(const int32_t* tokens, bool train, double loss_sca
   stage_done(0);
   for (int l = spec_.layers - 1; l >= 0; --l) {
     Block& b = *blocks_[l];
-    const Tensor& mid = stream_[2 * l + 1];
-    // The last block's activations are still those of the forward.
-    if (execution_.recompute == Recompute::FULL && l < spec_.layers - 1) forward_block(l, nullptr);
+    BlockActivations& ba = mb.blocks[size_t(l)];
+    const Tensor& mid = mb.stream[2 * l + 1];
+    if (execution_.recompute == Recompute::FULL) {
+      // The shared region still holds the last block of the latest forward: this slot's
+      // when no other forward ran since, and then that block need not be recomputed.
+      if (l < spec_.layers - 1 || region_slot_ != slot) forward_block(mb, l, nullptr);
+      region_slot_ = -1;
+    }
     if (execution_.recompute == Recompute::SELECTIVE) {
-      if (b.is_moe) b.moe.recompute(be_, b.ffn_normed);
-      else b.mlp.recompute(be_, b.ffn_normed);
+      if (b.is_moe) b.moe.recompute(be_, ba.moe, ba.ffn_normed);
+      else b.mlp.recompute(be_, ba.mlp, ba.ffn_normed);
     }
     const Tensor d_normed = scratch_.d_normed.prefix({mid.rows(), d}), d_x = scratch_.d_x.prefix({mid.rows(), d});
-    if (b.is_moe) b.moe.backward(be_, b.ffn_normed, d_stream_, d_normed, loss_scale, scratch_);
-    else b.mlp.backward(be_, b.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
-    be_.rmsnorm_backward(mid, b.ffn_norm.operand, b.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
+    if (b.is_moe) b.moe.backward(be_, ba.moe, ba.ffn_normed, d_stream_, d_normed, loss_scale, scratch_);
+    else b.mlp.backward(be_, ba.mlp, ba.ffn_normed, d_stream_, d_normed, 0.0, scratch_);
+    be_.rmsnorm_backward(mid, b.ffn_norm.operand, ba.ffn_rstd, d_normed, d_x, b.ffn_norm.grad);
     be_.axpy(1.0, d_x, d_stream_);
-    if (execution_.recompute == Recompute::SELECTIVE) b.attention.recompute(be_, scratch_);
-    b.attention.backward(be_, stream_[2 * l], d_stream_, scratch_);
+    if (execution_.recompute == Recompute::SELECTIVE) b.attention.recompute(be_, ba.attention, scratch_);
+    b.attention.backward(be_, ba.attention, mb.stream[2 * l], d_stream_, scratch_);
     stage_done(spec_.layers - l);
   }
   if (tp.split_sequence()) {
     tp.gather_rows(d_stream_, tp_scratch_.gathered, be_);
-    be_.embedding_backward(ids_, tp_scratch_.gathered, embedding_.grad);
+    be_.embedding_backward(mb.ids, tp_scratch_.gathered, embedding_.grad);
   } else {
-    be_.embedding_backward(ids_, d_stream_, embedding_.grad);
+    be_.embedding_backward(mb.ids, d_stream_, embedding_.grad);
   }
   stage_done(spec_.layers + 1);
-  return stats;
 }
 
 }  // namespace sdmoe

@@ -34,6 +34,10 @@ struct ModelExecution {
   // Attention as one fused kernel (FlashAttention-2: no [S,S] probabilities kept) instead
   // of the unfused GEMM, softmax, GEMM path, which stays the reference.
   bool fused_attention = false;
+  // Micro-batches whose activations the model holds at once: the forward of one may run
+  // while others wait for their backward (pipeline schedules, communication of one
+  // micro-batch overlapped with another's compute). Each costs its own activations.
+  int micro_batches_in_flight = 1;
 };
 
 // Where this rank's part of the model sits in the parallel layout.
@@ -96,6 +100,17 @@ class GptModel {
   MicroBatchStats forward_backward(const int32_t* tokens, double loss_scale);
   MicroBatchStats forward_only(const int32_t* tokens);
 
+  // The same in two halves, for several micro-batches in flight: `slot` in
+  // [0, micro_batches_in_flight()) holds one micro-batch's activations from its forward to
+  // its backward. forward() runs the embedding, the blocks and the output head; in
+  // training (train true) the head's backward runs with it, chunk by chunk as its logits
+  // are made, and the slot keeps the gradient it leaves. backward() runs the rest, from
+  // the final norm down to the embedding. A slot's backward must follow its forward; the
+  // slots are otherwise independent, and gradients of all of them accumulate.
+  MicroBatchStats forward(int slot, const int32_t* tokens, bool train, double loss_scale);
+  void backward(int slot, double loss_scale);
+  int micro_batches_in_flight() const { return int(slots_.size()); }
+
   // The backward runs in stages: 0 is the output head and final norm, layers - l is
   // block l, layers + 1 the embedding. The hook is called as each stage finishes, so
   // that the gradients it completed can be reduced while the rest of the backward runs.
@@ -114,9 +129,26 @@ class GptModel {
   // arena: what lives for the whole step; region: what a block needs only while it runs
   // (rewound for every block under recomputation; `arena` itself without it).
   void plan_activations(Arena& arena, Arena& region);
-  // One block's forward: its attention and feed-forward sublayers with their residuals.
-  // stats: where the MoE statistics go (null when recomputing).
-  void forward_block(int layer, MicroBatchStats* stats);
+  // One micro-batch's activations of one block.
+  struct BlockActivations {
+    Attention::Activations attention;
+    Tensor ffn_normed, ffn_rstd;  // [T,D], [T]
+    SwigluMlp::Activations mlp;
+    MoeFeedForward::Activations moe;
+  };
+  // Everything one micro-batch in flight keeps between its forward and its backward.
+  struct MicroBatch {
+    Tensor ids, targets;              // I32 [T], as this rank's vocabulary shard sees them
+    std::vector<Tensor> stream;       // residual stream: 2 * layers + 1 tensors [T,D]
+    std::vector<BlockActivations> blocks;
+    Tensor final_normed, final_rstd;  // [T,D], [T]
+    Tensor d_final;                   // [T,D] the output head's input gradient
+    Tensor d_final_local;             // this rank's rows of it (sequence parallel), else d_final
+    bool awaiting_backward = false;
+  };
+  // One block's forward on a micro-batch: its attention and feed-forward sublayers with
+  // their residuals. stats: where the MoE statistics go (null when recomputing).
+  void forward_block(MicroBatch& mb, int layer, MicroBatchStats* stats);
   void init_part_on_host(const ParamSpec& s, const Tensor& p, uint64_t seed);
   void norm_all_rows(const Tensor& x, const Tensor& weight, const Tensor& normed, const Tensor& rstd);
   // Vocabulary-parallel cross-entropy: combines the shards' per-row results over tp,
@@ -126,7 +158,6 @@ class GptModel {
                               const TensorParallel& tp);
   void copy_to_host_f64(const Tensor& x, std::vector<double>& out);
   void copy_from_host_f64(const std::vector<double>& in, const Tensor& x);
-  MicroBatchStats run(const int32_t* tokens, bool train, double loss_scale);
 
   ModelSpec spec_;
   Backend& be_;
@@ -149,13 +180,12 @@ class GptModel {
   Buffer operand_weights_;  // the weights in the policy's operand dtype (separate operands only)
   Buffer block_activations_;  // the region the blocks share under recomputation
   Scratch scratch_;
-  Tensor ids_, targets_;            // I32 [T]
-  std::vector<Tensor> stream_;      // residual stream: 2 * layers + 1 tensors [T,D]
-  Tensor final_normed_, final_rstd_;  // [T,D], [T]
+  std::vector<MicroBatch> slots_;
+  // Under FULL recomputation the blocks share one region: the slot whose last block's
+  // forward it still holds (its backward need not recompute that block), else -1.
+  int region_slot_ = -1;
   Tensor logits_, losses_, lse_;    // [C,V], [C], [C]
   Tensor logits_operand_;           // [C,V] the logits' gradient as a GEMM operand (separate operands only)
-  Tensor d_final_;                  // [T,D]
-  Tensor d_final_local_;            // this rank's rows of it (sequence parallel), else d_final_
   Tensor d_stream_;                 // [T,D] residual gradient
 };
 

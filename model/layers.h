@@ -114,24 +114,47 @@ struct LayerDims {
 
 class Attention {
  public:
+  // One micro-batch's activations. kept: what the backward reads as the forward left it
+  // (the normalised input and its statistics); the rest are internal (q, k, v, the
+  // probabilities and the context), which the backward may recompute (selective
+  // recomputation plans them in a region the layers share). All but rstd and lse are
+  // GEMM operands (the policy's operand dtype).
+  struct Activations {
+    Tensor normed, rstd;  // [T,D], [T] (this rank's rows with sequence parallelism)
+    Tensor q, k, v;       // [B,H,S,Dh], q and k after RoPE
+    Tensor probs;         // [B*H,S,S] unfused only
+    Tensor lse;           // [B*H,S] fused only: the softmax rows' log-sum-exp (master dtype)
+    Tensor ctx;           // [T,D]
+  };
+
   // With tensor parallelism this rank holds heads [rank * H/tp, (rank+1) * H/tp).
   // fused: the fused kernel (Backend::attention_forward) instead of the unfused path.
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec, TensorParallel tp = {},
                bool fused = false);
   void bind(const ParamBuffers& buffers);
-  // dims: the model's sizes (all heads); tp_partial: [T,D] scratch shared by the layers,
-  // used when tensor parallel.
-  // kept: what the backward reads as the forward left it (the normalised input and its
-  // statistics); internal: q, k, v, the probabilities and the context, which the backward
-  // may recompute (selective recomputation plans them in a region the layers share).
-  void plan(Arena& kept, Arena& internal, const LayerDims& dims, const TpScratch& tp_scratch = {});
+  // dims: the model's sizes (all heads); tp_scratch: [T,D] scratch shared by the layers,
+  // used when tensor parallel. Once, before planning.
+  void configure(const LayerDims& dims, const TpScratch& tp_scratch = {});
+  Activations plan_activations(Arena& kept, Arena& internal) const;
+  void forward(Backend& be, Activations& a, const Tensor& in, const Tensor& out, Scratch& scratch);
+  // Recomputes the internal activations from the kept ones, as the forward made them.
+  void recompute(Backend& be, Activations& a, Scratch& scratch);
+  void backward(Backend& be, Activations& a, const Tensor& in, const Tensor& dres, Scratch& scratch);
+
+  // One micro-batch at a time, in activations the layer holds itself (the layer tests).
+  void plan(Arena& kept, Arena& internal, const LayerDims& dims, const TpScratch& tp_scratch = {}) {
+    configure(dims, tp_scratch);
+    own_ = plan_activations(kept, internal);
+  }
   void plan(Arena& arena, const LayerDims& dims, const TpScratch& tp_scratch = {}) {
     plan(arena, arena, dims, tp_scratch);
   }
-  void forward(Backend& be, const Tensor& in, const Tensor& out, Scratch& scratch);
-  // Recomputes the internal activations from the kept ones, as the forward made them.
-  void recompute(Backend& be, Scratch& scratch);
-  void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch);
+  void forward(Backend& be, const Tensor& in, const Tensor& out, Scratch& scratch) {
+    forward(be, own_, in, out, scratch);
+  }
+  void backward(Backend& be, const Tensor& in, const Tensor& dres, Scratch& scratch) {
+    backward(be, own_, in, dres, scratch);
+  }
 
  private:
   LayerDims dims_{};  // heads: this rank's
@@ -141,30 +164,41 @@ class Attention {
   bool fused_ = false;
   double rope_theta_ = 10000.0, eps_ = 1e-5;
   Param norm_, qkv_, proj_;  // [D], [3D,D], [D,D]; with tp: [3, D/tp, D] and [D, D/tp]
-  // Kept for the backward; all but rstd_ are GEMM operands (the policy's operand dtype).
-  Tensor normed_, rstd_;      // [T,D], [T]
-  Tensor q_, k_, v_;          // [B,H,S,Dh], q and k after RoPE
-  Tensor probs_;              // [B*H,S,S] unfused only
-  Tensor lse_;                // [B*H,S] fused only: the softmax rows' log-sum-exp (master dtype)
-  Tensor ctx_;                // [T,D]
+  Activations own_;
 };
 
 // SwiGLU MLP on an already-normalised input, adding its output into `out`.
 class SwigluMlp {
  public:
+  // One micro-batch's activations, both internal (recomputable from the input h).
+  struct Activations {
+    Tensor hidden, act;  // [T,2F] master dtype, [T,F] operand dtype
+  };
+
   // With tensor parallelism this rank holds hidden units [rank * F/tp, (rank+1) * F/tp).
   void declare(ParamRegistry& registry, const std::string& prefix, int64_t dim, int64_t ffn, double std, double out_std,
                TensorParallel tp = {});
   void bind(const ParamBuffers& buffers);
-  // hidden_ and act_ are internal (recomputable from h); the MLP keeps nothing else.
-  void plan(Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {});
+  void configure(const TpScratch& tp_scratch = {}) { tps_ = tp_scratch; }
+  Activations plan_activations(Arena& internal, int64_t tokens) const;
   // h: [T,D] (all tokens). out and d_out: [T,D], or this rank's [T/tp,D] rows with
   // sequence parallelism; d_h likewise.
-  void forward(Backend& be, const Tensor& h, const Tensor& out);
-  // Recomputes hidden_ and act_ from h, as the forward made them.
-  void recompute(Backend& be, const Tensor& h);
+  void forward(Backend& be, Activations& a, const Tensor& h, const Tensor& out);
+  // Recomputes the activations from h, as the forward made them.
+  void recompute(Backend& be, Activations& a, const Tensor& h);
   // d_h = beta * d_h + d(h) of this MLP.
-  void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch);
+  void backward(Backend& be, Activations& a, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta,
+                Scratch& scratch);
+
+  // One micro-batch at a time, in activations the layer holds itself (the layer tests).
+  void plan(Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {}) {
+    configure(tp_scratch);
+    own_ = plan_activations(internal, tokens);
+  }
+  void forward(Backend& be, const Tensor& h, const Tensor& out) { forward(be, own_, h, out); }
+  void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double beta, Scratch& scratch) {
+    backward(be, own_, h, d_out, d_h, beta, scratch);
+  }
 
  private:
   int64_t dim_ = 0, ffn_ = 0;  // ffn_: this rank's hidden units
@@ -172,7 +206,7 @@ class SwigluMlp {
   TpScratch tps_;
   PrecisionPolicy policy_;
   Param gate_up_, down_;  // [2F,D], [D,F]; with tp: [2, F/tp, D] and [D, F/tp]
-  Tensor hidden_, act_;   // [T,2F] master dtype, [T,F] operand dtype
+  Activations own_;
 };
 
 // Where each routed row goes; computed on the host from the router's choices with a
@@ -201,9 +235,27 @@ struct ExpertRows {
 
 class MoeFeedForward {
  public:
+  // One micro-batch's state. kept: routing, routed rows and their outputs; internal: the
+  // experts' (and the shared expert's) hidden activations and the backward's scratch.
+  struct Activations {
+    RoutingPlan plan;
+    TokenDispatcher::Routing routing;
+    std::vector<double> expert_load;  // [E] share of rows per expert
+    Tensor logits, topk_index, topk_weight, aux_probs, lse;  // [T,E], [T,K], [T,K], [T,E], [T]
+    Tensor row_token, slot_row;                               // I32 [N], [T,K]
+    Tensor routed_in, hidden, act, routed_out;                // [N,D], [N,2Fe], [N,Fe], [N,D]
+    Tensor d_routed, d_hidden, d_act, d_weight, d_logits, aux_grad;  // backward scratch
+    Tensor d_routed_operand, d_logits_operand;  // [N,D], [T,E] operand staging (separate operands only)
+    // With expert parallelism: the rows this rank's experts received (grown to the
+    // busiest micro-batch seen); without it, views of the rows above.
+    Buffer expert_side;
+    int64_t expert_side_rows = 0;
+    ExpertRows rows;
+    SwigluMlp::Activations shared;
+  };
+
   // dispatcher: how rows reach the experts; its ep group decides which experts this rank
-  // holds. Each MoE layer needs its own (it keeps the routing of its forward for the
-  // backward).
+  // holds.
   //
   // With tensor parallelism the router runs on all T tokens on every tp rank (so routing,
   // the auxiliary and z losses and the router's gradients are those of the whole
@@ -213,33 +265,42 @@ class MoeFeedForward {
   void declare(ParamRegistry& registry, const std::string& prefix, const ModelSpec& spec,
                std::shared_ptr<TokenDispatcher> dispatcher, TensorParallel tp = {});
   void bind(const ParamBuffers& buffers);
-  // kept: routing, routed rows and their outputs; internal: the experts' (and the shared
-  // expert's) hidden activations and the backward's scratch.
-  void plan(Arena& kept, Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {});
-  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {}) { plan(arena, arena, tokens, tp_scratch); }
-  MoeStats forward(Backend& be, const Tensor& h, const Tensor& out);
+  // tokens per micro-batch and the layers' shared tensor-parallel scratch. Once.
+  void configure(int64_t tokens, const TpScratch& tp_scratch = {});
+  Activations plan_activations(Arena& kept, Arena& internal) const;
+  MoeStats forward(Backend& be, Activations& a, const Tensor& h, const Tensor& out);
   // Recomputes the experts' and the shared expert's hidden activations from the routed
   // rows and h, as the forward made them.
-  void recompute(Backend& be, const Tensor& h);
+  void recompute(Backend& be, Activations& a, const Tensor& h);
   // loss_scale multiplies the auxiliary and z losses in the gradient, as the cross
   // entropy's own scale does for the main loss.
+  void backward(Backend& be, Activations& a, const Tensor& h, const Tensor& d_out, const Tensor& d_h,
+                double loss_scale, Scratch& scratch);
+
+  // One micro-batch at a time, in state the layer holds itself (the layer tests).
+  void plan(Arena& kept, Arena& internal, int64_t tokens, const TpScratch& tp_scratch = {}) {
+    configure(tokens, tp_scratch);
+    own_ = plan_activations(kept, internal);
+  }
+  void plan(Arena& arena, int64_t tokens, const TpScratch& tp_scratch = {}) { plan(arena, arena, tokens, tp_scratch); }
+  MoeStats forward(Backend& be, const Tensor& h, const Tensor& out) { return forward(be, own_, h, out); }
   void backward(Backend& be, const Tensor& h, const Tensor& d_out, const Tensor& d_h, double loss_scale,
-                Scratch& scratch);
+                Scratch& scratch) {
+    backward(be, own_, h, d_out, d_h, loss_scale, scratch);
+  }
 
  private:
-  // One GEMM per expert over its rows; `make` fills a group from (expert, row offset, rows).
+  // One GEMM per local expert over its rows of this micro-batch; `make` fills a group from
+  // (expert, row offset, rows).
   template <typename MakeGroup>
-  void run_experts(Backend& be, bool trans_a, bool trans_b, double beta, MakeGroup&& make);
-  void expert_hidden(Backend& be);  // rows_.x -> rows_.hidden, rows_.act
-  ExpertRows expert_rows(Backend& be, int64_t rows);
+  void run_experts(Backend& be, const Activations& a, bool trans_a, bool trans_b, double beta, MakeGroup&& make);
+  void expert_hidden(Backend& be, Activations& a);  // rows.x -> rows.hidden, rows.act
+  ExpertRows expert_rows(Backend& be, Activations& a, int64_t rows);
   MoeSpec moe_{};
   std::shared_ptr<TokenDispatcher> dispatcher_;
   TensorParallel tp_;
   TpScratch tps_;
   int64_t slice_begin_ = 0, slice_tokens_ = 0;  // this tp rank's tokens
-  Buffer expert_side_;
-  int64_t expert_side_rows_ = 0;
-  ExpertRows rows_;
   int64_t dim_ = 0, tokens_ = 0;
   int64_t expert_ffn_local_ = 0;  // this rank's hidden units of each expert (Fe / etp)
   DType dtype_ = DType::F32;  // the policy's master dtype
@@ -247,13 +308,7 @@ class MoeFeedForward {
   Param router_, gate_up_, down_;  // [E,D], [E,2Fe,D], [E,D,Fe]
   bool has_shared_ = false;
   SwigluMlp shared_;
-  RoutingPlan plan_;
-  std::vector<double> expert_load_;  // [E] share of rows per expert, this micro-batch
-  Tensor logits_, topk_index_, topk_weight_, aux_probs_, lse_;  // [T,E], [T,K], [T,K], [T,E], [T]
-  Tensor row_token_, slot_row_;                                  // I32 [N], [T,K]
-  Tensor routed_in_, hidden_, act_, routed_out_;                 // [N,D], [N,2Fe], [N,Fe], [N,D]
-  Tensor d_routed_, d_hidden_, d_act_, d_weight_, d_logits_, aux_grad_;  // backward scratch
-  Tensor d_routed_operand_, d_logits_operand_;  // [N,D], [T,E] operand staging (separate operands only)
+  Activations own_;
 };
 
 }  // namespace sdmoe

@@ -111,5 +111,53 @@ TEST(FusedAttention, ActivationMemoryGrowsLinearlyInTheSequence) {
   EXPECT_GT(u4 - u2, 2.2 * (u2 - u1)) << "the unfused path should grow faster than linearly";
 }
 
+// Two micro-batches in flight: both forwards, then both backwards (a pipeline stage's
+// warm-up, or one micro-batch's exchange overlapped with another's compute). Each
+// micro-batch computes what it computes alone, so the gradients equal those of two
+// forward_backward calls in sequence. Only the order in which contributions add up can
+// differ: with the backwards in forward order, every tensor receives its additions in the
+// sequential order (bitwise equal) except the tied embedding, whose output-head gradient
+// comes with each forward; with the backwards reversed, every tensor adds in another order
+// (fp32 rounding, within 1e-5 of the tensor's largest gradient).
+TEST(MicroBatchesInFlight, TwoSlotsGiveTheGradientsOfTwoSequentialMicroBatches) {
+  const ModelSpec spec = execution_spec();
+  for (Precision precision : {Precision::FP32, Precision::BF16})
+    for (Recompute mode : {Recompute::NONE, Recompute::SELECTIVE, Recompute::FULL}) {
+      const PrecisionPolicy policy = PrecisionPolicy::of(precision);
+      const std::string what = fmt::format("{} recompute {}", precision_name(precision), int(mode));
+      const Result sequential = train_step(spec, policy, {mode, false});
+      for (bool reversed : {false, true}) {
+        GptModel model(spec, be(), policy, 2, {}, {mode, false, 2});
+        ASSERT_EQ(model.micro_batches_in_flight(), 2);
+        model.init_parameters(53);
+        const auto t1 = random_tokens(spec, 2, 51), t2 = random_tokens(spec, 2, 52);
+        const double loss =
+            model.forward(0, t1.data(), true, 0.5).loss_sum + model.forward(1, t2.data(), true, 0.5).loss_sum;
+        model.backward(reversed ? 1 : 0, 0.5);
+        model.backward(reversed ? 0 : 1, 0.5);
+        EXPECT_EQ(loss, sequential.loss) << what;
+        int embedding = -1;
+        for (size_t id = 0; id < model.registry().specs().size(); ++id)
+          if (model.registry().spec(int(id)).name == "embedding") embedding = int(id);
+        ASSERT_GE(embedding, 0);
+        for (size_t id = 0; id < sequential.grads.size(); ++id) {
+          const std::vector<double> got = host(model.grad(int(id)));
+          const std::vector<double>& want = sequential.grads[id];
+          double scale = 0.0, worst = 0.0;
+          int64_t differ = 0;
+          for (double g : want) scale = std::max(scale, std::fabs(g));
+          for (size_t i = 0; i < want.size(); ++i) {
+            differ += got[i] != want[i];
+            worst = std::max(worst, std::fabs(got[i] - want[i]));
+          }
+          const std::string name = model.registry().spec(int(id)).name;
+          if (!reversed && int(id) != embedding) EXPECT_EQ(differ, 0) << what << ": " << name;
+          else EXPECT_LE(worst, 1e-5 * scale) << what << (reversed ? " reversed: " : ": ") << name;
+        }
+        if (!reversed) EXPECT_GT(model.activation_bytes(), sequential.activation_bytes) << what;
+      }
+    }
+}
+
 }  // namespace
 }  // namespace sdmoe::gradtest

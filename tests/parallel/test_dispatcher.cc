@@ -11,7 +11,9 @@
 //     group is there exactly once, in (source, index) order within an expert;
 //   - after "running the experts" (row -> row * (e + 1) + e, split over the etp parts so
 //     that only the sum over etp is the full value) and combine, every row holds what the
-//     local dispatcher gives for it: exactly, since all values are small integers.
+//     local dispatcher gives for it: exactly, since all values are small integers;
+//   - the same with two micro-batches in flight, each with its own Routing (both count
+//     exchanges, both dispatches, then the combines in reverse order).
 #include <mpi.h>
 
 #include <algorithm>
@@ -147,10 +149,60 @@ int run(int argc, char** argv) {
           }
         }
     }
+  // Two micro-batches in flight, each with its own Routing: both count exchanges first,
+  // then both dispatches, then the combines in reverse order. Each must come back as it
+  // does alone (the rows' values tell the micro-batches apart: column 3 is trial + 1).
+  for (int c = 0; c < 5; ++c) {
+    TokenDispatcher::Routing first, second;
+    std::vector<std::vector<float>> sorted(2), mids(2), outs(2);
+    std::vector<int64_t> n(2, 0);
+    for (int b = 0; b < 2; ++b) {
+      const std::vector<int64_t> rows_per_expert = routing(c, rank, b);
+      for (int64_t r : rows_per_expert) n[b] += r;
+      sorted[b].assign(std::max<int64_t>(n[b], 1) * kWidth, 0.0f);
+      for (int e = 0, row = 0; e < kExperts; ++e)
+        for (int64_t i = 0; i < rows_per_expert[e]; ++i, ++row) {
+          float* x = &sorted[b][row * kWidth];
+          x[0] = float(e), x[1] = float(rank), x[2] = float(row), x[3] = float(b + 1), x[4] = float(row % 5);
+        }
+      dispatcher.exchange_counts(b == 0 ? first : second, rows_per_expert);
+    }
+    auto rows_tensor = [](std::vector<float>& v, int64_t rows) {
+      return Tensor(v.data(), DType::F32, Device::CPU, {rows, kWidth});
+    };
+    for (int b = 0; b < 2; ++b) {
+      const TokenDispatcher::Routing& r = b == 0 ? first : second;
+      mids[b].assign(std::max<int64_t>(r.received_rows(), 1) * kWidth, 0.0f);
+      outs[b].assign(std::max<int64_t>(n[b], 1) * kWidth, 0.0f);
+      dispatcher.dispatch(r, rows_tensor(sorted[b], n[b]), rows_tensor(mids[b], r.received_rows()));
+      for (int64_t row = 0; row < r.received_rows(); ++row) {
+        float* m = &mids[b][row * kWidth];
+        const float e = m[0];
+        for (int k = 0; k < kWidth; ++k) m[k] = (m[k] * (e + 1) + e) / float(etp);
+      }
+    }
+    for (int b = 1; b >= 0; --b) {
+      const TokenDispatcher::Routing& r = b == 0 ? first : second;
+      dispatcher.combine(r, rows_tensor(mids[b], r.received_rows()), rows_tensor(outs[b], n[b]));
+    }
+    for (int b = 0; b < 2; ++b)
+      for (int64_t row = 0; row < n[b]; ++row) {
+        bool ok = true;
+        for (int k = 0; k < kWidth; ++k) {
+          const float x = sorted[b][row * kWidth + k], e = sorted[b][row * kWidth];
+          ok = ok && outs[b][row * kWidth + k] == x * (e + 1) + e;
+        }
+        if (!ok) {
+          fail_case(c, b, "with two micro-batches in flight, row " + std::to_string(row) + " came back wrong");
+          break;
+        }
+      }
+  }
+
   std::vector<double> total{double(failures)};
   groups.world->all_reduce_host(total, ReduceOp::SUM);
   if (rank == 0)
-    std::printf("%s: dispatcher over %s, 5 routing cases x 3 trials\n", total[0] == 0 ? "PASS" : "FAIL",
+    std::printf("%s: dispatcher over %s, 5 routing cases x 3 trials, and 2 routings in flight\n", total[0] == 0 ? "PASS" : "FAIL",
                 dims.describe().c_str());
   return total[0] == 0 ? 0 : 1;
 }
