@@ -489,9 +489,11 @@ void SpectralService::Impl::share_install_and_measure(int64_t step, const Tensor
     mt.tail_overlap_right = overlap[3];
     mt.grad_overlap_left = s.with_gradients ? overlap[4] : nan;
     mt.grad_overlap_right = s.with_gradients ? overlap[5] : nan;
+    mt.has_gradients = s.with_gradients;
     mt.router_alignment = nan;
     const int router = t.layer < int(s.router_ids.size()) ? s.router_ids[t.layer] : -1;
-    if (router >= 0 && t.matrix != SdmoeMatrix::DOWN) {
+    mt.has_router = router >= 0 && t.matrix != SdmoeMatrix::DOWN;
+    if (mt.has_router) {
       // The full right bases, packed [experts, k, n] by mean_overlaps.
       const std::vector<double> full_vt = s.to_host(s.at(s.whole(s.packed), experts * k * s.largest_side, {experts * k * t.n}), s.be);
       const ParamSpec& rs = s.registry.spec(router);

@@ -39,6 +39,10 @@ struct SpectralMetrics {
   double tail_overlap_left = 0, tail_overlap_right = 0;  // top-k of W_U
   double grad_overlap_left = 0, grad_overlap_right = 0;  // top-k of the last gradient (NaN at step 0)
   double router_alignment = 0;  // mean |Vt_e r_e|^2 over experts, r_e the unit router row (gate/up; NaN for down)
+  // Whether the gradient overlaps and the router alignment apply (gradients exist after
+  // step 0; a router alignment for gate and up of a layer with a router). Where they do
+  // not, the values are NaN and printed as "-"; a NaN where they apply is a real one.
+  bool has_gradients = false, has_router = false;
 };
 
 struct RefreshReport {

@@ -463,5 +463,43 @@ TEST_P(CpuOpsTest, CholeskyInverseWhitensEachMatrix) {
   }
 }
 
+TEST_P(CpuOpsTest, CholeskyInverseStaysFiniteOnRankDeficientGrams) {
+  // k rows spanning only r < k dimensions (an expert's gradient from fewer than k routed
+  // tokens, as the gradient metric's subspace iteration sees it): past the r-th, the
+  // pivots are the Gram's rounding, of either sign. The inverse stays finite, and still
+  // whitens the r independent rows (its leading r x r block depends on them alone).
+  const DType dt = GetParam();
+  const int64_t k = 6, r = 2, length = 40;
+  const double relative_ridge = dt == DType::F32 ? 1e-12 : 1e-26;
+  for (uint32_t seed = 0; seed < 8; ++seed) {
+    const auto basis = randn(r * length, 700 + seed), mix = randn(k * r, 800 + seed);
+    std::vector<double> y(k * length, 0.0), g(k * k, 0.0);
+    // Rows 0 .. r-1 are the basis itself (well conditioned), the others mixtures of it.
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t p = 0; p < r; ++p)
+        for (int64_t l = 0; l < length; ++l)
+          y[i * length + l] += (i < r ? double(i == p) : mix[i * r + p]) * basis[p * length + l];
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t l = 0; l < length; ++l) g[i * k + j] += y[i * length + l] * y[j * length + l];
+    g = rounded(dt, g);
+    Owned gt = make_from(dt, {k, k}, g), inv = make(dt, {k, k});
+    cpu().cholesky_inverse(gt.t, inv.t, relative_ridge);
+    const auto li = get(inv.t);
+    for (int64_t i = 0; i < k * k; ++i) ASSERT_TRUE(std::isfinite(li[i])) << "seed " << seed << " entry " << i;
+    double trace = 0;
+    for (int64_t i = 0; i < k; ++i) trace += g[i * k + i];
+    const double tol = dt == DType::F32 ? 1e-5 : 1e-12;
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) {
+        double x = 0;
+        for (int64_t p = 0; p < k; ++p)
+          for (int64_t q = 0; q < k; ++q)
+            x += li[i * k + p] * (g[p * k + q] + (p == q ? relative_ridge * trace : 0.0)) * li[j * k + q];
+        EXPECT_NEAR(x, i == j ? 1.0 : 0.0, tol) << "seed " << seed << " entry " << i << "," << j;
+      }
+  }
+}
+
 }  // namespace
 }  // namespace sdmoe::test

@@ -70,7 +70,8 @@ sdmoe)
   # least 4 nats like plain MoE (e2e_learns), and end within 0.3 nats of the plain run's
   # final validation loss: at this size and length the two should train alike, and a
   # broken split (wrong projections, bases or moments) costs far more than that;
-  # (3) the spectral metrics appear in the log.
+  # (3) the spectral metrics appear in the log, with "-" where one does not apply and
+  # never nan.
   short=(--config configs/tiny.textproto --set training.steps=20 --set training.log_interval=1 --set training.eval_interval=0)
   "$bin/sdmoe_pretrain" "${short[@]}" > "$tmp/plain20" 2>&1 || { cat "$tmp/plain20"; die "plain run failed"; }
   "$bin/sdmoe_pretrain" "${short[@]}" --set sdmoe.enabled=false --set sdmoe.rank=4 --set sdmoe.solver=SUBSPACE_ITERATION \
@@ -91,6 +92,10 @@ sdmoe)
     || die "SD-MoE ends ${v[-1]} against plain ${p[-1]}: more than 0.3 nats apart"
   grep -q '^sdmoe refresh installed after step 17 (bases of step 16, staleness 1)' "$tmp/sd" || die "no asynchronous refresh logged"
   grep -qE '^  layer 1 gate overlap U 0\.[0-9]+ V 0\.[0-9]+ \| tail U' "$tmp/sd" || die "spectral metrics missing from the log"
+  # Metrics that do not apply print "-" (gradients at step 0, the router for down); every
+  # other value is a number, never nan.
+  grep -qE '^  layer 1 down .*\| router -$' "$tmp/sd" || die "the down matrix's router alignment is not '-'"
+  if grep -qE '^  layer .*nan' "$tmp/sd"; then grep -E '^  layer .*nan' "$tmp/sd" | head -3; die "a spectral metric printed nan"; fi
   ;;
 bf16_follows)
   # The tiny model trained 300 steps in FP32 and in BF16 (bf16 GEMM operands, fp32 master

@@ -34,6 +34,16 @@ inline ModelSpec tiny_spec(RouterScore score = RouterScore::SOFTMAX, bool normal
   return s;
 }
 
+// tiny_spec with three layers: the dense layer 0, then MoE layers 1 and 2 (the SD-MoE tests'
+// model with more than one MoE layer after a dense one).
+inline ModelSpec tiny_dense_first_spec() {
+  ModelSpec s = tiny_spec();
+  s.layers = 3;
+  s.moe.first_dense_layers = 1;
+  s.moe.layer_freq = 1;
+  return s;
+}
+
 // A small model at the usual initialisation scale with every layer kind (a dense layer, an
 // MoE layer with a shared expert, an untied output head): the mixed-precision and
 // execution-mode tests' model.
