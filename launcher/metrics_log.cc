@@ -35,13 +35,15 @@ std::string step_record_json(const StepRecord& r, double elapsed_seconds) {
       "\"model_flops\":{},\"peak_fraction\":{},\"aux_loss\":{},\"z_loss\":{},\"min_load\":{},\"max_load\":{},"
       "\"max_rss_bytes\":{},\"buffer_bytes\":{},\"buffer_peak_bytes\":{},\"step_seconds\":{},"
       "\"forward_backward_seconds\":{},\"optimizer_seconds\":{},\"refresh_seconds\":{},\"activation_bytes\":{},"
-      "\"compute_seconds_min\":{},\"compute_seconds_median\":{},\"compute_seconds_max\":{},\"slowest_rank\":{}",
+      "\"compute_seconds_min\":{},\"compute_seconds_median\":{},\"compute_seconds_max\":{},\"slowest_rank\":{},"
+      "\"forward_backward_comm_seconds\":{},\"optimizer_comm_seconds\":{}",
       r.step, int64_t(std::time(nullptr)), number(elapsed_seconds), number(r.loss), number(r.lr),
       number(r.grad_norm), number(r.tokens_per_second), number(r.model_flops), number(r.peak_fraction),
       number(r.aux_loss), number(r.z_loss), array(r.min_load), array(r.max_load), max_rss_bytes(), r.buffer_bytes,
       r.buffer_peak_bytes, number(r.step_seconds), number(r.forward_backward_seconds), number(r.optimizer_seconds),
       number(r.refresh_seconds), r.activation_bytes, number(r.compute_seconds_min), number(r.compute_seconds_median),
-      number(r.compute_seconds_max), r.slowest_rank);
+      number(r.compute_seconds_max), r.slowest_rank, number(r.forward_backward_comm_seconds),
+      number(r.optimizer_comm_seconds));
   s += ",\"expert_load\":[";
   for (size_t l = 0; l < r.expert_load.size(); ++l) s += (l ? "," : "") + array(r.expert_load[l]);
   s += "]";

@@ -193,10 +193,13 @@ std::string duration_text(double seconds) {
   return fmt::format("{}s", s);
 }
 
-// The step's wall time and its phases on rank 0; the refresh only at steps that have one.
+// The step's wall time and its phases on rank 0, each with the communication left exposed
+// in it (time the rank spent inside collectives and their waits, not hidden behind
+// compute); the refresh only at steps that have one.
 std::string time_summary(const StepRecord& r) {
-  std::string s = fmt::format("{:.3f} s: fwd+bwd {:.3f} opt {:.3f}", r.step_seconds, r.forward_backward_seconds,
-                              r.optimizer_seconds);
+  std::string s = fmt::format("{:.3f} s: fwd+bwd {:.3f} (comm {:.3f}) opt {:.3f} (comm {:.3f})", r.step_seconds,
+                              r.forward_backward_seconds, r.forward_backward_comm_seconds, r.optimizer_seconds,
+                              r.optimizer_comm_seconds);
   if (r.refresh_seconds >= 0.0005) s += fmt::format(" refresh {:.3f}", r.refresh_seconds);
   return s;
 }
@@ -375,6 +378,28 @@ double evaluate(GptModel& model, data::SequenceLoader& loader, int micro_batch, 
   return sums[0] / sums[1];
 }
 
+namespace {
+// The whole model's parameters (each logical tensor once, whatever the layout), those a
+// token uses (every routed expert tensor scaled by top_k / experts), and this rank's share.
+struct ParameterCounts {
+  int64_t total = 0, this_rank = 0;
+  double active_per_token = 0.0;
+};
+ParameterCounts count_parameters(const ParamRegistry& registry, const ModelSpec& spec) {
+  ParameterCounts c;
+  for (const ParamSpec& ps : registry.specs()) {
+    int64_t whole = 1;
+    for (int64_t d : ps.logical_shape) whole *= d;
+    c.total += whole;
+    c.this_rank += ps.numel;
+    c.active_per_token += ps.role == ParamRole::EXPERT && spec.moe.num_experts > 0
+                              ? double(whole) * spec.moe.top_k / spec.moe.num_experts
+                              : double(whole);
+  }
+  return c;
+}
+}  // namespace
+
 int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::function<void(const StepRecord&)>& on_step) {
   const bool root = mpi.world_rank() == 0;
   Setup setup;
@@ -438,8 +463,11 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     std::printf("sdmoe_pretrain: %d rank(s), %s%s, collectives over %s, backend %s\n", dims.world,
                 dims.describe().c_str(), run.parallel().sequence_parallel() && dims.tp > 1 ? " (sequence parallel)" : "",
                 comm_kind == CommBackend::NCCL ? "NCCL" : "MPI", be.name().c_str());
-    std::printf("model: %s, %.2fM parameters, %.1f MFLOP per token\n", job.model.summary().c_str(),
-                model.registry().total_elements() / 1e6, job.model.train_flops_per_token() / 1e6);
+    const ParameterCounts counts = count_parameters(model.registry(), job.model);
+    std::printf("model: %s, %.2fM parameters in all, %.2fM active per token; this rank holds %.2fM; %.1f MFLOP "
+                "per token\n",
+                job.model.summary().c_str(), double(counts.total) / 1e6, counts.active_per_token / 1e6,
+                double(counts.this_rank) / 1e6, job.model.train_flops_per_token() / 1e6);
     int64_t train_tokens = 0, validation_tokens = 0;
     for (const data::BlendSource& b : job.train) train_tokens += b.dataset->num_tokens();
     for (const data::BlendSource& b : job.validation) validation_tokens += b.dataset->num_tokens();
@@ -471,10 +499,14 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
                 (long)step, (long)rep.step, (long)rep.staleness, rep.compute_seconds, rep.comm_seconds,
                 rep.staleness > 0 ? fmt::format(", {:.3f} s blocking", rep.blocking_seconds).c_str() : "",
                 (long)rep.jobs_computed);
+    // A metric that does not apply (no gradients yet, no router alignment for down) is "-".
+    auto value = [](bool applies, double v) { return applies ? fmt::format("{:.3f}", v) : std::string("-"); };
     for (const SpectralMetrics& m : rep.metrics)
-      std::printf("  layer %d %-4s overlap U %.3f V %.3f | tail U %.3f V %.3f | grad U %.3f V %.3f | router %.3f\n", m.layer,
+      std::printf("  layer %d %-4s overlap U %.3f V %.3f | tail U %.3f V %.3f | grad U %s V %s | router %s\n", m.layer,
                   sdmoe_matrix_name(m.matrix), m.overlap_left, m.overlap_right, m.tail_overlap_left,
-                  m.tail_overlap_right, m.grad_overlap_left, m.grad_overlap_right, m.router_alignment);
+                  m.tail_overlap_right, value(m.has_gradients, m.grad_overlap_left).c_str(),
+                  value(m.has_gradients, m.grad_overlap_right).c_str(),
+                  value(m.has_router, m.router_alignment).c_str());
     std::fflush(stdout);
   };
   // With ZeRO-1 each replica keeps a distinct shard of the moments; SD-MoE keeps expert
@@ -558,6 +590,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     // count in its phase, the rest of them in the optimizer's.
     be.synchronize();
     const auto backward_done = std::chrono::steady_clock::now();
+    const double collective_seconds_backward = watchdog.collective_seconds();
     watchdog.set_phase("optimizer step");
     groups.dp->all_reduce_host(sums, ReduceOp::SUM);
     const OptimizerStepResult opt = optimizer.step(step, sync.reduce());
@@ -567,6 +600,7 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     sync.after_update();
     be.synchronize();
     const auto update_done = std::chrono::steady_clock::now();
+    const double collective_seconds_update = watchdog.collective_seconds();
     watchdog.set_phase("SD-MoE refresh");
     RefreshReport refresh;
     bool refreshed = false;
@@ -615,6 +649,8 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     r.forward_backward_seconds = std::chrono::duration<double>(backward_done - start).count();
     r.optimizer_seconds = std::chrono::duration<double>(update_done - backward_done).count();
     r.refresh_seconds = std::chrono::duration<double>(step_done - update_done).count();
+    r.forward_backward_comm_seconds = collective_seconds_backward - collective_seconds_before;
+    r.optimizer_comm_seconds = collective_seconds_update - collective_seconds_backward;
     r.tokens_per_second = double(tokens_per_step) / seconds;
     r.model_flops = r.tokens_per_second * job.model.train_flops_per_token();
     r.peak_fraction = peak > 0 ? r.model_flops / peak : 0.0;

@@ -25,6 +25,10 @@ struct StepRecord {
   // reduction with the optimizer step, and the SD-MoE refresh or the install of an
   // asynchronous one (0 at other steps).
   double step_seconds = 0.0, forward_backward_seconds = 0.0, optimizer_seconds = 0.0, refresh_seconds = 0.0;
+  // Of the two phases above, the seconds rank 0 spent inside collectives and the waits of
+  // asynchronous ones: communication not overlapped with compute. On NCCL a collective
+  // returns once queued, so this counts host-side waits only, not the GPU's.
+  double forward_backward_comm_seconds = 0.0, optimizer_comm_seconds = 0.0;
   std::vector<double> min_load, max_load;  // per MoE layer
   std::vector<std::vector<double>> expert_load;  // per MoE layer, each expert's share of routed rows
   double val_loss = -1.0;   // < 0 when no validation ran this step

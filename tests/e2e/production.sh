@@ -2,7 +2,7 @@
 # Production checks of sdmoe_pretrain and sdmoe_eval under mpirun, run by ctest:
 # checkpoints, resume and preemption, evaluation, metrics files and plots.
 #   production.sh BIN_DIR REPO resume_exact | precision | kill_during_write | signals | reshard | bad_checkpoint | h5py_reader
-#                              | eval | metrics | tensorboard | megatron | scaling
+#                              | eval | metrics | tensorboard | megatron | scaling | parameter_counts
 set -uo pipefail
 bin="$1"; repo="$2"; what="$3"
 cd "$repo"
@@ -367,9 +367,13 @@ for r in records:
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "model_flops", "peak_fraction", "aux_loss", "z_loss",
                 "min_load", "max_load", "expert_load", "bytes_sent", "max_rss_bytes", "elapsed_seconds", "time",
                 "buffer_bytes", "buffer_peak_bytes", "step_seconds", "forward_backward_seconds", "optimizer_seconds",
-                "refresh_seconds", "activation_bytes"):
+                "refresh_seconds", "activation_bytes", "forward_backward_comm_seconds", "optimizer_comm_seconds"):
         assert key in r, (r["step"], key)
     assert 0 < r["activation_bytes"] < r["buffer_bytes"], r
+    # Exposed communication lies inside its phase; with ep 2 the forward and backward wait
+    # in the experts' all-to-alls, and the optimizer in the gradient norm's all-reduce.
+    assert 0 < r["forward_backward_comm_seconds"] <= r["forward_backward_seconds"], r
+    assert 0 < r["optimizer_comm_seconds"] <= r["optimizer_seconds"], r
     # The phases are disjoint parts of the step's wall time, and the throughput is the
     # step's tokens (the same every step) over that time.
     phases = r["forward_backward_seconds"] + r["optimizer_seconds"] + r["refresh_seconds"]
@@ -565,6 +569,31 @@ scaling)
   awk -v p="$params" -v s="$sent" 'BEGIN { want = 2 * 0.5 * 4 * p; d = (s - want) / want; if (d < 0) d = -d; exit !(p > 0 && d < 0.01) }' \
     || die "2 ranks sent $sent bytes per step; the ring model gives 4 x $params"
   echo "scaling: $(grep '^| 2 |' "$tmp/sc/scaling.md")"
+  ;;
+parameter_counts)
+  # The start-up line counts the whole model (each logical tensor once), the parameters a
+  # token uses, and this rank's share, whatever the layout. Expected from the tiny
+  # config's shapes (V 50304, D 64, 2 layers, 4 experts of F 64 with top-2, a shared expert
+  # of F 32, tied embeddings): embedding V D; per layer two norms 2D, qkv and output 4D^2,
+  # router E D, experts 3 E F D, shared expert 3 Fs D; the final norm D.
+  read -r total active <<< "$(/usr/bin/python3 -c '
+V, D, L, E, K, F, Fs = 50304, 64, 2, 4, 2, 64, 32
+experts = L * 3 * E * F * D
+total = V * D + L * (2 * D + 4 * D * D + E * D + 3 * E * F * D + 3 * Fs * D) + D
+print("%.2f %.2f" % (total / 1e6, (total - experts + experts * K / E) / 1e6))')"
+  for layout in "1|" "4|--set parallel.tp=2 --set parallel.ep=2"; do
+    np="${layout%%|*}"; read -r -a extra <<< "${layout#*|}"
+    mpirun -np "$np" --bind-to none "$bin/sdmoe_pretrain" --config configs/tiny.textproto --set threads=1 \
+      --set training.steps=1 --set training.eval_interval=0 "${extra[@]}" > "$tmp/p$np.log" 2>&1 \
+      || { cat "$tmp/p$np.log"; die "np $np: the run failed"; }
+    line="$(grep '^model: ' "$tmp/p$np.log")"
+    echo "np $np: $line"
+    echo "$line" | grep -q ", ${total}M parameters in all, ${active}M active per token; this rank holds " \
+      || die "np $np: expected ${total}M in all and ${active}M active per token"
+    share="$(echo "$line" | sed 's/.*this rank holds \([0-9.]*\)M.*/\1/')"
+    if [ "$np" = 1 ]; then [ "$share" = "$total" ] || die "one rank holds ${share}M of ${total}M"
+    else awk -v s="$share" -v t="$total" 'BEGIN { exit !(s > 0 && s < t) }' || die "np $np: a rank holds ${share}M of ${total}M"; fi
+  done
   ;;
 *) die "unknown check $what" ;;
 esac
