@@ -8,7 +8,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(build-essential cmake pkg-config git
   openmpi-bin libopenmpi-dev libhdf5-dev libhdf5-openmpi-dev libprotobuf-dev protobuf-compiler libfmt-dev nlohmann-json3-dev
   libgtest-dev libopenblas-dev libopenblas-openmp-dev liblapacke-dev libicu-dev bible-kjv bible-kjv-text
-  hdf5-tools python3-h5py python3-matplotlib slurmctld slurmd slurm-client munge)
+  hdf5-tools python3-h5py python3-matplotlib slurmctld slurmd slurm-client munge
+  clang libclang-rt-dev)  # clang and libFuzzer: scripts/fuzz.sh
 # npm ships the default data; use the machine's Node.js when it has one.
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 missing=()
