@@ -605,6 +605,10 @@ int run_pretrain(const config::Run& run, const MpiRuntime& mpi, const std::funct
     RefreshReport refresh;
     bool refreshed = false;
     if (spectral) {
+      // The refresh's router alignment reads the routers' fp32 master, which BF16 with
+      // ZeRO-1 brings up to date on every rank only with the master gather (a no-op
+      // otherwise).
+      if (spectral->async_pending() || (spectral->due(step + 1) && !job.sdmoe.async)) sync.gather_master();
       // Async: bases started at the previous boundary are installed at this one (every rank
       // at the same step), then the next refresh may start.
       if (spectral->async_pending()) {

@@ -330,6 +330,7 @@ void GptModel::forward_block(MicroBatch& mb, int l, MicroBatchStats* stats) {
 MicroBatchStats GptModel::forward(int slot, const int32_t* tokens, bool train, double loss_scale) {
   SDMOE_ASSERT(slot >= 0 && slot < int(slots_.size()), "micro-batch slot {} of {}", slot, slots_.size());
   MicroBatch& mb = slots_[size_t(slot)];
+  SDMOE_ASSERT(!mb.awaiting_backward, "forward on micro-batch slot {}, whose backward has not run", slot);
   const int64_t t = tokens_, d = spec_.dim, s = spec_.seq_len, v = spec_.vocab_size;
   std::vector<int32_t> ids(t), targets(t);
   for (int b = 0; b < batch_; ++b)

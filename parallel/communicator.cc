@@ -115,6 +115,11 @@ class MpiPendingCollective final : public PendingCollective {
 class MpiPending final : public PendingCollective {
  public:
   explicit MpiPending(Backend& backend) : backend_(backend) {}
+  // Dropped unwaited (the job is ending with an error): MPI may still write into the
+  // receive staging while later calls progress it, so the buffers are leaked, not freed.
+  ~MpiPending() override {
+    if (!requests_.empty()) new std::vector<std::vector<char>>(std::move(staging_));
+  }
   // A host buffer that lives until wait() (moving the outer vector keeps inner buffers).
   char* stage(size_t bytes) {
     staging_.emplace_back(std::max<size_t>(bytes, 1));
@@ -152,9 +157,11 @@ class MpiPending final : public PendingCollective {
   std::vector<CopyOut> copy_out_;
 };
 
-// One tag for every point-to-point transfer: on the communicator's own duplicate, so that
-// transfers between two ranks match in the order they start (MPI's non-overtaking rule).
-constexpr int kTransferTag = 7;
+// One tag for every point-to-point transfer, so that transfers between two ranks match in
+// the order they start (MPI's non-overtaking rule). The ring reduce-scatter tags its
+// messages with its steps, 1 .. size - 1, on the same communicator: this one lies above
+// them (the largest tag every MPI allows).
+constexpr int kTransferTag = 32767;
 
 }  // namespace
 
