@@ -2,7 +2,7 @@
 """The SD-MoE study: plain MoE against SD-MoE, at the config's learning rate and at larger
 ones, over several seeds, on the real corpus and at equal tokens (docs/results.md).
 
-  sdmoe_study.py run    [--out DIR] [--config C] [--steps N] [--eval-interval N] [--seeds N]
+  sdmoe_study.py run    [--out DIR] [--config C] [--steps N] [--eval-interval N] [--seeds N (5)]
                         [--arms plain,sdmoe] [--lr-factors 1,4] [--np R] [--threads T]
                         [--set field=value ...] [--quick]
   sdmoe_study.py report DIR [--results FILE]
@@ -268,8 +268,11 @@ def cmd_report(args):
              re.sub(r"\s+--set", " \\\n  --set", first_cmd.replace(REPO + "/", "")), "```", ""]
 
     lines += ["## Validation loss", "",
-              "| lr factor | arm | seeds | final validation loss | diverged | tokens to reach plain MoE's final loss |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "The seeds are shared by the arms, so the difference to plain MoE is also given per seed (paired): "
+              "the spread between seeds moves both arms alike.", "",
+              "| lr factor | arm | seeds | final validation loss | minus plain MoE's, same seed | diverged | "
+              "tokens to reach plain MoE's final loss |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in factors:
         plain = [s for s in group("plain", f) if s["val_loss"]]
         target = statistics.mean(s["val_loss"][-1][1] for s in plain) if plain else None
@@ -278,9 +281,29 @@ def cmd_report(args):
             finals = [s["val_loss"][-1][1] for s in runs if s["val_loss"] and not s["diverged"]]
             reach = [tokens_to_reach(s["val_loss"], target, batch) for s in runs if s["val_loss"]] if target else []
             reached = [r / 1e6 for r in reach if r is not None]
-            lines.append("| %gx | %s | %d | %s | %d of %d | %s |" % (
-                f, a, len(runs), fmt(finals), sum(s["diverged"] for s in runs), len(runs),
-                ("%s M (%d of %d reach it)" % (fmt(reached, 2), len(reached), len(reach))) if reach else "-"))
+            plain_final = {s["seed"]: s["val_loss"][-1][1] for s in plain if not s["diverged"]}
+            paired = [s["val_loss"][-1][1] - plain_final[s["seed"]] for s in runs
+                      if s["val_loss"] and not s["diverged"] and s["seed"] in plain_final]
+            lines.append("| %gx | %s | %d | %s | %s | %d of %d | %s |" % (
+                f, a, len(runs), fmt(finals), fmt(paired) if a != "plain" else "-",
+                sum(s["diverged"] for s in runs), len(runs),
+                ("%s M (%d of %d runs reach it)" % (fmt(reached, 2), len(reached), len(reach)) if reached
+                 else "no run reaches it") if reach else "-"))
+    lines.append("")
+    for f in factors:
+        plain_final = {s["seed"]: s["val_loss"][-1][1] for s in group("plain", f) if s["val_loss"] and not s["diverged"]}
+        for a in arms:
+            if a == "plain":
+                continue
+            paired = [s["val_loss"][-1][1] - plain_final[s["seed"]] for s in group(a, f)
+                      if s["val_loss"] and not s["diverged"] and s["seed"] in plain_final]
+            if len(paired) < 2:
+                continue
+            m, sd, lo, hi = spread(paired)
+            verdict = ("behind plain MoE on every seed" if lo > 0 else "ahead of plain MoE on every seed" if hi < 0
+                       else "ahead on some seeds and behind on others")
+            lines.append("- At %gx the learning rate, %s ends %+.3f nats against plain MoE (mean of %d paired seeds, "
+                         "%+.3f to %+.3f): %s." % (f, a, m, len(paired), lo, hi, verdict))
     lines.append("")
 
     fig, axes = plt.subplots(1, len(factors), figsize=(6 * len(factors), 4), squeeze=False)
@@ -370,7 +393,7 @@ def main():
     r.add_argument("--config", default="configs/small-cpu.textproto")
     r.add_argument("--steps", type=int, default=300)
     r.add_argument("--eval-interval", type=int, default=50)
-    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--seeds", type=int, default=5)
     r.add_argument("--arms", type=lambda s: s.split(","), default=["plain", "sdmoe"])
     r.add_argument("--lr-factors", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 4.0])
     r.add_argument("--np", type=int, default=1)
