@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <climits>
-#include <deque>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
 #include <numeric>
@@ -39,6 +39,38 @@ MPI_Datatype mpi_move_type(DType t) {
 int mpi_count(int64_t n, const char* what) {
   if (n < 0 || n > INT_MAX) SDMOE_FATAL("MPI", fmt::format("{}: {} elements do not fit an MPI count", what, n));
   return static_cast<int>(n);
+}
+
+// An all-to-all's MPI count and displacement arrays (elements), checked against the group
+// size and the tensors, with the bytes this rank sends to other ranks.
+struct AllToAllCounts {
+  std::vector<int> send_count, send_displ, recv_count, recv_displ;
+  int64_t send_elements = 0, recv_elements = 0;
+  uint64_t bytes_to_others = 0;
+};
+
+AllToAllCounts all_to_all_counts(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
+                                 std::span<const int64_t> recv_counts, int size, int rank) {
+  SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
+  SDMOE_ASSERT(int(send_counts.size()) == size && int(recv_counts.size()) == size,
+               "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(), size);
+  AllToAllCounts c;
+  c.send_count.resize(size), c.send_displ.resize(size), c.recv_count.resize(size), c.recv_displ.resize(size);
+  for (int p = 0; p < size; ++p) {
+    SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
+    c.send_count[p] = mpi_count(send_counts[p], "all_to_all");
+    c.recv_count[p] = mpi_count(recv_counts[p], "all_to_all");
+    c.send_displ[p] = mpi_count(c.send_elements, "all_to_all displacement");
+    c.recv_displ[p] = mpi_count(c.recv_elements, "all_to_all displacement");
+    c.send_elements += send_counts[p];
+    c.recv_elements += recv_counts[p];
+    if (p != rank) c.bytes_to_others += uint64_t(send_counts[p]) * dtype_size(send.dtype);
+  }
+  SDMOE_ASSERT(c.send_elements <= send.numel(), "all_to_all: {} elements to send from a tensor of {}", c.send_elements,
+               send.numel());
+  SDMOE_ASSERT(c.recv_elements <= recv.numel(), "all_to_all: {} elements to receive into a tensor of {}",
+               c.recv_elements, recv.numel());
+  return c;
 }
 
 }  // namespace
@@ -127,8 +159,8 @@ class MpiPending final : public PendingCollective {
   }
   // The last staged buffer is copied into `device` once the requests complete.
   void copy_out_last(const Tensor& device) { copy_out_.push_back({device, staging_.size() - 1}); }
-  std::vector<int>& ints(size_t n) {
-    counts_.emplace_back(n);
+  AllToAllCounts& keep(AllToAllCounts counts) {
+    counts_.push_back(std::move(counts));
     return counts_.back();
   }
   // Where the next MPI call writes its request handle (valid until the next request()).
@@ -153,7 +185,7 @@ class MpiPending final : public PendingCollective {
   Backend& backend_;
   std::vector<MPI_Request> requests_;  // each address is used only by the call that fills it
   std::vector<std::vector<char>> staging_;
-  std::deque<std::vector<int>> counts_;  // a deque: references stay valid as arrays are added
+  std::deque<AllToAllCounts> counts_;  // a deque: references stay valid as more are kept
   std::vector<CopyOut> copy_out_;
 };
 
@@ -244,26 +276,11 @@ std::unique_ptr<PendingCollective> MpiCommunicator::all_to_all_async(const Tenso
                                                                      std::span<const int64_t> send_counts,
                                                                      const Tensor& recv,
                                                                      std::span<const int64_t> recv_counts) {
-  SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
-  SDMOE_ASSERT(int(send_counts.size()) == size_ && int(recv_counts.size()) == size_,
-               "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(), size_);
   auto pending = std::make_unique<MpiPending>(backend_);
   // MPI reads the count arrays until the request completes: the pending exchange owns them.
-  std::vector<int> &scount = pending->ints(size_), &sdispl = pending->ints(size_), &rcount = pending->ints(size_),
-                   &rdispl = pending->ints(size_);
-  int64_t soff = 0, roff = 0;
-  for (int p = 0; p < size_; ++p) {
-    SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
-    scount[p] = mpi_count(send_counts[p], "all_to_all");
-    rcount[p] = mpi_count(recv_counts[p], "all_to_all");
-    sdispl[p] = mpi_count(soff, "all_to_all displacement");
-    rdispl[p] = mpi_count(roff, "all_to_all displacement");
-    soff += send_counts[p];
-    roff += recv_counts[p];
-    if (p != rank_) bytes_sent_ += uint64_t(send_counts[p]) * dtype_size(send.dtype);
-  }
-  SDMOE_ASSERT(soff <= send.numel(), "all_to_all: {} elements to send from a tensor of {}", soff, send.numel());
-  SDMOE_ASSERT(roff <= recv.numel(), "all_to_all: {} elements to receive into a tensor of {}", roff, recv.numel());
+  AllToAllCounts& c = pending->keep(all_to_all_counts(send, send_counts, recv, recv_counts, size_, rank_));
+  bytes_sent_ += c.bytes_to_others;
+  const int64_t soff = c.send_elements, roff = c.recv_elements;
   const Tensor send_part = send.prefix({soff}), recv_part = recv.prefix({roff});
   char* src = static_cast<char*>(send.data);
   char* dst = static_cast<char*>(recv.data);
@@ -276,8 +293,8 @@ std::unique_ptr<PendingCollective> MpiCommunicator::all_to_all_async(const Tenso
     pending->copy_out_last(recv_part);
   }
   const MPI_Datatype type = mpi_move_type(send.dtype);
-  SDMOE_CHECK_MPI(MPI_Ialltoallv(src, scount.data(), sdispl.data(), type, dst, rcount.data(), rdispl.data(), type,
-                                 comm_, pending->request()));
+  SDMOE_CHECK_MPI(MPI_Ialltoallv(src, c.send_count.data(), c.send_displ.data(), type, dst, c.recv_count.data(),
+                                 c.recv_displ.data(), type, comm_, pending->request()));
   return pending;
 }
 
@@ -401,28 +418,14 @@ void MpiCommunicator::add_block(const char* a, const char* b, char* out, int64_t
 
 void MpiCommunicator::all_to_all(const Tensor& send, std::span<const int64_t> send_counts, const Tensor& recv,
                                  std::span<const int64_t> recv_counts) {
-  SDMOE_ASSERT(send.dtype == recv.dtype, "all_to_all: dtypes differ");
-  SDMOE_ASSERT(int(send_counts.size()) == size_ && int(recv_counts.size()) == size_,
-               "all_to_all: {} send and {} receive counts for {} ranks", send_counts.size(), recv_counts.size(), size_);
-  std::vector<int> scount(size_), sdispl(size_), rcount(size_), rdispl(size_);
-  int64_t soff = 0, roff = 0;
-  for (int p = 0; p < size_; ++p) {
-    SDMOE_ASSERT(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all: negative count for peer {}", p);
-    scount[p] = mpi_count(send_counts[p], "all_to_all");
-    rcount[p] = mpi_count(recv_counts[p], "all_to_all");
-    sdispl[p] = mpi_count(soff, "all_to_all displacement");
-    rdispl[p] = mpi_count(roff, "all_to_all displacement");
-    soff += send_counts[p];
-    roff += recv_counts[p];
-    if (p != rank_) bytes_sent_ += uint64_t(send_counts[p]) * dtype_size(send.dtype);
-  }
-  SDMOE_ASSERT(soff <= send.numel(), "all_to_all: {} elements to send from a tensor of {}", soff, send.numel());
-  SDMOE_ASSERT(roff <= recv.numel(), "all_to_all: {} elements to receive into a tensor of {}", roff, recv.numel());
-  void* src = stage_in(send.prefix({soff}), send_staging_);
-  const Tensor recv_part = recv.prefix({roff});
+  const AllToAllCounts c = all_to_all_counts(send, send_counts, recv, recv_counts, size_, rank_);
+  bytes_sent_ += c.bytes_to_others;
+  void* src = stage_in(send.prefix({c.send_elements}), send_staging_);
+  const Tensor recv_part = recv.prefix({c.recv_elements});
   void* dst = stage_target(recv_part, recv_staging_);
   const MPI_Datatype type = mpi_move_type(send.dtype);
-  SDMOE_CHECK_MPI(MPI_Alltoallv(src, scount.data(), sdispl.data(), type, dst, rcount.data(), rdispl.data(), type, comm_));
+  SDMOE_CHECK_MPI(MPI_Alltoallv(src, c.send_count.data(), c.send_displ.data(), type, dst, c.recv_count.data(),
+                                c.recv_displ.data(), type, comm_));
   stage_out(recv_part, recv_staging_);
 }
 

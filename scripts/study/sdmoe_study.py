@@ -108,11 +108,10 @@ def records(path):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def overlap(stack):
+def overlap(stack, k):
     """Mean over ordered expert pairs i != j of |A_i^T A_j|_F^2 / k, for the top-k left and
     right singular vectors of each expert matrix in `stack` [E, m, n] (docs/sdmoe.md)."""
     import numpy as np
-    k = overlap.rank
     lefts, rights = [], []
     for w in stack:
         u, _, vt = np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
@@ -126,7 +125,7 @@ def overlap(stack):
     return result
 
 
-def checkpoint_overlaps(ckpt_dir):
+def checkpoint_overlaps(ckpt_dir, k):
     """{step: {matrix: [left, right] averaged over MoE layers}} from every checkpoint."""
     import h5py
     out = {}
@@ -142,15 +141,15 @@ def checkpoint_overlaps(ckpt_dir):
             for layer in layers:
                 gate_up = f["params/layers.%d.moe.experts.gate_up" % layer][()]  # [E, 2, F, D]
                 down = f["params/layers.%d.moe.experts.down" % layer][()]        # [E, D, F]
-                per["gate"].append(overlap(gate_up[:, 0]))
-                per["up"].append(overlap(gate_up[:, 1]))
-                per["down"].append(overlap(down))
+                per["gate"].append(overlap(gate_up[:, 0], k))
+                per["up"].append(overlap(gate_up[:, 1], k))
+                per["down"].append(overlap(down, k))
         out[step] = {m: [statistics.mean(v[0] for v in vals), statistics.mean(v[1] for v in vals)]
                      for m, vals in per.items() if vals}
     return out
 
 
-def summarise(run, seconds, exit_code):
+def summarise(run, seconds, exit_code, rank):
     recs = records(os.path.join(run["dir"], "metrics.jsonl"))
     val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
     losses = [r["loss"] for r in recs]
@@ -165,7 +164,7 @@ def summarise(run, seconds, exit_code):
         "tokens_per_second": statistics.mean(r["tokens_per_second"] for r in steady) if steady else None,
         "max_load": statistics.mean(statistics.mean(r["max_load"]) for r in steady if r["max_load"]) if steady else None,
         "min_load": statistics.mean(statistics.mean(r["min_load"]) for r in steady if r["min_load"]) if steady else None,
-        "overlap": checkpoint_overlaps(os.path.join(run["dir"], "checkpoints")),
+        "overlap": checkpoint_overlaps(os.path.join(run["dir"], "checkpoints"), rank),
         "command": " ".join(run["cmd"]),
     }
 
@@ -192,8 +191,7 @@ def cmd_run(args):
             code = subprocess.call(run["cmd"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         if code < 0 or code in (130, 143):  # interrupted: leave it unfinished, to resume
             sys.exit("sdmoe_study: %s interrupted (exit %d); run again to resume" % (run["name"], code))
-        overlap.rank = args.rank
-        summary = summarise(run, time.time() - start, code)
+        summary = summarise(run, time.time() - start, code, args.rank)
         json.dump(summary, open(summary_path, "w"), indent=1)
         shutil.rmtree(os.path.join(run["dir"], "checkpoints"), ignore_errors=True)
         print("  exit %d, %d steps, final validation loss %s%s" % (
@@ -249,6 +247,12 @@ def cmd_report(args):
     image_dir = os.path.splitext(results)[0]
     os.makedirs(image_dir, exist_ok=True)
     rel = os.path.relpath(image_dir, os.path.dirname(os.path.abspath(results)))
+
+    def save(fig, name, alt):
+        fig.tight_layout()
+        fig.savefig(os.path.join(image_dir, name), dpi=110)
+        plt.close(fig)
+        return ["![%s](%s/%s)" % (alt, rel, name), ""]
     first_cmd = summaries[0]["command"]
     config = re.search(r"--config (\S+)", first_cmd).group(1)
     m = re.search(r"--set training\.steps=(\d+)", first_cmd)
@@ -327,10 +331,7 @@ def cmd_report(args):
         ax.set_xlabel("tokens (M)")
         ax.set_ylabel("validation loss")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(image_dir, "validation_loss.png"), dpi=110)
-    plt.close(fig)
-    lines += ["![validation loss: mean over seeds, band from min to max](%s/validation_loss.png)" % rel, ""]
+    lines += save(fig, "validation_loss.png", "validation loss: mean over seeds, band from min to max")
 
     lines += ["## Inter-expert overlap of the weights", "",
               "Mean over ordered expert pairs of |U_i^T U_j|_F^2 / k (k = %d) for the top-k left (U) and right (V) "
@@ -361,10 +362,7 @@ def cmd_report(args):
     ax.set_xlabel("tokens (M)")
     ax.set_ylabel("left overlap, mean of gate, up, down")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(image_dir, "overlap.png"), dpi=110)
-    plt.close(fig)
-    lines += ["![weight overlap over training](%s/overlap.png)" % rel, ""]
+    lines += save(fig, "overlap.png", "weight overlap over training")
 
     lines += ["## Load balance and throughput", "",
               "Expert shares of routed rows (1/E is balanced), mean over steps after the fifth and over MoE "
