@@ -268,6 +268,8 @@ def cmd_report(args):
              "for i = 0 .. %d. Values are mean ± sample standard deviation (min to max) over the seeds." % (
                  os.path.relpath(config, REPO), m.group(1) if m else "?", batch,
                  max(s["seed"] for s in summaries)), "",
+             "The %d runs took %.0f minutes of wall time in all, one after the other." % (
+                 len(summaries), sum(s["wall_seconds"] for s in summaries) / 60), "",
              "One run's command (the others differ in the arm, learning rate and seeds):", "", "```",
              re.sub(r"\s+--set", " \\\n  --set", first_cmd.replace(REPO + "/", "")), "```", ""]
 
